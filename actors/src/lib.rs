@@ -1,0 +1,1 @@
+//! GridWeaver Edge runtime.

@@ -1,0 +1,2 @@
+//! The `gridweaver` binary.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Allocation benchmarks.
+fn main() {}

@@ -1,0 +1,567 @@
+//! The YAML configuration, in two stages.
+//!
+//! [`RawConfig`] mirrors the file (`deny_unknown_fields` everywhere, so a typo is an error);
+//! [`Config::from_yaml`] deserializes it and validates it into [`Config`], whose values are
+//! typed and within range. Every error names the key path
+//! (`dispatch.segments.commuter.weights.soc: must be within 0..=1, got 1.5`). Reading the
+//! file is the runtime's business; this module only sees its text.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::dispatch::Weights;
+use crate::model::{FallbackKind, SignalType, StrategyKind};
+use crate::time::Timestamp;
+
+/// A config error: the key path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// Dotted key path (`dispatch.ack_timeout_seconds`), or `<document>` for syntax errors.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(key: impl fmt::Display, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_string(), message: message.into() }
+}
+
+/// The file, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The site's name: default MQTT prefix `gridweaver/<site>`, and the region.
+    pub site: Option<String>,
+    /// The broker connection.
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+    /// The event log.
+    #[serde(default)]
+    pub store: RawStore,
+    /// Dispatch settings.
+    #[serde(default)]
+    pub dispatch: RawDispatch,
+    /// Demand-response programs.
+    #[serde(default)]
+    pub programs: BTreeMap<String, RawProgram>,
+}
+
+/// `mqtt:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    /// Broker host (`localhost`).
+    pub host: Option<String>,
+    /// Broker port (1883).
+    pub port: Option<u16>,
+    /// Topic prefix (`gridweaver/<site>`).
+    pub prefix: Option<String>,
+    /// User name, if the broker wants one.
+    pub username: Option<String>,
+    /// File whose first line is the password.
+    pub password_file: Option<String>,
+    /// MQTT client id (`gridweaver-<site>`).
+    pub client_id: Option<String>,
+    /// Keep-alive, seconds (10).
+    pub keep_alive_s: Option<u64>,
+    /// Longest wait between reconnection attempts, seconds (10).
+    pub reconnect_max_s: Option<u64>,
+    /// Outbound messages in flight and queued (2000): size it for a whole dispatch.
+    pub inflight: Option<u16>,
+}
+
+/// `store:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// SQLite file (`gridweaver.db`).
+    pub path: Option<String>,
+    /// `full` (default: every commit survives power loss) or `normal`.
+    pub synchronous: Option<String>,
+}
+
+/// `dispatch:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDispatch {
+    /// Seconds vehicles have to ACK an order (5).
+    pub ack_timeout_seconds: Option<f64>,
+    /// `smart` (default) or `equal`.
+    pub strategy: Option<String>,
+    /// `balanced` (default) or `noop`.
+    pub fallback: Option<String>,
+    /// Proportional rounds of the Smart strategy (8).
+    pub max_rounds: Option<u32>,
+    /// How strongly recent participation lowers a vehicle's score (0.5).
+    pub fairness: Option<f64>,
+    /// Smart weights per signal type (name or code); unset types keep their defaults.
+    #[serde(default)]
+    pub weights: BTreeMap<String, Weights>,
+    /// Signal types (name or code) for which the LP runs first.
+    #[serde(default)]
+    pub lp_first: BTreeMap<String, bool>,
+    /// Per-segment strategies.
+    #[serde(default)]
+    pub segments: BTreeMap<String, RawSegment>,
+    /// Site limits.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `dispatch.segments.<name>:`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSegment {
+    /// `heuristic` or `lp`.
+    pub dispatcher_type: String,
+    /// Whether the segment takes residual power in the fallback round.
+    #[serde(default)]
+    pub fallback: bool,
+    /// Its Smart weights.
+    pub weights: Weights,
+}
+
+/// `dispatch.limits:`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Grid-connection export limit, kW.
+    pub export_kw: Option<f64>,
+    /// Grid-connection import limit, kW.
+    pub import_kw: Option<f64>,
+    /// Feeder/charger group limits, kW.
+    #[serde(default)]
+    pub groups: BTreeMap<String, f64>,
+    /// Per-phase limit, kW.
+    pub phase_kw: Option<f64>,
+}
+
+/// `programs.<id>:`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProgram {
+    /// Capacity the program needs, MW.
+    pub required_mw: f64,
+    /// Window start (RFC 3339).
+    pub window_start: String,
+    /// Window end (RFC 3339).
+    pub window_end: String,
+}
+
+/// A validated config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The site name (also the region).
+    pub site: String,
+    /// The broker connection.
+    pub mqtt: MqttConfig,
+    /// The event log.
+    pub store: StoreConfig,
+    /// Dispatch settings.
+    pub dispatch: DispatchConfig,
+    /// Demand-response programs.
+    pub programs: BTreeMap<String, Program>,
+}
+
+/// Validated `mqtt:`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MqttConfig {
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Topic prefix, no trailing slash.
+    pub prefix: String,
+    /// User name.
+    pub username: Option<String>,
+    /// Password file path.
+    pub password_file: Option<String>,
+    /// Client id.
+    pub client_id: String,
+    /// Keep-alive, seconds.
+    pub keep_alive_s: u64,
+    /// Longest reconnection backoff, seconds.
+    pub reconnect_max_s: u64,
+    /// Outbound window.
+    pub inflight: u16,
+}
+
+/// Validated `store:`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// SQLite file.
+    pub path: String,
+    /// `synchronous=FULL` (true) or `NORMAL`.
+    pub sync_full: bool,
+}
+
+/// Validated `dispatch:`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchConfig {
+    /// ACK deadline, ms.
+    pub ack_timeout_ms: i64,
+    /// Allocation strategy.
+    pub strategy: StrategyKind,
+    /// Residual fallback.
+    pub fallback: FallbackKind,
+    /// Smart rounds.
+    pub max_rounds: u32,
+    /// Smart fairness.
+    pub fairness: f64,
+    /// Smart weights per signal type, by code.
+    pub weights: [Weights; 5],
+    /// LP-first per signal type, by code.
+    pub lp_first: [bool; 5],
+    /// Segments by name.
+    pub segments: BTreeMap<String, Segment>,
+    /// Site limits.
+    pub limits: Limits,
+}
+
+/// A validated segment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    /// `lp` (true) or `heuristic`.
+    pub lp: bool,
+    /// Takes residual power in the fallback round.
+    pub fallback: bool,
+    /// Its weights.
+    pub weights: Weights,
+}
+
+/// Validated site limits, kW (`None` = unlimited).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    /// Export (up) limit.
+    pub export_kw: Option<f64>,
+    /// Import (down) limit.
+    pub import_kw: Option<f64>,
+    /// Group limits.
+    pub groups: BTreeMap<String, f64>,
+    /// Per-phase limit.
+    pub phase_kw: Option<f64>,
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn is_empty(&self) -> bool {
+        self.export_kw.is_none() && self.import_kw.is_none() && self.groups.is_empty() && self.phase_kw.is_none()
+    }
+}
+
+/// A validated demand-response program.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    /// MW needed.
+    pub required_mw: f64,
+    /// Window start.
+    pub window_start: Timestamp,
+    /// Window end.
+    pub window_end: Timestamp,
+}
+
+impl Config {
+    /// Parses and validates a YAML document.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.strip_prefix(&format!("{path}: ")).map(str::to_owned).unwrap_or(inner);
+            let key = if matches!(path.as_str(), "" | "." | "?") { "<document>".to_owned() } else { path };
+            err(key, inner)
+        })?;
+        raw.validate()
+    }
+}
+
+fn positive(key: &str, x: f64) -> Result<f64, ConfigError> {
+    if x.is_finite() && x > 0.0 {
+        Ok(x)
+    } else {
+        Err(err(key, format!("must be a number > 0, got {x}")))
+    }
+}
+
+fn signal_type(key: &str, name: &str) -> Result<SignalType, ConfigError> {
+    SignalType::parse(name)
+        .ok_or_else(|| err(key, format!("`{name}` is not a signal type (fcr, afrr, mfrr, dr, transfer or 0-4)")))
+}
+
+fn validate_weights(key: &str, w: &Weights) -> Result<Weights, ConfigError> {
+    let named = [
+        ("soc", w.soc),
+        ("time", w.time),
+        ("priority", w.priority),
+        ("availability", w.availability),
+        ("price", w.price),
+        ("wear", w.wear),
+    ];
+    for (name, x) in named {
+        if !(0.0..=1.0).contains(&x) {
+            return Err(err(format!("{key}.{name}"), format!("must be within 0..=1, got {x}")));
+        }
+    }
+    if named.iter().all(|(_, x)| *x == 0.0) {
+        return Err(err(key, "at least one weight must be > 0"));
+    }
+    Ok(*w)
+}
+
+fn topic_safe(key: &str, s: &str) -> Result<(), ConfigError> {
+    if s.is_empty() {
+        return Err(err(key, "must not be empty"));
+    }
+    if s.contains(['+', '#']) || s.chars().any(char::is_control) {
+        return Err(err(key, format!("must not contain MQTT wildcards or control characters, got `{s}`")));
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    /// Validates into a [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let site = self.site.ok_or_else(|| err("site", "is required"))?;
+        topic_safe("site", &site)?;
+        if site.contains('/') {
+            return Err(err("site", format!("must not contain `/`, got `{site}`")));
+        }
+
+        let m = self.mqtt;
+        let prefix = m.prefix.unwrap_or_else(|| format!("gridweaver/{site}"));
+        topic_safe("mqtt.prefix", &prefix)?;
+        if prefix.ends_with('/') || prefix.starts_with('/') {
+            return Err(err("mqtt.prefix", format!("must not start or end with `/`, got `{prefix}`")));
+        }
+        let host = m.host.unwrap_or_else(|| "localhost".into());
+        if host.is_empty() {
+            return Err(err("mqtt.host", "must not be empty"));
+        }
+        let port = m.port.unwrap_or(1883);
+        if port == 0 {
+            return Err(err("mqtt.port", "must be within 1..=65535, got 0"));
+        }
+        let keep_alive_s = m.keep_alive_s.unwrap_or(10);
+        if !(5..=3600).contains(&keep_alive_s) {
+            return Err(err("mqtt.keep_alive_s", format!("must be within 5..=3600, got {keep_alive_s}")));
+        }
+        let reconnect_max_s = m.reconnect_max_s.unwrap_or(10);
+        if !(1..=3600).contains(&reconnect_max_s) {
+            return Err(err("mqtt.reconnect_max_s", format!("must be within 1..=3600, got {reconnect_max_s}")));
+        }
+        let inflight = m.inflight.unwrap_or(2000);
+        if inflight == 0 {
+            return Err(err("mqtt.inflight", "must be > 0"));
+        }
+        if m.password_file.is_some() && m.username.is_none() {
+            return Err(err("mqtt.password_file", "needs mqtt.username"));
+        }
+        let mqtt = MqttConfig {
+            host,
+            port,
+            client_id: m.client_id.unwrap_or_else(|| format!("gridweaver-{site}")),
+            prefix,
+            username: m.username,
+            password_file: m.password_file,
+            keep_alive_s,
+            reconnect_max_s,
+            inflight,
+        };
+
+        let path = self.store.path.unwrap_or_else(|| "gridweaver.db".into());
+        if path.is_empty() {
+            return Err(err("store.path", "must not be empty"));
+        }
+        let sync_full = match self.store.synchronous.as_deref() {
+            None | Some("full") => true,
+            Some("normal") => false,
+            Some(other) => return Err(err("store.synchronous", format!("must be `full` or `normal`, got `{other}`"))),
+        };
+
+        let d = self.dispatch;
+        let ack_timeout = positive("dispatch.ack_timeout_seconds", d.ack_timeout_seconds.unwrap_or(5.0))?;
+        if ack_timeout > 3600.0 {
+            return Err(err("dispatch.ack_timeout_seconds", format!("must be at most 3600, got {ack_timeout}")));
+        }
+        let strategy = match d.strategy.as_deref() {
+            None | Some("smart") => StrategyKind::Smart,
+            Some("equal") => StrategyKind::Equal,
+            Some(other @ ("lp" | "segmented")) => {
+                return Err(err(
+                    "dispatch.strategy",
+                    format!("`{other}` is not available in this version; use `smart` or `equal`"),
+                ))
+            }
+            Some(other) => return Err(err("dispatch.strategy", format!("must be `smart` or `equal`, got `{other}`"))),
+        };
+        let fallback = match d.fallback.as_deref() {
+            None | Some("balanced") => FallbackKind::Balanced,
+            Some("noop") => FallbackKind::Noop,
+            Some("probabilistic") => {
+                return Err(err(
+                    "dispatch.fallback",
+                    "`probabilistic` is not available in this version; use `balanced` or `noop`",
+                ))
+            }
+            Some(other) => {
+                return Err(err("dispatch.fallback", format!("must be `balanced` or `noop`, got `{other}`")))
+            }
+        };
+        let max_rounds = d.max_rounds.unwrap_or(8);
+        if max_rounds == 0 {
+            return Err(err("dispatch.max_rounds", "must be >= 1"));
+        }
+        let fairness = d.fairness.unwrap_or(0.5);
+        if !(fairness.is_finite() && fairness >= 0.0) {
+            return Err(err("dispatch.fairness", format!("must be a number >= 0, got {fairness}")));
+        }
+        let mut weights = SignalType::ALL.map(Weights::default_for);
+        for (name, w) in &d.weights {
+            let key = format!("dispatch.weights.{name}");
+            let t = signal_type(&key, name)?;
+            weights[usize::from(t.code())] = validate_weights(&key, w)?;
+        }
+        let mut lp_first = [false; 5];
+        for (name, on) in &d.lp_first {
+            let t = signal_type(&format!("dispatch.lp_first.{name}"), name)?;
+            lp_first[usize::from(t.code())] = *on;
+        }
+        let mut segments = BTreeMap::new();
+        for (name, s) in d.segments {
+            let key = format!("dispatch.segments.{name}");
+            let lp = match s.dispatcher_type.as_str() {
+                "heuristic" => false,
+                "lp" => true,
+                other => {
+                    return Err(err(
+                        format!("{key}.dispatcher_type"),
+                        format!("must be `heuristic` or `lp`, got `{other}`"),
+                    ))
+                }
+            };
+            let weights = validate_weights(&format!("{key}.weights"), &s.weights)?;
+            segments.insert(name, Segment { lp, fallback: s.fallback, weights });
+        }
+        let l = d.limits;
+        let opt = |key: &str, x: Option<f64>| x.map(|x| positive(key, x)).transpose();
+        let mut groups = BTreeMap::new();
+        for (g, kw) in l.groups {
+            let kw = positive(&format!("dispatch.limits.groups.{g}"), kw)?;
+            groups.insert(g, kw);
+        }
+        let limits = Limits {
+            export_kw: opt("dispatch.limits.export_kw", l.export_kw)?,
+            import_kw: opt("dispatch.limits.import_kw", l.import_kw)?,
+            groups,
+            phase_kw: opt("dispatch.limits.phase_kw", l.phase_kw)?,
+        };
+        let dispatch = DispatchConfig {
+            ack_timeout_ms: (ack_timeout * 1000.0).round() as i64,
+            strategy,
+            fallback,
+            max_rounds,
+            fairness,
+            weights,
+            lp_first,
+            segments,
+            limits,
+        };
+
+        let mut programs = BTreeMap::new();
+        for (id, p) in self.programs {
+            let key = format!("programs.{id}");
+            let required_mw = positive(&format!("{key}.required_mw"), p.required_mw)?;
+            let time = |field: &str, s: &str| {
+                Timestamp::parse_rfc3339(s)
+                    .ok_or_else(|| err(format!("{key}.{field}"), format!("must be an RFC 3339 time, got `{s}`")))
+            };
+            let window_start = time("window_start", &p.window_start)?;
+            let window_end = time("window_end", &p.window_end)?;
+            if window_end <= window_start {
+                return Err(err(format!("{key}.window_end"), "must be after window_start"));
+            }
+            programs.insert(id, Program { required_mw, window_start, window_end });
+        }
+
+        Ok(Config { site, mqtt, store: StoreConfig { path, sync_full }, dispatch, programs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(yaml: &str) -> String {
+        Config::from_yaml(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_defaults() {
+        let c = Config::from_yaml("site: depot1\n").unwrap();
+        assert_eq!(c.mqtt.prefix, "gridweaver/depot1");
+        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("localhost", 1883));
+        assert_eq!(c.dispatch.ack_timeout_ms, 5000);
+        assert_eq!(c.dispatch.strategy, StrategyKind::Smart);
+        assert_eq!(c.dispatch.fallback, FallbackKind::Balanced);
+        assert!(c.store.sync_full);
+    }
+
+    #[test]
+    fn contract_keys_are_read() {
+        let c = Config::from_yaml(
+            r#"
+site: north
+dispatch:
+  ack_timeout_seconds: 2.5
+  lp_first: { fcr: true, "1": false }
+  segments:
+    commuter: { dispatcher_type: lp, fallback: true, weights: { soc: 0.5, time: 1.0 } }
+  limits: { export_kw: 400, import_kw: 600, phase_kw: 150, groups: { feeder_a: 120 } }
+programs:
+  winter: { required_mw: 1.5, window_start: "2026-12-01T16:00:00Z", window_end: "2026-12-01T19:00:00Z" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.dispatch.ack_timeout_ms, 2500);
+        assert!(c.dispatch.lp_first[0] && !c.dispatch.lp_first[1]);
+        assert!(c.dispatch.segments["commuter"].lp);
+        assert_eq!(c.dispatch.limits.groups["feeder_a"], 120.0);
+        assert_eq!(c.programs["winter"].required_mw, 1.5);
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let cases = [
+            ("site: a\nmqtt: { hots: x }\n", "mqtt: unknown field `hots`"),
+            ("site: a\nbogus: 1\n", "bogus"),
+            ("mqtt: {}\n", "site: is required"),
+            ("site: a\ndispatch: { ack_timeout_seconds: -1 }\n", "dispatch.ack_timeout_seconds: must be a number > 0"),
+            ("site: a\ndispatch: { ack_timeout_seconds: fast }\n", "dispatch.ack_timeout_seconds"),
+            ("site: a\ndispatch: { lp_first: { ffr: true } }\n", "dispatch.lp_first.ffr"),
+            (
+                "site: a\ndispatch: { segments: { c: { dispatcher_type: lp, weights: { soc: 1.5 } } } }\n",
+                "dispatch.segments.c.weights.soc: must be within 0..=1, got 1.5",
+            ),
+            (
+                "site: a\ndispatch: { segments: { c: { dispatcher_type: lp, weights: { sco: 1 } } } }\n",
+                "dispatch.segments.c.weights: unknown field `sco`",
+            ),
+            ("site: a\ndispatch: { segments: { c: { dispatcher_type: lp, weights: {} } } }\n", "at least one weight"),
+            ("site: a\ndispatch: { limits: { groups: { f1: 0 } } }\n", "dispatch.limits.groups.f1"),
+            ("site: a\nmqtt: { port: 70000 }\n", "mqtt.port"),
+            ("site: a/b\n", "site: must not contain `/`"),
+            (
+                "site: a\nprograms: { w: { required_mw: 1, window_start: x, window_end: y } }\n",
+                "programs.w.window_start",
+            ),
+            ("site: a\n  - b: [\n", "<document>"),
+        ];
+        for (yaml, want) in cases {
+            let got = error(yaml);
+            assert!(got.contains(want), "{yaml:?}: got `{got}`, want `{want}`");
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Reallocation of what the first attempt of a dispatch did not deliver.
+//!
+//! When a dispatch's first orders are settled (every vehicle answered, or the ACK deadline
+//! passed) the residual, `target - accepted`, goes to a [`Fallback`]. It sees only the
+//! vehicles that accepted, each with the capacity it has left on top of what it accepted,
+//! and returns extra power per vehicle; those become attempt-2 orders.
+
+use serde::Serialize;
+
+use crate::dispatch::proportional_fill;
+use crate::model::{FallbackKind, Vehicle};
+
+/// A vehicle that accepted its first order, and what it can still give.
+#[derive(Clone, Copy, Debug)]
+pub struct FallbackCandidate<'a> {
+    /// Its state when the dispatch was planned.
+    pub vehicle: &'a Vehicle,
+    /// Effective capacity left after the power it accepted, kW.
+    pub remaining_kw: f64,
+}
+
+/// A fallback's answer: extra power per candidate, kW, in the candidates' order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reallocation {
+    /// Power per candidate.
+    pub power_kw: Vec<f64>,
+    /// Why candidates got nothing, by index, where the fallback skips some.
+    pub skipped: Vec<usize>,
+}
+
+/// A reallocation rule.
+pub trait Fallback: Send {
+    /// Its name in events and outcomes.
+    fn kind(&self) -> FallbackKind;
+    /// Spreads `residual_kw` over `candidates`.
+    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation;
+}
+
+/// Never reallocates: the residual is the dispatch's shortfall.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoopFallback;
+
+impl Fallback for NoopFallback {
+    fn kind(&self) -> FallbackKind {
+        FallbackKind::Noop
+    }
+
+    fn reallocate(&self, _residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation {
+        Reallocation { power_kw: vec![0.0; candidates.len()], skipped: Vec::new() }
+    }
+}
+
+/// Spreads the residual over the vehicles that accepted, in proportion to their remaining
+/// effective capacity weighted by SoC (`remaining_kw * soc`), capped at that capacity,
+/// skipping vehicles below [`BalancedFallback::min_soc`] (30 % by default) in either
+/// direction. What cannot be placed stays a shortfall.
+#[derive(Clone, Copy, Debug)]
+pub struct BalancedFallback {
+    /// Vehicles below this SoC are not asked again.
+    pub min_soc: f64,
+}
+
+impl Default for BalancedFallback {
+    fn default() -> Self {
+        Self { min_soc: 0.3 }
+    }
+}
+
+impl Fallback for BalancedFallback {
+    fn kind(&self) -> FallbackKind {
+        FallbackKind::Balanced
+    }
+
+    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation {
+        let mut skipped = Vec::new();
+        let caps: Vec<f64> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if c.vehicle.soc < self.min_soc {
+                    skipped.push(i);
+                    0.0
+                } else {
+                    c.remaining_kw.max(0.0)
+                }
+            })
+            .collect();
+        let weights: Vec<f64> = caps.iter().zip(candidates).map(|(cap, c)| cap * c.vehicle.soc).collect();
+        let (power_kw, _) = proportional_fill(&weights, &caps, residual_kw, u32::MAX);
+        Reallocation { power_kw, skipped }
+    }
+}
+
+/// The fallback named in config.
+pub fn by_kind(kind: FallbackKind) -> Box<dyn Fallback> {
+    match kind {
+        FallbackKind::Noop => Box::new(NoopFallback),
+        _ => Box::new(BalancedFallback::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cands(fleet: &[(Vehicle, f64)]) -> Vec<FallbackCandidate<'_>> {
+        fleet.iter().map(|(v, r)| FallbackCandidate { vehicle: v, remaining_kw: *r }).collect()
+    }
+
+    #[test]
+    fn noop_places_nothing() {
+        let fleet = [(Vehicle::new("a", 0.8, 60.0, 11.0), 5.0)];
+        assert_eq!(NoopFallback.reallocate(3.0, &cands(&fleet)).power_kw, vec![0.0]);
+    }
+
+    #[test]
+    fn balanced_skips_low_soc_and_weights_by_soc() {
+        let fleet = [
+            (Vehicle::new("low", 0.25, 60.0, 11.0), 5.0),
+            (Vehicle::new("mid", 0.4, 60.0, 11.0), 5.0),
+            (Vehicle::new("high", 0.8, 60.0, 11.0), 5.0),
+        ];
+        let r = BalancedFallback::default().reallocate(3.0, &cands(&fleet));
+        assert_eq!(r.power_kw[0], 0.0);
+        assert_eq!(r.skipped, vec![0]);
+        assert!((r.power_kw[2] - 2.0 * r.power_kw[1]).abs() < 1e-9, "{r:?}");
+        assert!((r.power_kw.iter().sum::<f64>() - 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn balanced_caps_at_remaining_capacity_and_reports_what_it_cannot_place() {
+        let fleet = [(Vehicle::new("a", 0.9, 60.0, 11.0), 1.0), (Vehicle::new("b", 0.5, 60.0, 11.0), 2.0)];
+        let r = BalancedFallback::default().reallocate(10.0, &cands(&fleet));
+        assert_eq!(r.power_kw, vec![1.0, 2.0]);
+    }
+
+    proptest! {
+        #[test]
+        fn balanced_never_exceeds_remaining_capacity(
+            specs in prop::collection::vec((0.0f64..=1.0, 0.0f64..20.0), 0..30),
+            residual in 0.0f64..300.0,
+        ) {
+            let fleet: Vec<(Vehicle, f64)> = specs.iter().enumerate()
+                .map(|(i, (soc, rem))| (Vehicle::new(format!("v{i}"), *soc, 60.0, 22.0), *rem)).collect();
+            let r = BalancedFallback::default().reallocate(residual, &cands(&fleet));
+            let mut room = 0.0;
+            for ((v, rem), p) in fleet.iter().zip(&r.power_kw) {
+                prop_assert!(*p >= 0.0 && *p <= rem + 1e-9);
+                if v.soc < 0.3 { prop_assert_eq!(*p, 0.0); } else { room += rem; }
+            }
+            let placed: f64 = r.power_kw.iter().sum();
+            prop_assert!((placed - residual.min(room)).abs() <= 1e-6 * residual.max(1.0));
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! # GridWeaver Edge core
+//!
+//! The pure part of the controller: deterministic, synchronous, no I/O and no clock. Every
+//! function that needs the time takes it as an argument; every decision comes back as data
+//! (events to record, orders to send, the next deadline) for the runtime in `actors/` to
+//! carry out.
+//!
+//! # Layout
+//! - [`time`]: [`time::Timestamp`], epoch milliseconds with RFC 3339 on the wire.
+//! - [`model`]: vehicles, signals, orders, ACKs, outcomes; `Vehicle::effective_capacity`.
+//! - [`wire`]: the MQTT topic layout and the one decoder of inbound payloads.
+//! - [`filter`]: which vehicles may take part in a dispatch.
+//! - [`dispatch`]: allocation strategies (Equal, Smart) behind the `Dispatcher` trait.
+//! - [`fallback`]: reallocation of residuals (Noop, Balanced) behind the `Fallback` trait.
+//! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
+//! - [`events`]: event kinds, rows and the `EventStore` trait.
+//! - [`config`]: the YAML config, raw and validated.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod dispatch;
+pub mod engine;
+pub mod events;
+pub mod fallback;
+pub mod filter;
+pub mod model;
+pub mod time;
+pub mod wire;

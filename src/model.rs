@@ -1,0 +1,458 @@
+//! The fleet and the messages of the contract, as typed values.
+//!
+//! Everything here is plain data with serde derives that match CONTRACT.md. Inbound
+//! payloads are not deserialized straight into these types: [`crate::wire`] decodes and
+//! validates them first, so a value of these types is always within its contract ranges.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::Timestamp;
+
+/// A vehicle's id: the `<vehicle_id>` segment of its topics.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VehicleId(pub String);
+
+impl fmt::Display for VehicleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for VehicleId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// What a signal asks of the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Deliver power to the grid: discharge, or charge less.
+    Up,
+    /// Absorb power from the grid: charge more.
+    Down,
+}
+
+impl Direction {
+    /// The order direction that serves this signal direction.
+    pub fn order_direction(self) -> OrderDirection {
+        match self {
+            Direction::Up => OrderDirection::Discharge,
+            Direction::Down => OrderDirection::Charge,
+        }
+    }
+
+    /// The contract's name: `up` or `down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        }
+    }
+}
+
+/// What an order asks of one vehicle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderDirection {
+    /// Give power to the grid.
+    Discharge,
+    /// Take power from the grid.
+    Charge,
+}
+
+/// The flexibility service a signal belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignalType {
+    /// Frequency containment reserve (code 0).
+    Fcr,
+    /// Automatic frequency restoration reserve (code 1).
+    Afrr,
+    /// Manual frequency restoration reserve (code 2).
+    Mfrr,
+    /// Demand response (code 3).
+    Dr,
+    /// A cross-region cascade ordered by the cluster leader (code 4).
+    Transfer,
+}
+
+impl SignalType {
+    /// Every type, in code order.
+    pub const ALL: [SignalType; 5] =
+        [SignalType::Fcr, SignalType::Afrr, SignalType::Mfrr, SignalType::Dr, SignalType::Transfer];
+
+    /// The contract's numeric code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The contract's name (`fcr`, `afrr`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            SignalType::Fcr => "fcr",
+            SignalType::Afrr => "afrr",
+            SignalType::Mfrr => "mfrr",
+            SignalType::Dr => "dr",
+            SignalType::Transfer => "transfer",
+        }
+    }
+
+    /// The type with this name (case-insensitive) or numeric code (`"0"`..`"4"`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(s) || t.code().to_string() == s)
+    }
+
+    /// The type with this numeric code.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| u64::from(t.code()) == code)
+    }
+}
+
+impl fmt::Display for SignalType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An AC phase of the site's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Phase 1.
+    L1,
+    /// Phase 2.
+    L2,
+    /// Phase 3.
+    L3,
+}
+
+/// How a vehicle is wired to the site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wiring {
+    /// Three-phase: a third of its power on each phase.
+    ThreePhase,
+    /// Single-phase, on the given phase.
+    SinglePhase(Phase),
+}
+
+/// A flexibility request, decoded and validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Unique id; a repeated id is a duplicate.
+    pub id: String,
+    /// The service.
+    #[serde(rename = "type")]
+    pub kind: SignalType,
+    /// Up (deliver) or down (absorb).
+    pub direction: Direction,
+    /// Requested power, kW, > 0.
+    pub power_kw: f64,
+    /// When delivery starts.
+    pub start: Timestamp,
+    /// How long delivery lasts, seconds, > 0.
+    pub duration_s: u64,
+    /// The region it is meant for (`None` = this site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The cluster leader's term, for `transfer` signals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_term: Option<u64>,
+}
+
+impl Signal {
+    /// When delivery ends.
+    pub fn end(&self) -> Timestamp {
+        self.start.plus_secs(self.duration_s)
+    }
+}
+
+/// One vehicle's latest state, as its `vehicles/<id>/state` topic reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vehicle {
+    /// Its id.
+    pub id: VehicleId,
+    /// State of charge, 0..=1.
+    pub soc: f64,
+    /// Usable battery capacity, kWh, > 0.
+    pub capacity_kwh: f64,
+    /// Charging power rating, kW.
+    pub max_charge_kw: f64,
+    /// Discharging power rating, kW.
+    pub max_discharge_kw: f64,
+    /// Whether it is connected to a charger.
+    pub plugged_in: bool,
+    /// When it leaves (`None` = not known).
+    pub departure: Option<Timestamp>,
+    /// The SoC it must not be discharged below.
+    pub min_soc: f64,
+    /// The SoC it must not be charged above.
+    pub max_soc: f64,
+    /// Its fleet segment (`None` = default weights).
+    pub segment: Option<String>,
+    /// Probability that it follows an order, 0..=1.
+    pub availability: f64,
+    /// Battery wear, 0..=1; scales the power it is asked for.
+    pub degradation: f64,
+    /// The operator's preference for using it for flexibility, 0..=1 (higher = used first).
+    pub priority: f64,
+    /// What its energy costs, per kWh (lower = used first).
+    pub price_per_kwh: f64,
+    /// The feeder/charger group whose kW limit it shares.
+    pub group: Option<String>,
+    /// Its phase wiring.
+    pub wiring: Wiring,
+}
+
+impl Vehicle {
+    /// A plugged-in vehicle with the contract's defaults, for tests and the simulator.
+    pub fn new(id: impl Into<String>, soc: f64, capacity_kwh: f64, max_kw: f64) -> Self {
+        Self {
+            id: VehicleId(id.into()),
+            soc,
+            capacity_kwh,
+            max_charge_kw: max_kw,
+            max_discharge_kw: max_kw,
+            plugged_in: true,
+            departure: None,
+            min_soc: 0.2,
+            max_soc: 1.0,
+            segment: None,
+            availability: 1.0,
+            degradation: 0.0,
+            priority: 0.5,
+            price_per_kwh: 0.0,
+            group: None,
+            wiring: Wiring::ThreePhase,
+        }
+    }
+
+    /// The power rating in a direction, kW.
+    pub fn rating_kw(&self, direction: Direction) -> f64 {
+        match direction {
+            Direction::Up => self.max_discharge_kw,
+            Direction::Down => self.max_charge_kw,
+        }
+    }
+
+    /// Energy it can still move in a direction before reaching its SoC bound, kWh
+    /// (`min_soc` when discharging, `max_soc` when charging; never negative).
+    pub fn energy_headroom_kwh(&self, direction: Direction) -> f64 {
+        let soc_room = match direction {
+            Direction::Up => self.soc - self.min_soc,
+            Direction::Down => self.max_soc - self.soc,
+        };
+        (soc_room * self.capacity_kwh).max(0.0)
+    }
+
+    /// The power it can still give in `direction`, kW, on top of `current_kw` it already
+    /// gives in that direction, sustained for `duration_s` seconds.
+    ///
+    /// It is the smaller of the rating's headroom (`rating - current_kw`) and the power the
+    /// energy between its SoC and its SoC bound sustains over the duration, less
+    /// `current_kw` (which draws on the same energy); then scaled by its availability and by
+    /// `1 - degradation`. A battery at or beyond its bound gives 0. A zero duration moves no
+    /// energy, so only the rating limits it. Never negative.
+    pub fn effective_capacity(&self, direction: Direction, current_kw: f64, duration_s: f64) -> f64 {
+        let current = current_kw.max(0.0);
+        let power_room = self.rating_kw(direction) - current;
+        let energy = self.energy_headroom_kwh(direction);
+        if energy <= 0.0 || power_room <= 0.0 {
+            return 0.0;
+        }
+        let energy_room = if duration_s > 0.0 { energy / (duration_s / 3600.0) - current } else { f64::INFINITY };
+        let scale = self.availability.clamp(0.0, 1.0) * (1.0 - self.degradation.clamp(0.0, 1.0));
+        (power_room.min(energy_room) * scale).max(0.0)
+    }
+}
+
+/// An order to one vehicle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    /// Unique id; its ACK names it.
+    pub order_id: String,
+    /// The dispatch it serves.
+    pub dispatch_id: String,
+    /// The vehicle it is for.
+    pub vehicle_id: VehicleId,
+    /// Charge or discharge.
+    pub direction: OrderDirection,
+    /// Power to add in that direction, kW, > 0.
+    pub power_kw: f64,
+    /// When to start.
+    pub start: Timestamp,
+    /// When to stop.
+    pub until: Timestamp,
+    /// 1 = first allocation, 2+ = fallback.
+    pub attempt: u32,
+}
+
+/// A vehicle's answer to an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckStatus {
+    /// It will deliver the ordered power.
+    Accepted,
+    /// It will not.
+    Rejected,
+}
+
+/// An ACK, decoded and validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The order it answers.
+    pub order_id: String,
+    /// Accepted or rejected.
+    pub status: AckStatus,
+    /// Why, if the vehicle said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The allocation strategy that planned a dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyKind {
+    /// Equal shares up to each vehicle's capacity.
+    Equal,
+    /// The weighted heuristic.
+    Smart,
+    /// Linear programming.
+    Lp,
+    /// Per-segment strategies.
+    Segmented,
+}
+
+/// The fallback that reallocates a dispatch's residual.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackKind {
+    /// Never reallocate.
+    Noop,
+    /// Spread the residual over vehicles that ACKed, by capacity weighted by SoC.
+    Balanced,
+    /// Reallocate by availability probability and degradation.
+    Probabilistic,
+}
+
+/// How many vehicles answered a dispatch, and how.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VehicleCounts {
+    /// Orders accepted.
+    pub accepted: u32,
+    /// Orders rejected.
+    pub rejected: u32,
+    /// Orders not answered by their deadline.
+    pub timed_out: u32,
+}
+
+/// The result of a settled dispatch, published on `dispatches/<id>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchOutcome {
+    /// The dispatch.
+    pub dispatch_id: String,
+    /// The signal it served.
+    pub signal_id: String,
+    /// The signal's service.
+    #[serde(rename = "type")]
+    pub kind: SignalType,
+    /// The signal's direction.
+    pub direction: Direction,
+    /// Power requested, kW.
+    pub requested_kw: f64,
+    /// Power ordered across all attempts, kW.
+    pub allocated_kw: f64,
+    /// Power accepted by vehicles, kW.
+    pub acknowledged_kw: f64,
+    /// `requested_kw - acknowledged_kw`, never negative.
+    pub shortfall_kw: f64,
+    /// The strategy of the first allocation.
+    pub strategy: StrategyKind,
+    /// The fallback configured for the residual.
+    pub fallback: FallbackKind,
+    /// Orders by answer (orders, not distinct vehicles: a vehicle asked twice counts twice).
+    pub vehicles: VehicleCounts,
+    /// When it settled.
+    pub completed_at: crate::time::Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(soc: f64) -> Vehicle {
+        Vehicle::new("v", soc, 60.0, 11.0)
+    }
+
+    #[test]
+    fn capacity_is_the_rating_when_energy_is_plentiful() {
+        // 0.8 -> 0.2 of 60 kWh = 36 kWh over 15 min = 144 kW of energy room; rating 11 kW.
+        assert_eq!(ev(0.8).effective_capacity(Direction::Up, 0.0, 900.0), 11.0);
+        assert_eq!(ev(0.5).effective_capacity(Direction::Down, 0.0, 900.0), 11.0);
+    }
+
+    #[test]
+    fn empty_battery_cannot_discharge() {
+        assert_eq!(ev(0.2).effective_capacity(Direction::Up, 0.0, 900.0), 0.0);
+        assert_eq!(ev(0.1).effective_capacity(Direction::Up, 0.0, 900.0), 0.0);
+        assert_eq!(ev(0.1).effective_capacity(Direction::Up, 0.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn full_battery_cannot_charge() {
+        let mut v = ev(0.9);
+        v.max_soc = 0.9;
+        assert_eq!(v.effective_capacity(Direction::Down, 0.0, 900.0), 0.0);
+        assert_eq!(ev(1.0).effective_capacity(Direction::Down, 0.0, 900.0), 0.0);
+        assert_eq!(ev(1.0).effective_capacity(Direction::Up, 0.0, 900.0), 11.0);
+    }
+
+    #[test]
+    fn energy_limits_power_over_long_durations() {
+        // 0.3 -> 0.2 of 60 kWh = 6 kWh over 2 h = 3 kW.
+        let c = ev(0.3).effective_capacity(Direction::Up, 0.0, 7200.0);
+        assert!((c - 3.0).abs() < 1e-9, "{c}");
+    }
+
+    #[test]
+    fn zero_duration_is_limited_by_rating_only() {
+        assert_eq!(ev(0.21).effective_capacity(Direction::Up, 0.0, 0.0), 11.0);
+    }
+
+    #[test]
+    fn current_power_uses_up_the_rating() {
+        assert_eq!(ev(0.8).effective_capacity(Direction::Up, 4.0, 900.0), 7.0);
+        assert_eq!(ev(0.8).effective_capacity(Direction::Up, 11.0, 900.0), 0.0);
+        assert_eq!(ev(0.8).effective_capacity(Direction::Up, 15.0, 900.0), 0.0);
+    }
+
+    #[test]
+    fn current_power_draws_on_the_same_energy() {
+        // 6 kWh over 2 h = 3 kW in all; 1 kW already given leaves 2 kW.
+        let c = ev(0.3).effective_capacity(Direction::Up, 1.0, 7200.0);
+        assert!((c - 2.0).abs() < 1e-9, "{c}");
+    }
+
+    #[test]
+    fn availability_and_degradation_scale_the_result() {
+        let mut v = ev(0.8);
+        v.availability = 0.5;
+        v.degradation = 0.2;
+        let c = v.effective_capacity(Direction::Up, 0.0, 900.0);
+        assert!((c - 11.0 * 0.5 * 0.8).abs() < 1e-9, "{c}");
+    }
+
+    #[test]
+    fn signal_types_parse_by_name_or_code() {
+        assert_eq!(SignalType::parse("FCR"), Some(SignalType::Fcr));
+        assert_eq!(SignalType::parse("3"), Some(SignalType::Dr));
+        assert_eq!(SignalType::from_code(4), Some(SignalType::Transfer));
+        assert_eq!(SignalType::parse("5"), None);
+        assert_eq!(SignalType::parse("ffr"), None);
+    }
+}

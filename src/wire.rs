@@ -1,0 +1,610 @@
+//! Decoding and validation of everything that arrives from outside.
+//!
+//! [`Topics`] knows the topic layout under the configured prefix; [`decode`] turns one
+//! MQTT publish (topic + payload) into a typed [`Inbound`] value or an [`InputError`] whose
+//! message is a sentence naming the offending field. It is the only place where inbound
+//! JSON is looked at: handlers downstream see validated values only.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::{Ack, AckStatus, Direction, Phase, Signal, SignalType, Vehicle, VehicleId, Wiring};
+use crate::time::Timestamp;
+
+/// Inbound payloads larger than this are rejected unread.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Longest id (signal, vehicle, order) accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why an inbound message was rejected. The `Display` text is published on `<p>/errors`.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InputError {
+    /// More than [`MAX_PAYLOAD_BYTES`].
+    #[error("payload is {0} bytes, more than the 65536 allowed")]
+    TooLarge(usize),
+    /// Not parseable JSON.
+    #[error("payload is not valid JSON ({0})")]
+    NotJson(String),
+    /// JSON, but not an object.
+    #[error("payload must be one JSON object")]
+    NotObject,
+    /// A required field is absent (or null).
+    #[error("field `{0}` is required")]
+    Missing(&'static str),
+    /// A field has the wrong type or is out of range.
+    #[error("field `{field}` {problem}")]
+    Invalid {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong, as the end of a sentence ("must be a number > 0, got -3").
+        problem: String,
+    },
+    /// A vehicle id in a topic that cannot be an id.
+    #[error("vehicle id `{0}` in the topic is not valid (1-128 characters, no wildcards)")]
+    BadVehicleId(String),
+    /// A topic under the prefix that nothing reads.
+    #[error("topic is not one this gateway reads")]
+    UnknownTopic,
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> InputError {
+    InputError::Invalid { field, problem: problem.into() }
+}
+
+/// The topic layout under one prefix (`gridweaver/<site>` by default).
+#[derive(Clone, Debug)]
+pub struct Topics {
+    prefix: String,
+}
+
+/// Which inbound topic a publish arrived on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundTopic {
+    /// `<p>/signals`
+    Signals,
+    /// `<p>/vehicles/<id>/state`
+    VehicleState(VehicleId),
+    /// `<p>/vehicles/<id>/ack`
+    VehicleAck(VehicleId),
+    /// `<p>/bids`
+    Bids,
+}
+
+impl Topics {
+    /// The layout under `prefix` (no trailing slash).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into().trim_end_matches('/').to_owned() }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The filters to subscribe to, in order.
+    pub fn subscriptions(&self) -> [String; 4] {
+        let p = &self.prefix;
+        [format!("{p}/signals"), format!("{p}/vehicles/+/state"), format!("{p}/vehicles/+/ack"), format!("{p}/bids")]
+    }
+
+    /// `<p>/signals`
+    pub fn signals(&self) -> String {
+        format!("{}/signals", self.prefix)
+    }
+    /// `<p>/bids`
+    pub fn bids(&self) -> String {
+        format!("{}/bids", self.prefix)
+    }
+    /// `<p>/vehicles/<id>/state`
+    pub fn vehicle_state(&self, id: &VehicleId) -> String {
+        format!("{}/vehicles/{id}/state", self.prefix)
+    }
+    /// `<p>/vehicles/<id>/ack`
+    pub fn vehicle_ack(&self, id: &VehicleId) -> String {
+        format!("{}/vehicles/{id}/ack", self.prefix)
+    }
+    /// `<p>/vehicles/<id>/order`
+    pub fn vehicle_order(&self, id: &VehicleId) -> String {
+        format!("{}/vehicles/{id}/order", self.prefix)
+    }
+    /// `<p>/dispatches/<dispatch_id>`
+    pub fn dispatch(&self, dispatch_id: &str) -> String {
+        format!("{}/dispatches/{dispatch_id}", self.prefix)
+    }
+    /// `<p>/capacity`
+    pub fn capacity(&self) -> String {
+        format!("{}/capacity", self.prefix)
+    }
+    /// `<p>/events`
+    pub fn events(&self) -> String {
+        format!("{}/events", self.prefix)
+    }
+    /// `<p>/errors`
+    pub fn errors(&self) -> String {
+        format!("{}/errors", self.prefix)
+    }
+    /// `<p>/status`
+    pub fn status(&self) -> String {
+        format!("{}/status", self.prefix)
+    }
+
+    /// Classifies a topic; `None` when it is not under the prefix at all.
+    pub fn classify(&self, topic: &str) -> Option<Result<InboundTopic, InputError>> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        Some(match parts.as_slice() {
+            ["signals"] => Ok(InboundTopic::Signals),
+            ["bids"] => Ok(InboundTopic::Bids),
+            ["vehicles", id, leaf @ ("state" | "ack")] => match vehicle_id(id) {
+                Ok(id) if *leaf == "state" => Ok(InboundTopic::VehicleState(id)),
+                Ok(id) => Ok(InboundTopic::VehicleAck(id)),
+                Err(e) => Err(e),
+            },
+            _ => Err(InputError::UnknownTopic),
+        })
+    }
+}
+
+fn vehicle_id(s: &str) -> Result<VehicleId, InputError> {
+    let ok = !s.is_empty() && s.len() <= MAX_ID_LEN && !s.contains(['+', '#']) && !s.chars().any(char::is_control);
+    if ok {
+        Ok(VehicleId(s.to_owned()))
+    } else {
+        Err(InputError::BadVehicleId(s.chars().take(MAX_ID_LEN).collect()))
+    }
+}
+
+/// A demand-response bid, validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BidSubmission {
+    /// The bidder's request id.
+    pub request_id: String,
+    /// Who bids.
+    pub participant: String,
+    /// The program bid into.
+    pub program: String,
+    /// Price, per MW, >= 0.
+    pub price_per_mw: f64,
+    /// Smallest acceptable award, MW, > 0.
+    pub min_mw: f64,
+    /// Largest award, MW, >= `min_mw`.
+    pub max_mw: f64,
+    /// Window start.
+    pub start: Timestamp,
+    /// Window end, after `start`, in the future.
+    pub end: Timestamp,
+    /// Delivery reliability, 0..=1.
+    pub reliability: f64,
+}
+
+/// One decoded inbound message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inbound {
+    /// A flexibility request.
+    Signal(Signal),
+    /// A vehicle's state; `None` = an empty retained payload, the vehicle left.
+    VehicleState(VehicleId, Option<Box<Vehicle>>),
+    /// A vehicle's answer to an order, on that vehicle's own topic.
+    Ack(VehicleId, Ack),
+    /// A demand-response bid.
+    Bid(BidSubmission),
+}
+
+/// A rejected inbound message: which topic it came on, what kind it was, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The classified topic, when the topic itself was fine.
+    pub topic: Option<InboundTopic>,
+    /// Why.
+    pub error: InputError,
+}
+
+impl Rejection {
+    /// Whether this is a rejected signal (`SignalRejected`) rather than other input.
+    pub fn is_signal(&self) -> bool {
+        self.topic == Some(InboundTopic::Signals)
+    }
+}
+
+/// Decodes one publish. Returns `None` for topics outside the prefix (not ours to answer).
+/// `now` is the default `start` of a signal and the reference for "in the future".
+pub fn decode(topics: &Topics, topic: &str, payload: &[u8], now: Timestamp) -> Option<Result<Inbound, Rejection>> {
+    let kind = match topics.classify(topic)? {
+        Ok(kind) => kind,
+        Err(error) => return Some(Err(Rejection { topic: None, error })),
+    };
+    let result = match &kind {
+        InboundTopic::VehicleState(id) if payload.is_empty() => Ok(Inbound::VehicleState(id.clone(), None)),
+        _ => object(payload).and_then(|obj| match &kind {
+            InboundTopic::Signals => decode_signal(&obj, now).map(Inbound::Signal),
+            InboundTopic::VehicleState(id) => {
+                decode_vehicle(id.clone(), &obj).map(|v| Inbound::VehicleState(id.clone(), Some(Box::new(v))))
+            }
+            InboundTopic::VehicleAck(id) => decode_ack(&obj).map(|a| Inbound::Ack(id.clone(), a)),
+            InboundTopic::Bids => decode_bid(&obj, now).map(Inbound::Bid),
+        }),
+    };
+    Some(result.map_err(|error| Rejection { topic: Some(kind), error }))
+}
+
+fn object(payload: &[u8]) -> Result<Obj, InputError> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(InputError::TooLarge(payload.len()));
+    }
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(map)) => Ok(Obj(map)),
+        Ok(_) => Err(InputError::NotObject),
+        Err(e) => Err(InputError::NotJson(e.to_string())),
+    }
+}
+
+/// A JSON object with typed, field-naming accessors. `null` counts as absent.
+struct Obj(Map<String, Value>);
+
+impl Obj {
+    fn get(&self, f: &'static str) -> Option<&Value> {
+        self.0.get(f).filter(|v| !v.is_null())
+    }
+
+    fn opt_str(&self, f: &'static str) -> Result<Option<&str>, InputError> {
+        match self.get(f) {
+            None => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(invalid(f, "must not be empty")),
+            Some(Value::String(s)) if s.len() > MAX_ID_LEN * 4 => Err(invalid(f, "is too long (over 512 bytes)")),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(invalid(f, format!("must be a string, got {}", type_name(v)))),
+        }
+    }
+
+    fn str(&self, f: &'static str) -> Result<&str, InputError> {
+        self.opt_str(f)?.ok_or(InputError::Missing(f))
+    }
+
+    fn id(&self, f: &'static str) -> Result<String, InputError> {
+        let s = self.str(f)?;
+        if s.len() > MAX_ID_LEN {
+            return Err(invalid(f, "is longer than 128 bytes"));
+        }
+        Ok(s.to_owned())
+    }
+
+    fn opt_num(&self, f: &'static str) -> Result<Option<f64>, InputError> {
+        match self.get(f) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(invalid(f, "must be a finite number")),
+            },
+            Some(v) => Err(invalid(f, format!("must be a number, got {}", type_name(v)))),
+        }
+    }
+
+    fn num(&self, f: &'static str) -> Result<f64, InputError> {
+        self.opt_num(f)?.ok_or(InputError::Missing(f))
+    }
+
+    fn opt_uint(&self, f: &'static str) -> Result<Option<u64>, InputError> {
+        match self.get(f) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                n.as_u64().map(Some).ok_or_else(|| invalid(f, format!("must be a whole number >= 0, got {n}")))
+            }
+            Some(v) => Err(invalid(f, format!("must be a whole number, got {}", type_name(v)))),
+        }
+    }
+
+    fn opt_bool(&self, f: &'static str) -> Result<Option<bool>, InputError> {
+        match self.get(f) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(invalid(f, format!("must be true or false, got {}", type_name(v)))),
+        }
+    }
+
+    fn opt_time(&self, f: &'static str) -> Result<Option<Timestamp>, InputError> {
+        match self.opt_str(f)? {
+            None => Ok(None),
+            Some(s) => Timestamp::parse_rfc3339(s)
+                .map(Some)
+                .ok_or_else(|| invalid(f, format!("must be an RFC 3339 time such as 2026-11-23T10:00:00Z, got `{s}`"))),
+        }
+    }
+
+    fn time(&self, f: &'static str) -> Result<Timestamp, InputError> {
+        self.opt_time(f)?.ok_or(InputError::Missing(f))
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `x` checked against a rule; `ok` says whether it holds, `rule` how to say it.
+fn check(f: &'static str, x: f64, ok: bool, rule: &str) -> Result<f64, InputError> {
+    if ok {
+        Ok(x)
+    } else {
+        Err(invalid(f, format!("must be {rule}, got {x}")))
+    }
+}
+
+fn positive(f: &'static str, x: f64) -> Result<f64, InputError> {
+    check(f, x, x > 0.0, "a number > 0")
+}
+
+fn non_negative(f: &'static str, x: f64) -> Result<f64, InputError> {
+    check(f, x, x >= 0.0, "a number >= 0")
+}
+
+fn fraction(f: &'static str, x: f64) -> Result<f64, InputError> {
+    check(f, x, (0.0..=1.0).contains(&x), "within 0..=1")
+}
+
+fn opt_fraction(o: &Obj, f: &'static str, default: f64) -> Result<f64, InputError> {
+    o.opt_num(f)?.map_or(Ok(default), |x| fraction(f, x))
+}
+
+fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputError> {
+    let id = o.id("id")?;
+    let kind = match o.get("type") {
+        None => return Err(InputError::Missing("type")),
+        Some(Value::String(s)) => SignalType::parse(s),
+        Some(Value::Number(n)) => n.as_u64().and_then(SignalType::from_code),
+        Some(_) => None,
+    }
+    .ok_or_else(|| invalid("type", "must be one of fcr, afrr, mfrr, dr, transfer or their codes 0-4"))?;
+    let direction = match o.str("direction")? {
+        "up" => Direction::Up,
+        "down" => Direction::Down,
+        other => return Err(invalid("direction", format!("must be `up` or `down`, got `{other}`"))),
+    };
+    let power_kw = positive("power_kw", o.num("power_kw")?)?;
+    let start = o.opt_time("start")?.unwrap_or(now);
+    let duration_s = match o.opt_uint("duration_s")? {
+        None => 900,
+        Some(0) => return Err(invalid("duration_s", "must be a whole number of seconds > 0, got 0")),
+        Some(d) => d,
+    };
+    let region = o.opt_str("region")?.map(str::to_owned);
+    let leader_term = o.opt_uint("leader_term")?;
+    if kind == SignalType::Transfer && leader_term.is_none() {
+        return Err(InputError::Missing("leader_term"));
+    }
+    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term })
+}
+
+fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputError> {
+    let soc = fraction("soc", o.num("soc")?)?;
+    let capacity_kwh = positive("capacity_kwh", o.num("capacity_kwh")?)?;
+    let max_charge_kw = non_negative("max_charge_kw", o.num("max_charge_kw")?)?;
+    let max_discharge_kw = non_negative("max_discharge_kw", o.num("max_discharge_kw")?)?;
+    let plugged_in = o.opt_bool("plugged_in")?.ok_or(InputError::Missing("plugged_in"))?;
+    let min_soc = opt_fraction(o, "min_soc", 0.2)?;
+    let max_soc = opt_fraction(o, "max_soc", 1.0)?;
+    if min_soc > max_soc {
+        return Err(invalid("min_soc", format!("must not exceed max_soc ({max_soc}), got {min_soc}")));
+    }
+    let wiring = match o.opt_uint("phases")? {
+        None | Some(3) => Wiring::ThreePhase,
+        Some(1) => Wiring::SinglePhase(match o.opt_str("phase")? {
+            Some("L1") => Phase::L1,
+            Some("L2") => Phase::L2,
+            Some("L3") => Phase::L3,
+            Some(other) => return Err(invalid("phase", format!("must be L1, L2 or L3, got `{other}`"))),
+            None => return Err(InputError::Missing("phase")),
+        }),
+        Some(n) => return Err(invalid("phases", format!("must be 1 or 3, got {n}"))),
+    };
+    Ok(Vehicle {
+        id,
+        soc,
+        capacity_kwh,
+        max_charge_kw,
+        max_discharge_kw,
+        plugged_in,
+        departure: o.opt_time("departure")?,
+        min_soc,
+        max_soc,
+        segment: o.opt_str("segment")?.map(str::to_owned),
+        availability: opt_fraction(o, "availability", 1.0)?,
+        degradation: opt_fraction(o, "degradation", 0.0)?,
+        priority: opt_fraction(o, "priority", 0.5)?,
+        price_per_kwh: o.opt_num("price_per_kwh")?.map_or(Ok(0.0), |x| non_negative("price_per_kwh", x))?,
+        group: o.opt_str("group")?.map(str::to_owned),
+        wiring,
+    })
+}
+
+fn decode_ack(o: &Obj) -> Result<Ack, InputError> {
+    let order_id = o.id("order_id")?;
+    let status = match o.str("status")? {
+        "accepted" => AckStatus::Accepted,
+        "rejected" => AckStatus::Rejected,
+        other => return Err(invalid("status", format!("must be `accepted` or `rejected`, got `{other}`"))),
+    };
+    let reason = o.opt_str("reason")?.map(str::to_owned);
+    Ok(Ack { order_id, status, reason })
+}
+
+fn decode_bid(o: &Obj, now: Timestamp) -> Result<BidSubmission, InputError> {
+    let request_id = o.id("request_id")?;
+    let participant = o.id("participant")?;
+    let program = o.id("program")?;
+    let price_per_mw = non_negative("price_per_mw", o.num("price_per_mw")?)?;
+    let min_mw = positive("min_mw", o.num("min_mw")?)?;
+    let max_mw = o.num("max_mw")?;
+    if max_mw < min_mw {
+        return Err(invalid("max_mw", format!("must be >= min_mw ({min_mw}), got {max_mw}")));
+    }
+    let start = o.time("start")?;
+    let end = o.time("end")?;
+    if end <= start {
+        return Err(invalid("end", format!("must be after start ({start}), got {end}")));
+    }
+    if end <= now {
+        return Err(invalid("end", format!("must be in the future, got {end}")));
+    }
+    let reliability = fraction("reliability", o.num("reliability")?)?;
+    Ok(BidSubmission { request_id, participant, program, price_per_mw, min_mw, max_mw, start, end, reliability })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Timestamp = Timestamp::from_millis(1_795_000_000_000);
+
+    fn topics() -> Topics {
+        Topics::new("gridweaver/depot1")
+    }
+
+    fn dec(topic: &str, payload: &str) -> Result<Inbound, Rejection> {
+        decode(&topics(), &format!("gridweaver/depot1/{topic}"), payload.as_bytes(), NOW).unwrap()
+    }
+
+    fn err(topic: &str, payload: &str) -> String {
+        dec(topic, payload).unwrap_err().error.to_string()
+    }
+
+    #[test]
+    fn a_full_signal_decodes() {
+        let s = r#"{"id":"s1","type":"afrr","direction":"down","power_kw":120.5,
+                    "start":"2026-11-23T10:00:00Z","duration_s":300,"region":"north","extra":1}"#;
+        let Inbound::Signal(sig) = dec("signals", s).unwrap() else { panic!() };
+        assert_eq!(sig.kind, SignalType::Afrr);
+        assert_eq!(sig.direction, Direction::Down);
+        assert_eq!(sig.power_kw, 120.5);
+        assert_eq!(sig.duration_s, 300);
+        assert_eq!(sig.start.to_string(), "2026-11-23T10:00:00Z");
+        assert_eq!(sig.region.as_deref(), Some("north"));
+    }
+
+    #[test]
+    fn signal_defaults_and_numeric_type_codes() {
+        let Inbound::Signal(sig) = dec("signals", r#"{"id":"s","type":0,"direction":"up","power_kw":1}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(sig.kind, SignalType::Fcr);
+        assert_eq!(sig.start, NOW);
+        assert_eq!(sig.duration_s, 900);
+    }
+
+    #[test]
+    fn bad_signals_name_the_field() {
+        let cases = [
+            (r#"{"type":"fcr","direction":"up","power_kw":1}"#, "field `id` is required"),
+            (r#"{"id":"s","type":"ffr","direction":"up","power_kw":1}"#, "field `type`"),
+            (r#"{"id":"s","type":9,"direction":"up","power_kw":1}"#, "field `type`"),
+            (r#"{"id":"s","type":"fcr","direction":"sideways","power_kw":1}"#, "field `direction`"),
+            (
+                r#"{"id":"s","type":"fcr","direction":"up","power_kw":-3}"#,
+                "field `power_kw` must be a number > 0, got -3",
+            ),
+            (
+                r#"{"id":"s","type":"fcr","direction":"up","power_kw":"3"}"#,
+                "field `power_kw` must be a number, got a string",
+            ),
+            (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":0}"#, "field `duration_s`"),
+            (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":1.5}"#, "field `duration_s`"),
+            (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"start":"soon"}"#, "field `start`"),
+            (r#"{"id":"s","type":"transfer","direction":"up","power_kw":1}"#, "field `leader_term` is required"),
+            (r#"{"id":"","type":"fcr","direction":"up","power_kw":1}"#, "field `id` must not be empty"),
+            ("[1,2]", "one JSON object"),
+            ("{not json", "not valid JSON"),
+        ];
+        for (payload, want) in cases {
+            let got = err("signals", payload);
+            assert!(got.contains(want), "{payload}: got `{got}`, want `{want}`");
+        }
+    }
+
+    #[test]
+    fn oversized_payloads_are_rejected_unread() {
+        let big = format!(r#"{{"id":"{}"}}"#, "x".repeat(MAX_PAYLOAD_BYTES));
+        assert!(matches!(dec("signals", &big).unwrap_err().error, InputError::TooLarge(_)));
+    }
+
+    #[test]
+    fn vehicle_state_decodes_with_defaults() {
+        let p = r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true}"#;
+        let Inbound::VehicleState(id, Some(v)) = dec("vehicles/bus-7/state", p).unwrap() else { panic!() };
+        assert_eq!(id.0, "bus-7");
+        assert_eq!((v.min_soc, v.max_soc, v.availability, v.priority), (0.2, 1.0, 1.0, 0.5));
+        assert_eq!(v.wiring, Wiring::ThreePhase);
+    }
+
+    #[test]
+    fn empty_retained_state_means_the_vehicle_left() {
+        assert_eq!(dec("vehicles/bus-7/state", "").unwrap(), Inbound::VehicleState("bus-7".into(), None));
+    }
+
+    #[test]
+    fn bad_vehicle_states_name_the_field() {
+        let base = r#""capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true"#;
+        let cases = [
+            (format!(r#"{{"soc":1.2,{base}}}"#), "field `soc` must be within 0..=1"),
+            (format!(r#"{{{base}}}"#), "field `soc` is required"),
+            (format!(r#"{{"soc":0.5,{base},"phases":1}}"#), "field `phase` is required"),
+            (format!(r#"{{"soc":0.5,{base},"phases":2}}"#), "field `phases` must be 1 or 3"),
+            (format!(r#"{{"soc":0.5,{base},"min_soc":0.9,"max_soc":0.8}}"#), "field `min_soc` must not exceed"),
+            (format!(r#"{{"soc":0.5,{base},"priority":-1}}"#), "field `priority`"),
+            (
+                r#"{"soc":0.5,"capacity_kwh":0,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true}"#.into(),
+                "field `capacity_kwh`",
+            ),
+            (
+                r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":"yes"}"#.into(),
+                "field `plugged_in`",
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = err("vehicles/v1/state", &payload);
+            assert!(got.contains(want), "{payload}: got `{got}`, want `{want}`");
+        }
+    }
+
+    #[test]
+    fn single_phase_vehicles_name_their_phase() {
+        let p = r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":7,"max_discharge_kw":7,"plugged_in":true,"phases":1,"phase":"L2"}"#;
+        let Inbound::VehicleState(_, Some(v)) = dec("vehicles/v/state", p).unwrap() else { panic!() };
+        assert_eq!(v.wiring, Wiring::SinglePhase(Phase::L2));
+    }
+
+    #[test]
+    fn acks_decode_and_reject_unknown_status() {
+        let Inbound::Ack(id, ack) =
+            dec("vehicles/v9/ack", r#"{"order_id":"o1","status":"rejected","reason":"cold"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((id.0.as_str(), ack.status, ack.reason.as_deref()), ("v9", AckStatus::Rejected, Some("cold")));
+        assert!(err("vehicles/v9/ack", r#"{"order_id":"o1","status":"maybe"}"#).contains("field `status`"));
+    }
+
+    #[test]
+    fn bids_are_validated() {
+        let ok = r#"{"request_id":"r","participant":"p","program":"winter","price_per_mw":50,"min_mw":1,"max_mw":2,
+                     "start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","reliability":0.9}"#;
+        assert!(matches!(dec("bids", ok).unwrap(), Inbound::Bid(_)));
+        let past = ok.replace("2030-01-01T01", "2020-01-01T01").replace("2030-01-01T00", "2020-01-01T00");
+        assert!(err("bids", &past).contains("field `end` must be in the future"));
+        assert!(err("bids", &ok.replace(r#""max_mw":2"#, r#""max_mw":0.5"#)).contains("field `max_mw`"));
+    }
+
+    #[test]
+    fn topics_outside_the_prefix_are_not_ours_and_unknown_ones_are_errors() {
+        assert!(decode(&topics(), "other/signals", b"{}", NOW).is_none());
+        assert!(decode(&topics(), "gridweaver/depot1x/signals", b"{}", NOW).is_none());
+        assert_eq!(dec("weather", "{}").unwrap_err().error, InputError::UnknownTopic);
+        assert!(dec("vehicles/a/b/ack", "{}").is_err());
+    }
+}
