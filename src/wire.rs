@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::events::{Event, EventKind};
 use crate::model::{Ack, AckStatus, Direction, Phase, Signal, SignalType, Vehicle, VehicleId, Wiring};
 use crate::time::Timestamp;
 
@@ -204,6 +205,61 @@ impl Rejection {
     /// Whether this is a rejected signal (`SignalRejected`) rather than other input.
     pub fn is_signal(&self) -> bool {
         self.topic == Some(InboundTopic::Signals)
+    }
+}
+
+/// The `<p>/errors` payload: one per rejected inbound message.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ErrorReport {
+    /// The topic the rejected message came on.
+    pub topic: String,
+    /// What was wrong, as a sentence naming the field.
+    pub error: String,
+    /// When it was received.
+    pub received_at: Timestamp,
+}
+
+/// The event recording a rejected inbound message: `kind` is `SignalRejected` or
+/// `InputRejected`; the payload keeps the topic, the reason and the message itself (as JSON
+/// when it parses and is small, else as an excerpt), so an auditor sees what was refused.
+pub fn rejection_event(
+    now: Timestamp,
+    kind: EventKind,
+    actor: impl Into<String>,
+    region: &str,
+    topic: &str,
+    error: &str,
+    payload: &[u8],
+) -> Event {
+    const KEEP: usize = 4096;
+    let message = match serde_json::from_slice::<Value>(payload) {
+        Ok(v) if payload.len() <= KEEP => v,
+        _ => Value::String(String::from_utf8_lossy(&payload[..payload.len().min(KEEP / 4)]).into_owned()),
+    };
+    Event::new(now, kind, actor).region(Some(region)).payload(serde_json::json!({
+        "topic": topic,
+        "error": error,
+        "bytes": payload.len(),
+        "message": message,
+    }))
+}
+
+impl Rejection {
+    /// The event kind that records this rejection.
+    pub fn event_kind(&self) -> EventKind {
+        if self.is_signal() {
+            EventKind::SignalRejected
+        } else {
+            EventKind::InputRejected
+        }
+    }
+
+    /// The actor to name in the event: the vehicle for vehicle topics, else `mqtt`.
+    pub fn actor(&self) -> String {
+        match &self.topic {
+            Some(InboundTopic::VehicleState(id) | InboundTopic::VehicleAck(id)) => format!("vehicle/{id}"),
+            _ => "mqtt".to_owned(),
+        }
     }
 }
 

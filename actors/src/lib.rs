@@ -1,1 +1,35 @@
-//! GridWeaver Edge runtime.
+//! # GridWeaver Edge runtime
+//!
+//! The actix shell around the core (`gridweaver_core`): each actor owns one core value and
+//! its handlers are glue (decode, call the core with `now`, carry out what it returns).
+//!
+//! # Layout
+//! - [`controller`]: builds and wires the actors from a config; graceful shutdown.
+//! - [`bridge`]: `MqttBridge`, the one MQTT connection: decode once, route, reconnect.
+//! - [`dispatcher`]: `DispatcherActor`, owns the `Planner` (fleet view, strategy).
+//! - [`supervisor`]: `Supervisor`, owns the `DispatchBook` (dispatches in flight, ACK
+//!   deadlines) and the vehicle actors; carries out each step durable-first.
+//! - [`vehicle`]: `VehicleActor`, one per vehicle: its state, its orders, its ACKs.
+//! - [`fallback`]: `FallbackActor`, owns the configured fallback rule.
+//! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers.
+//! - [`publish`]: the outbound MQTT handle and the wall clock.
+//! - [`cli`]: the `gridweaver` commands; [`demo`]: `gridweaver demo`.
+//! - [`sim`]: the seeded simulated fleet (demo, tests, benchmarks); [`broker`]: the demo's
+//!   embedded MQTT broker.
+
+pub mod bridge;
+pub mod broker;
+pub mod cli;
+pub mod controller;
+pub mod demo;
+pub mod dispatcher;
+pub mod fallback;
+pub mod publish;
+pub mod sim;
+pub mod store;
+pub mod supervisor;
+pub mod vehicle;
+
+/// Mailbox capacity of the actors fed from outside (signals, states, ACKs): a whole
+/// dispatch's ACKs fit; beyond it the bridge waits (back-pressure).
+pub const MAILBOX: usize = 16_384;

@@ -1,0 +1,166 @@
+//! MqttBridge: the one rumqttc connection. It runs on its own arbiter (thread), polls the
+//! event loop, decodes every inbound publish once with the core's [`decode`], and routes
+//! the typed value: signals to the dispatcher, vehicle states and ACKs to the supervisor.
+//! Rejected input is answered on `<p>/errors` and recorded (`SignalRejected` /
+//! `InputRejected`) here, and changes nothing else.
+//!
+//! On every (re)connection it publishes `status` online (retained; the last will says
+//! offline) and, when the broker did not keep the session, subscribes again. A lost
+//! connection is retried with exponential backoff up to `mqtt.reconnect_max_s`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use gridweaver_core::wire::{decode, rejection_event, Inbound, Topics};
+use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
+
+use crate::dispatcher::{DispatcherActor, Reconnected, SignalIn};
+use crate::publish::{now, Publisher};
+use crate::store::StoreHandle;
+use crate::supervisor::{AckIn, Supervisor, VehicleStateIn};
+
+/// Where decoded messages go.
+#[derive(Clone)]
+pub struct Routes {
+    /// Signals.
+    pub dispatcher: Addr<DispatcherActor>,
+    /// Vehicle states and ACKs.
+    pub supervisor: Addr<Supervisor>,
+    /// Rejection events.
+    pub store: StoreHandle,
+    /// Error answers and status.
+    pub publisher: Publisher,
+    /// The region named in rejection events.
+    pub region: String,
+}
+
+/// Sends `msg` without waiting when the mailbox has room, else waits for room: the bridge
+/// stops reading the socket while an actor is saturated (back-pressure onto the broker).
+async fn deliver<A, M>(addr: &Addr<A>, msg: M)
+where
+    A: Actor<Context = Context<A>> + Handler<M>,
+    M: Message<Result = ()> + Send + 'static,
+{
+    if let Err(SendError::Full(msg)) = addr.try_send(msg) {
+        let _ = addr.send(msg).await;
+    }
+}
+
+/// Decodes and routes one publish.
+async fn route(routes: &Routes, topics: &Topics, topic: &str, payload: &[u8]) {
+    let t = now();
+    match decode(topics, topic, payload, t) {
+        None => {}
+        Some(Ok(Inbound::Signal(signal))) => deliver(&routes.dispatcher, SignalIn(signal)).await,
+        Some(Ok(Inbound::VehicleState(id, state))) => {
+            deliver(&routes.supervisor, VehicleStateIn { id, state: state.map(|b| *b) }).await
+        }
+        Some(Ok(Inbound::Ack(vehicle, ack))) => deliver(&routes.supervisor, AckIn { vehicle, ack }).await,
+        Some(Ok(Inbound::Bid(bid))) => {
+            let why = format!(
+                "bid `{}` is valid, but this gateway does not run a demand-response bid book yet; it was not recorded as a bid",
+                bid.request_id
+            );
+            reject(routes, topic, &why, payload, gridweaver_core::events::EventKind::InputRejected, "mqtt".into());
+        }
+        Some(Err(rejection)) => {
+            let why = rejection.error.to_string();
+            tracing::info!(%topic, error = %why, "inbound message rejected");
+            reject(routes, topic, &why, payload, rejection.event_kind(), rejection.actor());
+        }
+    }
+}
+
+fn reject(
+    routes: &Routes,
+    topic: &str,
+    why: &str,
+    payload: &[u8],
+    kind: gridweaver_core::events::EventKind,
+    actor: String,
+) {
+    let t = now();
+    routes.store.record(vec![rejection_event(t, kind, actor, &routes.region, topic, why, payload)]);
+    routes.publisher.error(topic, why, t);
+}
+
+/// The connection actor.
+pub struct MqttBridge {
+    eventloop: Option<EventLoop>,
+    routes: Routes,
+    topics: Arc<Topics>,
+    reconnect_max: Duration,
+}
+
+impl MqttBridge {
+    /// A bridge over `eventloop`.
+    pub fn new(eventloop: EventLoop, routes: Routes, topics: Arc<Topics>, reconnect_max: Duration) -> Self {
+        Self { eventloop: Some(eventloop), routes, topics, reconnect_max }
+    }
+}
+
+impl Actor for MqttBridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let Some(mut eventloop) = self.eventloop.take() else { return };
+        let routes = self.routes.clone();
+        let topics = self.topics.clone();
+        let reconnect_max = self.reconnect_max;
+        let poll = async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut connected = false;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => route(&routes, &topics, &p.topic, &p.payload).await,
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                        connected = true;
+                        backoff = Duration::from_millis(100);
+                        if !ack.session_present {
+                            let filters = topics.subscriptions().map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce));
+                            if let Err(e) = routes.publisher.client().try_subscribe_many(filters) {
+                                tracing::error!(error = %e, "cannot subscribe");
+                            }
+                        }
+                        routes.publisher.status(true);
+                        routes.dispatcher.do_send(Reconnected);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        tracing::info!("disconnected from the MQTT broker");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected {
+                            tracing::warn!(error = %e, "lost the MQTT broker; reconnecting");
+                        } else {
+                            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the MQTT broker");
+                        }
+                        connected = false;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(reconnect_max);
+                    }
+                }
+            }
+        };
+        ctx.spawn(poll.into_actor(self).map(|_, _, ctx| ctx.stop()));
+    }
+}
+
+/// Ends the connection cleanly (after everything queued before it is sent).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect;
+
+impl Handler<Disconnect> for MqttBridge {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Disconnect, _ctx: &mut Context<Self>) -> Self::Result {
+        let client = self.routes.publisher.client().clone();
+        Box::pin(async move {
+            let _ = client.disconnect().await;
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! The `gridweaver` command line (CONTRACT.md, "Command line"). Exit status: 0 success,
+//! 2 usage or config errors, 1 runtime failures, each with a one-line reason on stderr.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gridweaver_core::config::Config;
+use gridweaver_core::events::{EventKind, StoredEvent};
+use gridweaver_core::time::Timestamp;
+
+use crate::controller;
+use crate::store::{Query, Reader};
+
+/// GridWeaver Edge: an edge controller that dispatches grid-flexibility signals over an
+/// EV depot's chargers and records every decision in an append-only SQLite log.
+#[derive(Debug, Parser)]
+#[command(name = "gridweaver", version, about)]
+pub struct Cli {
+    /// Log filter (tracing's syntax: `info`, `gridweaver_actors=debug`); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    pub log: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Self-contained demo: embedded broker, simulated fleet, scripted signals; writes
+    /// gridweaver-demo.db and prints a summary.
+    Demo {
+        /// Where to write the event log (replaced if it exists).
+        #[arg(long, default_value = "gridweaver-demo.db")]
+        db: PathBuf,
+        /// Simulated vehicles.
+        #[arg(long, default_value_t = 50)]
+        vehicles: usize,
+        /// Seed of the simulated fleet.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// The gateway daemon against the configured broker. Stops on SIGTERM or SIGINT.
+    Run {
+        /// The YAML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validates a config; errors name the offending key.
+    CheckConfig {
+        /// The YAML config.
+        file: PathBuf,
+    },
+    /// Prints events from a log, oldest first.
+    Events {
+        /// The SQLite event log.
+        #[arg(long)]
+        db: PathBuf,
+        /// Only this kind (`DispatchCompleted`, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this correlation id (a dispatch id).
+        #[arg(long)]
+        correlation: Option<String>,
+        /// Only events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// One JSON object per line (the row, payload inlined) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure and its exit status.
+pub enum Failure {
+    /// Usage or config: exit 2.
+    Usage(String),
+    /// Runtime: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+/// Parses the arguments, runs the command, and maps the result to an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        // rumqttd logs every client disconnect as an error; the demo's broker is ours.
+        Command::Demo { .. } => "warn,rumqttd=off",
+        _ => "info",
+    };
+    init_tracing(cli.log.as_deref(), default_level);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("gridweaver: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("gridweaver: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(flag: Option<&str>, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match flag {
+        Some(f) => EnvFilter::try_new(f),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_level)),
+    }
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false).try_init();
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Demo { db, vehicles, seed } => crate::demo::run(&db, vehicles, seed).map_err(Failure::Runtime),
+        Command::Run { config } => {
+            let cfg = load_config(&config)?;
+            let system = actix::System::new();
+            system.block_on(controller::run_until(&cfg, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let cfg = load_config(&file)?;
+            println!(
+                "{}: ok (site `{}`, broker {}:{}, prefix `{}`, log {}, strategy {:?}, fallback {:?})",
+                file.display(),
+                cfg.site,
+                cfg.mqtt.host,
+                cfg.mqtt.port,
+                cfg.mqtt.prefix,
+                cfg.store.path,
+                cfg.dispatch.strategy,
+                cfg.dispatch.fallback
+            );
+            Ok(())
+        }
+        Command::Events { db, kind, correlation, since, json } => {
+            let kind = kind
+                .map(|k| {
+                    EventKind::parse(&k).ok_or_else(|| {
+                        let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                        Failure::Usage(format!("--kind: `{k}` is not an event kind ({})", names.join(", ")))
+                    })
+                })
+                .transpose()?;
+            let since_ms = since
+                .map(|s| {
+                    Timestamp::parse_rfc3339(&s)
+                        .map(Timestamp::as_millis)
+                        .ok_or_else(|| Failure::Usage(format!("--since: `{s}` is not an RFC 3339 time")))
+                })
+                .transpose()?;
+            let q = Query { kind, correlation, since_ms, until_ms: None };
+            print_events(&db, &q, json).map_err(Failure::Runtime)
+        }
+    }
+}
+
+/// Reads and validates a config file; any failure is a usage error naming the file.
+pub fn load_config(path: &Path) -> Result<Config, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read config {}: {e}", path.display())))?;
+    Config::from_yaml(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn print_events(db: &Path, q: &Query, json: bool) -> anyhow::Result<()> {
+    let reader = Reader::open(db)?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    if !json {
+        writeln!(out, "{:>6}  {:<24}  {:<20}  {:<18}  {:<16}  summary", "seq", "time", "kind", "correlation", "actor")?;
+    }
+    let result = reader.for_each(q, |e| {
+        if json {
+            serde_json::to_writer(&mut out, &e)?;
+            writeln!(out)?;
+        } else {
+            let time = Timestamp::from_millis(e.ts_ms).to_string();
+            writeln!(
+                out,
+                "{:>6}  {:<24}  {:<20}  {:<18}  {:<16}  {}",
+                e.seq,
+                time,
+                e.kind,
+                e.correlation_id.as_deref().unwrap_or("-"),
+                e.actor,
+                summary(&e)
+            )?;
+        }
+        Ok(())
+    });
+    match result {
+        // A closed pipe (`| head`) is not a failure.
+        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) => Ok(()),
+        other => {
+            other?;
+            out.flush()
+                .or_else(|e| if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })
+                .context("cannot write to stdout")
+        }
+    }
+}
+
+/// A one-line digest of an event's payload for the table view.
+fn summary(e: &StoredEvent) -> String {
+    let p = &e.payload;
+    let num = |k: &str| p.get(k).and_then(|v| v.as_f64()).map_or("?".to_owned(), |x| format!("{x:.1}"));
+    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_owned();
+    match EventKind::parse(&e.kind) {
+        Some(EventKind::SignalReceived) => {
+            format!("signal {} {} {} {} kW", s("id"), s("type"), s("direction"), num("power_kw"))
+        }
+        Some(EventKind::DispatchPlanCreated) => format!(
+            "{} planned {} of {} kW over {} vehicles",
+            s("strategy"),
+            num("allocated_kw"),
+            num("target_kw"),
+            p.get("candidates").and_then(|c| c.as_array()).map_or(0, Vec::len)
+        ),
+        Some(EventKind::ConstraintApplied) => format!(
+            "{} eligible, {} excluded, capacity {} kW",
+            p.get("eligible").and_then(|v| v.as_u64()).unwrap_or(0),
+            p.get("excluded").and_then(|v| v.as_array()).map_or(0, Vec::len),
+            num("capacity_kw")
+        ),
+        Some(EventKind::OrderSent) => {
+            format!("{} {} kW to {} (attempt {})", s("direction"), num("power_kw"), s("vehicle_id"), p["attempt"])
+        }
+        Some(EventKind::AckReceived) => format!("{} {} kW ({})", s("status"), num("power_kw"), s("order_id")),
+        Some(EventKind::AckTimedOut) => format!("no answer for {} kW ({})", num("power_kw"), s("order_id")),
+        Some(EventKind::FallbackApplied) => {
+            format!("{}: {} of {} kW reallocated", s("fallback"), num("reallocated_kw"), num("residual_kw"))
+        }
+        Some(EventKind::DispatchCompleted) => format!(
+            "requested {} kW, acknowledged {} kW, shortfall {} kW",
+            num("requested_kw"),
+            num("acknowledged_kw"),
+            num("shortfall_kw")
+        ),
+        Some(EventKind::SignalRejected | EventKind::InputRejected) => s("error"),
+        _ => {
+            let text = p.to_string();
+            text.chars().take(90).collect()
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Wiring: builds the actors of one gateway from a validated [`Config`], runs them until
+//! asked to stop, and shuts down gracefully (in-flight dispatches settled and recorded,
+//! `status` offline, connection closed).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use gridweaver_core::config::Config;
+use gridweaver_core::dispatch::{self, SmartDispatcher};
+use gridweaver_core::engine::{EngineConfig, Planner};
+use gridweaver_core::events::{Event, EventKind};
+use gridweaver_core::fallback;
+use gridweaver_core::filter::SimpleVehicleFilter;
+use gridweaver_core::wire::Topics;
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+
+use crate::bridge::{Disconnect, MqttBridge, Routes};
+use crate::dispatcher::DispatcherActor;
+use crate::fallback::FallbackActor;
+use crate::publish::{now, Publisher};
+use crate::store::{self, StoreHandle};
+use crate::supervisor::{Shutdown, Supervisor};
+
+/// The rumqttc options for `cfg`: TCP_NODELAY, a request channel and inflight window
+/// sized for a whole dispatch, a persistent session and a last will (FACTS.md).
+pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions> {
+    let m = &cfg.mqtt;
+    let mut opts = MqttOptions::new(&m.client_id, &m.host, m.port);
+    opts.set_keep_alive(Duration::from_secs(m.keep_alive_s))
+        .set_clean_session(false)
+        .set_inflight(m.inflight)
+        .set_request_channel_capacity(usize::from(m.inflight) * 2)
+        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_last_will(LastWill::new(topics.status(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
+    if let Some(user) = &m.username {
+        let password = match &m.password_file {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("mqtt.password_file: cannot read {file}"))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            None => String::new(),
+        };
+        opts.set_credentials(user, password);
+    }
+    Ok(opts)
+}
+
+/// Opens the log and records, for each dispatch a previous run left unfinished, a
+/// `DispatchInterrupted` event. Returns the writer and the planner's memory.
+fn open_log(cfg: &Config) -> anyhow::Result<(rusqlite::Connection, store::Recovery)> {
+    let conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
+    let recovery = store::recover(&conn, 100_000)?;
+    if !recovery.unfinished.is_empty() {
+        let t = now();
+        let tx = conn.unchecked_transaction()?;
+        let mut seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        for (dispatch_id, signal_id) in &recovery.unfinished {
+            seq += 1;
+            let e = Event::new(t, EventKind::DispatchInterrupted, "supervisor")
+                .correlation(dispatch_id)
+                .region(Some(&cfg.site))
+                .payload(serde_json::json!({"dispatch_id": dispatch_id, "signal_id": signal_id,
+                    "reason": "found unfinished at start-up: the gateway stopped before it settled"}));
+            tx.execute(
+                "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                rusqlite::params![seq, e.ts.as_millis(), e.kind.as_str(), e.correlation_id, e.actor, e.region, e.payload.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop were recorded");
+    }
+    Ok((conn, recovery))
+}
+
+/// The running gateway.
+pub struct Controller {
+    supervisor: Addr<Supervisor>,
+    bridge: Addr<MqttBridge>,
+    publisher: Publisher,
+    store: StoreHandle,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    bridge_arbiter: Arbiter,
+}
+
+impl Controller {
+    /// Starts every actor for `cfg`. Call inside an actix `System`.
+    pub fn start(cfg: &Config) -> anyhow::Result<Controller> {
+        let (conn, recovery) = open_log(cfg)?;
+        let (store, store_thread) = StoreHandle::start(conn)?;
+
+        let topics = Arc::new(Topics::new(cfg.mqtt.prefix.clone()));
+        let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &topics)?, usize::from(cfg.mqtt.inflight) * 2);
+        let mut eventloop = eventloop;
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(5);
+        eventloop.set_network_options(net);
+        let publisher = Publisher::new(client, topics.clone());
+
+        let d = &cfg.dispatch;
+        let engine = EngineConfig {
+            region: cfg.site.clone(),
+            ack_timeout_ms: d.ack_timeout_ms,
+            fallback: d.fallback,
+            ..EngineConfig::default()
+        };
+        let smart = SmartDispatcher {
+            weights: d.weights,
+            max_rounds: d.max_rounds,
+            fairness: d.fairness,
+            ..SmartDispatcher::default()
+        };
+        let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), dispatch::by_kind(d.strategy, smart));
+        for id in &recovery.signal_ids {
+            planner.remember_signal(id);
+        }
+        if let Some(term) = recovery.highest_term {
+            planner.remember_term(term);
+        }
+        if !d.limits.is_empty() || !d.segments.is_empty() || d.lp_first.iter().any(|x| *x) {
+            tracing::warn!(
+                "dispatch.limits, dispatch.segments and dispatch.lp_first are validated but not yet applied by this version"
+            );
+        }
+
+        let fallback = FallbackActor::new(fallback::by_kind(d.fallback)).start();
+        let (st, pb, region) = (store.clone(), publisher.clone(), cfg.site.clone());
+        let mut dispatcher = None;
+        let supervisor = Supervisor::create(|ctx| {
+            let addr = DispatcherActor::new(planner, ctx.address(), st.clone(), pb.clone()).start();
+            dispatcher = Some(addr.clone());
+            Supervisor::new(addr, fallback, st, pb, region)
+        });
+        let dispatcher = dispatcher.context("the dispatcher did not start")?;
+        let routes = Routes {
+            dispatcher,
+            supervisor: supervisor.clone(),
+            store: store.clone(),
+            publisher: publisher.clone(),
+            region: cfg.site.clone(),
+        };
+        let bridge_arbiter = Arbiter::new();
+        let reconnect_max = Duration::from_secs(cfg.mqtt.reconnect_max_s);
+        let bridge = MqttBridge::start_in_arbiter(&bridge_arbiter.handle(), move |_| {
+            MqttBridge::new(eventloop, routes, topics, reconnect_max)
+        });
+        Ok(Controller { supervisor, bridge, publisher, store, store_thread: Some(store_thread), bridge_arbiter })
+    }
+
+    /// The supervisor, for tests and the demo.
+    pub fn supervisor(&self) -> &Addr<Supervisor> {
+        &self.supervisor
+    }
+
+    /// Settles what is in flight, publishes `status` offline, disconnects, and waits for
+    /// the log to be written.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let settled = self.supervisor.send(Shutdown).await.context("the supervisor did not answer")?;
+        tracing::info!(settled, "in-flight dispatches settled");
+        self.publisher.status(false);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.bridge.send(Disconnect)).await;
+        // Give the event loop a moment to write what is queued and the DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while self.bridge.connected() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        self.bridge_arbiter.stop();
+        let _ = self.store.flush().await;
+        drop(self.store);
+        if let Some(join) = self.store_thread.take() {
+            // The thread ends when every handle is gone; actors still hold some until the
+            // system stops, so do not wait for it here.
+            drop(join);
+        }
+        Ok(())
+    }
+}
+
+/// Runs a gateway until `stop` resolves, then shuts it down gracefully.
+pub async fn run_until(cfg: &Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let controller = Controller::start(cfg)?;
+    stop.await;
+    tracing::info!("stopping");
+    controller.shutdown().await
+}

@@ -1,0 +1,405 @@
+//! The event log in SQLite: one writer thread (the StoreActor) and read-only readers.
+//!
+//! The writer owns the only read-write [`rusqlite::Connection`]. Callers send batches of
+//! events through a bounded channel ([`StoreHandle::append`]); the thread drains every
+//! batch waiting, writes them all in one transaction (group commit), commits, and only
+//! then answers each caller with the seq numbers it got and the rows rendered as JSON for
+//! the `<p>/events` live tail. A caller that publishes orders after its answer therefore
+//! never publishes a decision that is not durable.
+//!
+//! The table is the contract's `events` table. Triggers refuse UPDATE and DELETE, so the
+//! log is append-only even against a careless `sqlite3` session.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use anyhow::Context;
+use gridweaver_core::events::{Event, EventKind, StoredEvent};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+
+/// The schema: the contract's table, indexes for the CLI's filters, append-only triggers.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+  seq            INTEGER PRIMARY KEY,
+  ts_ms          INTEGER NOT NULL,
+  kind           TEXT    NOT NULL,
+  correlation_id TEXT,
+  actor          TEXT    NOT NULL,
+  region         TEXT,
+  payload        TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
+";
+
+/// Requests queued to the writer; the queue holds at most this many.
+const QUEUE: usize = 8192;
+
+/// Most events written in one transaction.
+const MAX_BATCH_EVENTS: usize = 20_000;
+
+/// What an append got: its first seq and each row as the JSON of the live tail.
+#[derive(Debug)]
+pub struct Appended {
+    /// Seq of the first event (the rest follow without gaps).
+    pub first_seq: u64,
+    /// Each row, serialized (contract row with the payload inlined).
+    pub rows: Vec<String>,
+}
+
+enum Request {
+    Append { events: Vec<Event>, reply: Option<oneshot::Sender<Result<Appended, String>>> },
+    Flush(oneshot::Sender<()>),
+}
+
+/// A handle to the writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::SyncSender<Request>,
+}
+
+/// Opens (creating if needed) the database at `path` and applies the schema.
+pub fn open_writer(path: &Path, sync_full: bool) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).with_context(|| format!("cannot open the event log {}", path.display()))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(mode, "SQLite refused WAL mode; continuing in {mode} mode");
+    }
+    conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(SCHEMA).with_context(|| format!("cannot create the events table in {}", path.display()))?;
+    Ok(conn)
+}
+
+impl StoreHandle {
+    /// Starts the writer thread on `conn`.
+    pub fn start(conn: Connection) -> anyhow::Result<(StoreHandle, thread::JoinHandle<()>)> {
+        let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let join = thread::Builder::new()
+            .name("store".into())
+            .spawn(move || writer(conn, rx, u64::try_from(next).unwrap_or(1)))
+            .context("cannot start the store thread")?;
+        Ok((StoreHandle { tx }, join))
+    }
+
+    /// Queues `events`; the answer comes once they are durable. Blocks only while the
+    /// queue is full (back-pressure).
+    pub fn append(&self, events: Vec<Event>) -> oneshot::Receiver<Result<Appended, String>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Request::Append { reply: Some(reply), .. })) =
+            self.tx.send(Request::Append { events, reply: Some(reply) })
+        {
+            let _ = reply.send(Err("the store thread has stopped".into()));
+        }
+        rx
+    }
+
+    /// Queues `events` without waiting for them (observations that gate nothing).
+    pub fn record(&self, events: Vec<Event>) {
+        if !events.is_empty() && self.tx.send(Request::Append { events, reply: None }).is_err() {
+            tracing::error!("the store thread has stopped; events lost");
+        }
+    }
+
+    /// Resolves once everything queued before it is durable.
+    pub fn flush(&self) -> oneshot::Receiver<()> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Request::Flush(reply));
+        rx
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        let mut events = match &batch[0] {
+            Request::Append { events, .. } => events.len(),
+            Request::Flush(_) => 0,
+        };
+        while events < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(r) => {
+                    if let Request::Append { events: e, .. } = &r {
+                        events += e.len();
+                    }
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        match write_batch(&mut conn, &batch, next) {
+            Ok((after, mut rendered)) => {
+                next = after;
+                let mut seq = next - rendered.iter().map(Vec::len).sum::<usize>() as u64;
+                for (req, rows) in batch.drain(..).zip(rendered.drain(..)) {
+                    match req {
+                        Request::Append { reply: Some(reply), .. } => {
+                            let n = rows.len() as u64;
+                            let _ = reply.send(Ok(Appended { first_seq: seq, rows }));
+                            seq += n;
+                        }
+                        Request::Append { reply: None, .. } => seq += rows.len() as u64,
+                        Request::Flush(reply) => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "event log write failed; the batch's decisions are not carried out");
+                for req in batch.drain(..) {
+                    match req {
+                        Request::Append { reply: Some(reply), .. } => {
+                            let _ = reply.send(Err(format!("event log write failed: {e:#}")));
+                        }
+                        Request::Append { reply: None, .. } => {}
+                        Request::Flush(reply) => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes every append of `batch` in one transaction. Returns the next seq and, per
+/// request, its rows rendered as JSON.
+fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow::Result<(u64, Vec<Vec<String>>)> {
+    let tx = conn.transaction()?;
+    let mut rendered = Vec::with_capacity(batch.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for req in batch {
+            let mut rows = Vec::new();
+            if let Request::Append { events, .. } = req {
+                for e in events {
+                    let payload = serde_json::to_string(&e.payload)?;
+                    insert.execute(params![
+                        i64::try_from(seq)?,
+                        e.ts.as_millis(),
+                        e.kind.as_str(),
+                        e.correlation_id,
+                        e.actor,
+                        e.region,
+                        payload
+                    ])?;
+                    rows.push(tail_json(seq, e, &payload));
+                    seq += 1;
+                }
+            }
+            rendered.push(rows);
+        }
+    }
+    tx.commit()?;
+    Ok((seq, rendered))
+}
+
+/// The live-tail JSON of a row, reusing the payload text already rendered for SQLite.
+fn tail_json(seq: u64, e: &Event, payload: &str) -> String {
+    let quote =
+        |s: &Option<String>| s.as_ref().map_or("null".to_owned(), |s| serde_json::Value::from(s.as_str()).to_string());
+    format!(
+        r#"{{"seq":{seq},"ts_ms":{},"kind":"{}","correlation_id":{},"actor":{},"region":{},"payload":{payload}}}"#,
+        e.ts.as_millis(),
+        e.kind.as_str(),
+        quote(&e.correlation_id),
+        serde_json::Value::from(e.actor.as_str()),
+        quote(&e.region),
+    )
+}
+
+/// Filters of `gridweaver events`.
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    /// Only this kind.
+    pub kind: Option<EventKind>,
+    /// Only this correlation id.
+    pub correlation: Option<String>,
+    /// Only events at or after this time (epoch ms).
+    pub since_ms: Option<i64>,
+    /// Only events at or before this time (epoch ms).
+    pub until_ms: Option<i64>,
+}
+
+/// A read-only view of an event log.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// Opens `path` read-only; it must exist and hold an `events` table.
+    pub fn open(path: &Path) -> anyhow::Result<Reader> {
+        if !path.exists() {
+            anyhow::bail!("no event log at {}", path.display());
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let has: Option<String> = conn
+            .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'events'", [], |r| r.get(0))
+            .optional()?;
+        if has.is_none() {
+            anyhow::bail!("{} is not a GridWeaver event log (no `events` table)", path.display());
+        }
+        Ok(Reader { conn, path: path.to_owned() })
+    }
+
+    /// Calls `f` on every event matching `q`, in seq order, without collecting them.
+    pub fn for_each(&self, q: &Query, mut f: impl FnMut(StoredEvent) -> anyhow::Result<()>) -> anyhow::Result<()> {
+        let mut sql =
+            String::from("SELECT seq, ts_ms, kind, correlation_id, actor, region, payload FROM events WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(k) = q.kind {
+            sql.push_str(" AND kind = ?");
+            args.push(k.as_str().to_owned().into());
+        }
+        if let Some(c) = &q.correlation {
+            sql.push_str(" AND correlation_id = ?");
+            args.push(c.clone().into());
+        }
+        if let Some(t) = q.since_ms {
+            sql.push_str(" AND ts_ms >= ?");
+            args.push(t.into());
+        }
+        if let Some(t) = q.until_ms {
+            sql.push_str(" AND ts_ms <= ?");
+            args.push(t.into());
+        }
+        sql.push_str(" ORDER BY seq");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        while let Some(r) = rows.next()? {
+            let payload: String = r.get(6)?;
+            let seq: i64 = r.get(0)?;
+            f(StoredEvent {
+                seq: u64::try_from(seq).unwrap_or(0),
+                ts_ms: r.get(1)?,
+                kind: r.get(2)?,
+                correlation_id: r.get(3)?,
+                actor: r.get(4)?,
+                region: r.get(5)?,
+                payload: serde_json::from_str(&payload)
+                    .with_context(|| format!("{}: event {seq} has a payload that is not JSON", self.path.display()))?,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// What a restart needs from the log.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Ids of signals already received (newest last), for duplicate detection.
+    pub signal_ids: Vec<String>,
+    /// Highest leader term seen on a signal.
+    pub highest_term: Option<u64>,
+    /// Dispatches planned but never completed: (dispatch id, signal id).
+    pub unfinished: Vec<(String, String)>,
+}
+
+/// Reads what a restart needs, from the writer's connection.
+pub fn recover(conn: &Connection, remembered: usize) -> anyhow::Result<Recovery> {
+    let mut rec = Recovery::default();
+    let mut stmt = conn.prepare(
+        "SELECT json_extract(payload, '$.id'), json_extract(payload, '$.leader_term') FROM events
+         WHERE kind = 'SignalReceived' ORDER BY seq DESC LIMIT ?1",
+    )?;
+    let mut rows = stmt.query([i64::try_from(remembered).unwrap_or(i64::MAX)])?;
+    while let Some(r) = rows.next()? {
+        if let Some(id) = r.get::<_, Option<String>>(0)? {
+            rec.signal_ids.push(id);
+        }
+        if let Some(term) = r.get::<_, Option<i64>>(1)? {
+            let term = u64::try_from(term).unwrap_or(0);
+            rec.highest_term = rec.highest_term.max(Some(term));
+        }
+    }
+    rec.signal_ids.reverse();
+    let mut stmt = conn.prepare(
+        "SELECT p.correlation_id, json_extract(p.payload, '$.signal_id') FROM events p
+         WHERE p.kind = 'DispatchPlanCreated' AND NOT EXISTS (
+           SELECT 1 FROM events c WHERE c.correlation_id = p.correlation_id
+             AND c.kind IN ('DispatchCompleted', 'DispatchInterrupted'))
+         ORDER BY p.seq",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let id: Option<String> = r.get(0)?;
+        let signal: Option<String> = r.get(1)?;
+        if let Some(id) = id {
+            rec.unfinished.push((id, signal.unwrap_or_default()));
+        }
+    }
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gridweaver_core::time::Timestamp;
+
+    fn ev(kind: EventKind, corr: &str, payload: serde_json::Value) -> Event {
+        Event::new(Timestamp::from_millis(1_000), kind, "dispatcher").correlation(corr).payload(payload)
+    }
+
+    #[tokio::test]
+    async fn appends_are_numbered_without_gaps_durable_and_append_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let (store, join) = StoreHandle::start(open_writer(&path, true).unwrap()).unwrap();
+        let a = store.append(vec![ev(EventKind::SignalReceived, "d1", serde_json::json!({"id": "s1"}))]);
+        store.record(vec![ev(EventKind::AckReceived, "d1", serde_json::json!({}))]);
+        let b = store.append(vec![
+            ev(EventKind::DispatchPlanCreated, "d1", serde_json::json!({"signal_id": "s1"})),
+            ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 3.5})),
+        ]);
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!((a.first_seq, b.first_seq), (1, 3));
+        let row: serde_json::Value = serde_json::from_str(&b.rows[1]).unwrap();
+        assert_eq!((row["seq"].as_u64(), row["kind"].as_str()), (Some(4), Some("OrderSent")));
+        assert_eq!(row["payload"]["power_kw"], 3.5);
+        drop(store);
+        join.join().unwrap();
+
+        let conn = Connection::open(&path).unwrap();
+        assert!(conn.execute("UPDATE events SET kind = 'x'", []).is_err());
+        assert!(conn.execute("DELETE FROM events", []).is_err());
+        let rec = recover(&conn, 100).unwrap();
+        assert_eq!(rec.signal_ids, vec!["s1".to_owned()]);
+        assert_eq!(rec.unfinished, vec![("d1".to_owned(), "s1".to_owned())]);
+
+        let reader = Reader::open(&path).unwrap();
+        let mut seqs = Vec::new();
+        reader
+            .for_each(&Query { kind: Some(EventKind::OrderSent), ..Query::default() }, |e| {
+                seqs.push(e.seq);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seqs, vec![4]);
+    }
+
+    #[test]
+    fn a_missing_or_foreign_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Reader::open(&dir.path().join("nope.db")).err().unwrap().to_string();
+        assert!(missing.contains("no event log"), "{missing}");
+        let other = dir.path().join("other.db");
+        Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        let foreign = Reader::open(&other).err().unwrap().to_string();
+        assert!(foreign.contains("no `events` table"), "{foreign}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Supervisor: owns the dispatches in flight (the core [`DispatchBook`]) and their ACK
+//! deadlines, and the vehicle actors.
+//!
+//! Every [`Step`] the core produces is carried out here in the contract's order: its events
+//! go to the store, and only once they are durable are its orders handed to the vehicle
+//! actors (which publish them) and its outcome published. One timer is armed for the
+//! book's earliest deadline. A residual goes to the FallbackActor and its answer back into
+//! the book. Vehicle actors are created on a vehicle's first state and stopped when it
+//! leaves; a vehicle actor that stops on its own is restarted by actix's supervision.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix::prelude::*;
+use gridweaver_core::engine::{Dispatch, DispatchBook, FallbackRequest, Step};
+use gridweaver_core::events::EventKind;
+use gridweaver_core::model::{Ack, Order, Vehicle, VehicleId};
+use gridweaver_core::wire::rejection_event;
+
+use crate::dispatcher::{DispatcherActor, FleetUpdate};
+use crate::fallback::{FallbackActor, Reallocate};
+use crate::publish::{now, Publisher};
+use crate::store::StoreHandle;
+use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
+
+/// Owns deadlines and vehicle actors.
+pub struct Supervisor {
+    book: DispatchBook,
+    vehicles: HashMap<VehicleId, Addr<VehicleActor>>,
+    dispatcher: Addr<DispatcherActor>,
+    fallback: Addr<FallbackActor>,
+    store: StoreHandle,
+    publisher: Publisher,
+    region: String,
+    timer: Option<(gridweaver_core::time::Timestamp, SpawnHandle)>,
+    completed: u64,
+}
+
+impl Supervisor {
+    /// A supervisor; `dispatcher` is made from its address (the two know each other).
+    pub fn new(
+        dispatcher: Addr<DispatcherActor>,
+        fallback: Addr<FallbackActor>,
+        store: StoreHandle,
+        publisher: Publisher,
+        region: String,
+    ) -> Self {
+        Self {
+            book: DispatchBook::new(),
+            vehicles: HashMap::new(),
+            dispatcher,
+            fallback,
+            store,
+            publisher,
+            region,
+            timer: None,
+            completed: 0,
+        }
+    }
+
+    /// Carries out a step: events durable first, then orders, outcome and the live tail;
+    /// a fallback request goes to the FallbackActor; the deadline timer is re-armed.
+    fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
+        let Step { events, orders, deadline: _, fallback, outcome } = step;
+        if !events.is_empty() {
+            let durable = self.store.append(events);
+            let after = durable.into_actor(self).map(move |res, act, ctx| {
+                match res {
+                    Ok(Ok(appended)) => {
+                        for order in orders {
+                            act.send_order(order);
+                        }
+                        if let Some(outcome) = &outcome {
+                            act.publisher.outcome(outcome);
+                            act.completed += 1;
+                        }
+                        act.publisher.tail(appended.rows);
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "decision not durable: its orders are not published"),
+                    Err(_) => tracing::error!("the store thread is gone: orders are not published"),
+                }
+                if let Some(request) = fallback {
+                    act.run_fallback(request, ctx);
+                }
+            });
+            ctx.spawn(after);
+        } else if let Some(request) = fallback {
+            self.run_fallback(request, ctx);
+        }
+        self.arm_timer(ctx);
+    }
+
+    fn send_order(&self, order: Order) {
+        match self.vehicles.get(&order.vehicle_id) {
+            Some(addr) => addr.do_send(SendOrder(order)),
+            // The vehicle left between planning and now: the order still goes out, so the
+            // log and the wire agree; its ACK deadline settles it.
+            None => self.publisher.order(&order),
+        }
+    }
+
+    fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
+        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(|res, act, ctx| match res {
+            Ok((request, realloc)) => {
+                let step = act.book.apply_fallback(now(), &request, &realloc);
+                act.carry_out(step, ctx);
+            }
+            Err(e) => tracing::error!(error = %e, "the fallback actor did not answer"),
+        });
+        ctx.spawn(answer);
+    }
+
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let next = self.book.next_deadline();
+        if self.timer.as_ref().map(|(t, _)| *t) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(deadline) = next {
+            let wait = u64::try_from(deadline.as_millis() - now().as_millis()).unwrap_or(0);
+            let handle = ctx.run_later(Duration::from_millis(wait), |act, ctx| {
+                act.timer = None;
+                for step in act.book.on_timeout(now()) {
+                    act.carry_out(step, ctx);
+                }
+                act.arm_timer(ctx);
+            });
+            self.timer = Some((deadline, handle));
+        }
+    }
+
+    fn reject_ack(&self, vehicle: &VehicleId, ack: &Ack, why: &str) {
+        let t = now();
+        let topic = self.publisher.topics().vehicle_ack(vehicle);
+        let raw = serde_json::to_vec(ack).unwrap_or_default();
+        self.store.record(vec![rejection_event(
+            t,
+            EventKind::InputRejected,
+            format!("vehicle/{vehicle}"),
+            &self.region,
+            &topic,
+            why,
+            &raw,
+        )]);
+        self.publisher.error(&topic, why, t);
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(crate::MAILBOX);
+    }
+}
+
+/// A planned dispatch and its first step, from the dispatcher.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Begin {
+    /// The dispatch.
+    pub dispatch: Dispatch,
+    /// Its first step.
+    pub step: Step,
+}
+
+impl Handler<Begin> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Begin, ctx: &mut Context<Self>) {
+        self.book.insert(msg.dispatch);
+        self.carry_out(msg.step, ctx);
+    }
+}
+
+/// A vehicle's retained state (`None` = empty payload: it left).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct VehicleStateIn {
+    /// The vehicle.
+    pub id: VehicleId,
+    /// Its state.
+    pub state: Option<Vehicle>,
+}
+
+impl Handler<VehicleStateIn> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: VehicleStateIn, ctx: &mut Context<Self>) {
+        match (msg.state, self.vehicles.get(&msg.id)) {
+            (Some(state), Some(addr)) => addr.do_send(NewState(state)),
+            (Some(state), None) => {
+                let (dispatcher, supervisor, publisher) =
+                    (self.dispatcher.clone(), ctx.address(), self.publisher.clone());
+                let addr = VehicleActor::new(state, dispatcher, supervisor, publisher).start();
+                self.vehicles.insert(msg.id, addr);
+            }
+            (None, _) => {
+                if let Some(addr) = self.vehicles.remove(&msg.id) {
+                    drop(addr); // the last strong address: the actor stops
+                }
+                self.dispatcher.do_send(FleetUpdate { id: msg.id, state: None });
+            }
+        }
+    }
+}
+
+/// An ACK from a vehicle's `ack` topic, as the bridge decoded it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AckIn {
+    /// The vehicle whose topic it came on.
+    pub vehicle: VehicleId,
+    /// The ACK.
+    pub ack: Ack,
+}
+
+impl Handler<AckIn> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
+        match self.vehicles.get(&msg.vehicle) {
+            Some(addr) => addr.do_send(VehicleAck(msg.ack)),
+            None => self.handle(AckFromVehicle { vehicle: msg.vehicle, ack: msg.ack }, ctx),
+        }
+    }
+}
+
+/// An ACK routed by its vehicle actor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AckFromVehicle {
+    /// The vehicle.
+    pub vehicle: VehicleId,
+    /// The ACK.
+    pub ack: Ack,
+}
+
+impl Handler<AckFromVehicle> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AckFromVehicle, ctx: &mut Context<Self>) {
+        match self.book.on_ack(now(), &msg.vehicle, &msg.ack) {
+            Ok(step) => self.carry_out(step, ctx),
+            Err(ignored) => self.reject_ack(&msg.vehicle, &msg.ack, &ignored.to_string()),
+        }
+    }
+}
+
+/// Graceful shutdown: settle everything in flight, then wait until the log is durable.
+/// Answers with the number of dispatches it settled.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        let steps = self.book.shutdown(now(), "shutdown");
+        let settled = steps.len();
+        for step in steps {
+            self.carry_out(step, ctx);
+        }
+        let flushed = self.store.flush();
+        Box::pin(
+            async move {
+                let _ = flushed.await;
+                // Let the futures that publish after durability run before answering.
+                tokio::task::yield_now().await;
+            }
+            .into_actor(self)
+            .map(move |_, _, _| settled),
+        )
+    }
+}
+
+/// How many dispatches have completed (their outcome published).
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct Completed;
+
+impl Handler<Completed> for Supervisor {
+    type Result = u64;
+
+    fn handle(&mut self, _: Completed, _ctx: &mut Context<Self>) -> u64 {
+        self.completed
+    }
+}

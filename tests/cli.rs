@@ -1,0 +1,86 @@
+//! The command line: exit codes, config checking, reading the log, and the demo.
+
+mod common;
+
+use std::path::Path;
+
+use common::gridweaver;
+
+#[test]
+fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("config")).expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = gridweaver().arg("check-config").arg(&path).output().expect("run");
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "site: x\ndispatch:\n  ack_timeout_seconds: -2\n").expect("write");
+    let out = gridweaver().arg("check-config").arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dispatch.ack_timeout_seconds"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    std::fs::write(&bad, "site: x\nmqtt:\n  hots: a\n").expect("write");
+    let out = gridweaver().arg("check-config").arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mqtt: unknown field `hots`"));
+
+    let out = gridweaver().arg("check-config").arg(dir.path().join("missing.yaml")).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let out = gridweaver().arg("no-such-command").output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn events_on_a_missing_log_is_a_runtime_error_and_bad_filters_are_usage_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = gridweaver().args(["events", "--db"]).arg(dir.path().join("none.db")).output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no event log"));
+    let out = gridweaver().args(["events", "--kind", "Nope", "--db", "x.db"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let out = gridweaver().args(["events", "--since", "yesterday", "--db", "x.db"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_demo_exits_zero_and_its_log_holds_completed_dispatches() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("demo.db");
+    let out = gridweaver().args(["demo", "--db"]).arg(&db).output().expect("run the demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("summary"), "{stdout}");
+
+    let out =
+        gridweaver().args(["events", "--json", "--kind", "DispatchCompleted", "--db"]).arg(&db).output().expect("run");
+    assert!(out.status.success());
+    let completed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(completed.len(), 10, "one per scripted signal");
+    assert!(completed.iter().all(|e| e["payload"]["requested_kw"].as_f64().is_some()));
+    assert!(
+        completed.iter().any(|e| e["payload"]["vehicles"]["timed_out"].as_u64() > Some(0)),
+        "some vehicles are silent"
+    );
+
+    // The table view reads the same log.
+    let out = gridweaver()
+        .args(["events", "--correlation"])
+        .arg(completed[0]["correlation_id"].as_str().unwrap())
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("run");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("DispatchPlanCreated") && table.contains("OrderSent"), "{table}");
+}

@@ -1,0 +1,272 @@
+//! Test harness: a real Mosquitto on a free port per test, the real `gridweaver` binary as
+//! a process, a real SQLite file in a temp dir, and an MQTT client playing the operator.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
+        let p = Path::new(dir).join("mosquitto");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("mosquitto is not installed: run the tests through scripts/test.sh, which installs it");
+}
+
+/// A Mosquitto broker of this test's own.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    conf: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
+                 max_inflight_messages 0\nmax_queued_messages 100000\nlog_dest none\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut m = Mosquitto { child: None, port, conf, _dir: dir };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Kills the broker (as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `gridweaver` binary built for this test run.
+pub fn gridweaver() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gridweaver"))
+}
+
+/// A gateway process with its own config and event log.
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub config: PathBuf,
+    pub prefix: String,
+}
+
+impl Gateway {
+    /// Starts `gridweaver run` against `broker` with `dispatch` appended to the config's
+    /// dispatch section (YAML flow-map entries, e.g. `ack_timeout_seconds: 1`).
+    pub fn start(broker: &Mosquitto, site: &str, dispatch: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("events.db");
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "site: {site}\nmqtt: {{ host: 127.0.0.1, port: {}, reconnect_max_s: 1 }}\nstore: {{ path: {:?} }}\n\
+                 dispatch: {{ {dispatch} }}\n",
+                broker.port,
+                db.display().to_string()
+            ),
+        )
+        .expect("write config");
+        let mut g = Gateway { child: None, dir, db, config, prefix: format!("gridweaver/{site}") };
+        g.spawn();
+        g
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("gateway.log"))
+            .expect("log file");
+        let child = gridweaver()
+            .args(["--log", "info", "run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start gridweaver");
+        self.child = Some(child);
+    }
+
+    /// Starts the process again (after [`Gateway::terminate`]), same config and log.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// The gateway's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit (at most 10 s).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gridweaver did not stop within 10 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rows of the event log, as JSON (via the `events` command).
+    pub fn events(&self, kind: Option<&str>) -> Vec<Value> {
+        let mut cmd = gridweaver();
+        cmd.args(["events", "--json", "--db"]).arg(&self.db);
+        if let Some(k) = kind {
+            cmd.args(["--kind", k]);
+        }
+        let out = cmd.output().expect("run gridweaver events");
+        assert!(out.status.success(), "events failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON row")).collect()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An MQTT client for the test: publishes, and collects what arrives on its subscriptions.
+pub struct Operator {
+    client: Client,
+    rx: mpsc::Receiver<(String, Vec<u8>)>,
+    /// Messages received but not yet matched by a `wait_for`.
+    pub seen: Vec<(String, Vec<u8>)>,
+}
+
+impl Operator {
+    pub fn connect(broker: &Mosquitto, id: &str, subscriptions: &[String]) -> Operator {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", broker.port);
+        opts.set_keep_alive(Duration::from_secs(5)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = Client::new(opts, 1000);
+        for s in subscriptions {
+            client.subscribe(s.clone(), QoS::AtLeastOnce).expect("subscribe");
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        Operator { client, rx, seen: Vec::new() }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).expect("publish");
+    }
+
+    pub fn publish_retained(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, true, payload.into()).expect("publish");
+    }
+
+    /// The first message (seen or new) for which `pick` returns something.
+    pub fn wait_for<T>(&mut self, within: Duration, mut pick: impl FnMut(&str, &[u8]) -> Option<T>) -> Option<T> {
+        if let Some(i) = self.seen.iter().position(|(t, p)| pick(t, p).is_some()) {
+            let (t, p) = self.seen.remove(i);
+            return pick(&t, &p);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (t, p) = self.rx.recv_timeout(left).ok()?;
+            if let Some(x) = pick(&t, &p) {
+                return Some(x);
+            }
+            self.seen.push((t, p));
+        }
+    }
+
+    /// The next JSON message on a topic ending with `suffix` whose `field` equals `value`.
+    pub fn wait_json(&mut self, within: Duration, suffix: &str, field: &str, value: &str) -> Option<Value> {
+        self.wait_for(within, |t, p| {
+            if !t.ends_with(suffix) {
+                return None;
+            }
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (v[field] == value).then_some(v)
+        })
+    }
+}
+
+/// A vehicle state payload (contract fields).
+pub fn state(soc: f64, kw: f64) -> String {
+    format!(r#"{{"soc":{soc},"capacity_kwh":60,"max_charge_kw":{kw},"max_discharge_kw":{kw},"plugged_in":true}}"#)
+}

@@ -1,0 +1,172 @@
+//! End to end: the real `gridweaver` binary, a real Mosquitto, real SQLite files, and the
+//! simulated fleet over MQTT.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Mosquitto, Operator};
+use gridweaver_actors::sim::{Behaviour, SimConfig, SimVehicle, Simulator};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn vehicle(id: &str, soc: f64, kw: f64, behaviour: Behaviour) -> SimVehicle {
+    SimVehicle {
+        id: id.into(),
+        soc,
+        capacity_kwh: 80.0,
+        max_charge_kw: kw,
+        max_discharge_kw: kw,
+        availability: 1.0,
+        degradation: 0.0,
+        priority: 0.5,
+        behaviour,
+        plugged_in: true,
+    }
+}
+
+fn fleet_of(broker: &Mosquitto, prefix: &str, fleet: Vec<SimVehicle>) -> Simulator {
+    Simulator::start(
+        SimConfig {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+            prefix: prefix.into(),
+            client_id: format!("fleet-{}", common::free_port()),
+            prompt_ack_ms: (0, 20),
+            late_ack_ms: 4_000,
+            seed: 1,
+            soc_drift: false,
+        },
+        fleet,
+    )
+    .expect("simulator")
+}
+
+fn operator(broker: &Mosquitto, prefix: &str) -> Operator {
+    let subs = ["dispatches/+", "errors", "capacity", "status", "vehicles/+/order"].map(|t| format!("{prefix}/{t}"));
+    Operator::connect(broker, &format!("op-{}", common::free_port()), &subs)
+}
+
+/// Waits until the retained capacity shows `n` eligible vehicles.
+fn await_fleet(op: &mut Operator, n: u64) {
+    op.wait_for(WAIT, |t, p| {
+        let v: Value = serde_json::from_slice(p).ok()?;
+        (t.ends_with("/capacity") && v["vehicles"].as_u64() == Some(n)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the gateway never saw {n} vehicles"));
+}
+
+fn signal(id: &str, kw: f64) -> String {
+    json!({"id": id, "type": "afrr", "direction": "up", "power_kw": kw, "duration_s": 900}).to_string()
+}
+
+fn kinds_for(g: &Gateway, correlation: &str) -> Vec<String> {
+    g.events(None)
+        .into_iter()
+        .filter(|e| e["correlation_id"] == correlation)
+        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn every_vehicle_acks_and_the_outcome_matches_the_log() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "allack", "ack_timeout_seconds: 3");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet: Vec<SimVehicle> = (0..8).map(|i| vehicle(&format!("ev{i}"), 0.8, 11.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 8);
+
+    op.publish(&format!("{}/signals", g.prefix), signal("s1", 50.0));
+    let out = op.wait_json(WAIT, "", "signal_id", "s1").expect("an outcome");
+    assert_eq!(out["requested_kw"], 50.0);
+    assert!((out["acknowledged_kw"].as_f64().unwrap() - 50.0).abs() < 1e-6, "{out}");
+    assert!(out["shortfall_kw"].as_f64().unwrap().abs() < 1e-6, "{out}");
+    // How Smart spreads 50 kW over eight 11 kW vehicles is its business; at least five answer.
+    assert!(out["vehicles"]["accepted"].as_u64().unwrap() >= 5, "{out}");
+    assert_eq!((out["vehicles"]["rejected"].as_u64(), out["vehicles"]["timed_out"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(out["strategy"], "smart");
+
+    let id = out["dispatch_id"].as_str().unwrap().to_owned();
+    let kinds = kinds_for(&g, &id);
+    assert_eq!(&kinds[..3], ["SignalReceived", "ConstraintApplied", "DispatchPlanCreated"]);
+    assert_eq!(kinds.last().map(String::as_str), Some("DispatchCompleted"));
+    let orders = kinds.iter().filter(|k| *k == "OrderSent").count();
+    assert_eq!(orders, kinds.iter().filter(|k| *k == "AckReceived").count());
+    let seqs: Vec<u64> = g.events(None).iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seq has gaps: {seqs:?}");
+
+    let status = g.terminate();
+    assert!(status.success(), "{status:?}\n{}", g.log());
+    sim.stop();
+}
+
+#[test]
+fn silent_and_rejecting_vehicles_lead_to_timeouts_fallback_and_a_shortfall() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "mixed", "ack_timeout_seconds: 1, strategy: equal");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = vec![
+        vehicle("ok1", 0.8, 20.0, Behaviour::Prompt),
+        vehicle("ok2", 0.8, 20.0, Behaviour::Prompt),
+        vehicle("mute", 0.8, 20.0, Behaviour::Silent),
+        vehicle("no", 0.8, 20.0, Behaviour::Rejecting),
+    ];
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 4);
+
+    // Equal: 10 kW each. ok1 and ok2 accept 10, mute times out, no rejects: residual 20 kW,
+    // which the balanced fallback gives to ok1 and ok2 (10 kW of room each).
+    op.publish(&format!("{}/signals", g.prefix), signal("s-mixed", 40.0));
+    let out = op.wait_json(WAIT, "", "signal_id", "s-mixed").expect("an outcome");
+    assert_eq!(out["fallback"], "balanced");
+    assert_eq!(out["vehicles"], json!({"accepted": 4, "rejected": 1, "timed_out": 1}), "{out}");
+    assert!((out["acknowledged_kw"].as_f64().unwrap() - 40.0).abs() < 1e-6, "{out}");
+
+    // Beyond what the fleet can do: a shortfall is reported, not hidden.
+    op.publish(&format!("{}/signals", g.prefix), signal("s-big", 500.0));
+    let big = op.wait_json(WAIT, "", "signal_id", "s-big").expect("an outcome");
+    assert!(big["shortfall_kw"].as_f64().unwrap() > 400.0, "{big}");
+
+    let id = out["dispatch_id"].as_str().unwrap().to_owned();
+    let kinds = kinds_for(&g, &id);
+    for k in ["AckTimedOut", "FallbackApplied", "DispatchCompleted"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+    let rejected = g.events(Some("AckReceived"));
+    assert!(rejected.iter().any(|e| e["payload"]["status"] == "rejected" && e["actor"] == "vehicle/no"));
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn duplicate_signals_are_dispatched_once_and_answered_as_duplicates() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "dup", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let sim = fleet_of(&broker, &g.prefix, vec![vehicle("a", 0.7, 10.0, Behaviour::Prompt)]);
+    await_fleet(&mut op, 1);
+    let topic = format!("{}/signals", g.prefix);
+    op.publish(&topic, signal("same", 5.0));
+    op.wait_json(WAIT, "", "signal_id", "same").expect("first dispatch");
+    op.publish(&topic, signal("same", 5.0));
+    let err = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("already received")).then_some(v)
+        })
+        .expect("a duplicate answer on errors");
+    assert_eq!(err["topic"], topic);
+    assert!(op.wait_json(Duration::from_secs(2), "", "signal_id", "same").is_none(), "dispatched twice");
+    assert_eq!(g.events(Some("SignalReceived")).len(), 1);
+    assert_eq!(g.events(Some("SignalRejected")).len(), 1);
+
+    // A restart remembers: the redelivered id is still a duplicate.
+    assert!(g.terminate().success());
+    g.restart();
+    op.publish(&topic, signal("same", 5.0));
+    assert!(op.wait_json(Duration::from_secs(3), "", "signal_id", "same").is_none(), "dispatched again after restart");
+    assert!(g.terminate().success());
+    sim.stop();
+}

@@ -1,0 +1,69 @@
+//! Bad input on every inbound topic: answered on `errors` with a sentence naming the field,
+//! recorded, and nothing else changes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Mosquitto, Operator};
+use serde_json::Value;
+
+#[test]
+fn malformed_payloads_on_every_inbound_topic_are_answered_recorded_and_change_nothing() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "bad", "ack_timeout_seconds: 1");
+    let p = g.prefix.clone();
+    let subs = [format!("{p}/errors"), format!("{p}/dispatches/+"), format!("{p}/vehicles/+/order")];
+    let mut op = Operator::connect(&broker, "bad-op", &subs);
+    // One well-formed vehicle, so that a dispatch would happen if bad input slipped through.
+    op.publish_retained(&format!("{p}/vehicles/good/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let big = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(70 * 1024));
+    let cases: Vec<(String, String, &str)> = vec![
+        (format!("{p}/signals"), "not json".into(), "not valid JSON"),
+        (format!("{p}/signals"), "[1]".into(), "one JSON object"),
+        (format!("{p}/signals"), big, "65536"),
+        (format!("{p}/signals"), r#"{"type":"fcr","direction":"up","power_kw":1}"#.into(), "field `id` is required"),
+        (format!("{p}/signals"), r#"{"id":"x1","type":"fcr","direction":"up","power_kw":-1}"#.into(), "field `power_kw`"),
+        (format!("{p}/signals"), r#"{"id":"x2","type":"fcr","direction":"up","power_kw":"1"}"#.into(), "field `power_kw`"),
+        (format!("{p}/signals"), r#"{"id":"x3","type":"ffr","direction":"up","power_kw":1}"#.into(), "field `type`"),
+        (format!("{p}/signals"), r#"{"id":"x4","type":1,"direction":"left","power_kw":1}"#.into(), "field `direction`"),
+        (format!("{p}/signals"), r#"{"id":"x5","type":1,"direction":"up","power_kw":1,"duration_s":0}"#.into(), "field `duration_s`"),
+        (format!("{p}/signals"), r#"{"id":"x6","type":"afrr","direction":"up","power_kw":1,"start":"noon"}"#.into(), "field `start`"),
+        (format!("{p}/signals"), r#"{"id":"x7","type":"transfer","direction":"up","power_kw":1}"#.into(), "field `leader_term`"),
+        (format!("{p}/signals"), r#"{"id":"x8","type":"afrr","direction":"up","power_kw":1,"region":"elsewhere"}"#.into(), "field `region`"),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":1.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11,"plugged_in":true}"#.into(), "field `soc`"),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11}"#.into(), "field `plugged_in`"),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":7,"max_discharge_kw":7,"plugged_in":true,"phases":1}"#.into(), "field `phase`"),
+        (format!("{p}/vehicles/v1/state"), "{".into(), "not valid JSON"),
+        (format!("{p}/vehicles/good/ack"), r#"{"status":"accepted"}"#.into(), "field `order_id`"),
+        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"o","status":"maybe"}"#.into(), "field `status`"),
+        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"nope","status":"accepted"}"#.into(), "names no order"),
+        (format!("{p}/bids"), r#"{"request_id":"b","participant":"p","program":"w","price_per_mw":-1,"min_mw":1,"max_mw":2,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","reliability":0.5}"#.into(), "field `price_per_mw`"),
+        (format!("{p}/bids"), r#"{"request_id":"b"}"#.into(), "field `participant`"),
+    ];
+    for (topic, payload, want) in &cases {
+        op.publish(topic, payload.as_bytes().to_vec());
+        let err: Value = op
+            .wait_for(Duration::from_secs(10), |t, body| {
+                let v: Value = serde_json::from_slice(body).ok()?;
+                (t.ends_with("/errors") && v["topic"] == topic.as_str()).then_some(v)
+            })
+            .unwrap_or_else(|| panic!("no error answer for {topic} {:.80}", payload));
+        let text = err["error"].as_str().unwrap_or_default();
+        assert!(text.contains(want), "{topic}: `{text}` should mention `{want}`");
+        assert!(err["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{err}");
+    }
+    // Nothing was dispatched, no order went out, v1 never joined the fleet.
+    assert!(op.wait_for(Duration::from_millis(500), |t, _| (!t.ends_with("/errors")).then_some(())).is_none());
+    assert!(g.events(Some("SignalReceived")).is_empty());
+    assert!(g.events(Some("OrderSent")).is_empty());
+    assert!(g.events(Some("VehicleDiscovered")).iter().all(|e| e["actor"] != "vehicle/v1"));
+    let rejected = g.events(Some("SignalRejected")).len() + g.events(Some("InputRejected")).len();
+    assert_eq!(rejected, cases.len());
+    // Still alive and well: a good signal is dispatched.
+    op.publish(&format!("{p}/signals"), r#"{"id":"fine","type":"afrr","direction":"up","power_kw":2}"#);
+    assert!(op.wait_json(Duration::from_secs(10), "", "signal_id", "fine").is_some(), "{}", g.log());
+    assert!(g.terminate().success());
+}

@@ -1,0 +1,84 @@
+//! Broker outages and shutdown: the gateway keeps its word when the network does not.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, Mosquitto, Operator};
+use serde_json::Value;
+
+fn status_is(op: &mut Operator, state: &str) -> bool {
+    op.wait_for(Duration::from_secs(15), |t, p| {
+        let v: Value = serde_json::from_slice(p).ok()?;
+        (t.ends_with("/status") && v["state"] == state).then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn a_dispatch_in_flight_settles_when_the_broker_restarts_and_the_gateway_reconnects() {
+    let mut broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "outage", "ack_timeout_seconds: 2");
+    let p = g.prefix.clone();
+    let mut op = Operator::connect(&broker, "outage-op", &[format!("{p}/vehicles/+/order"), format!("{p}/status")]);
+    assert!(status_is(&mut op, "online"));
+    op.publish_retained(&format!("{p}/vehicles/quiet/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(500));
+    op.publish(&format!("{p}/signals"), r#"{"id":"during","type":"mfrr","direction":"up","power_kw":5}"#);
+    op.wait_for(Duration::from_secs(10), |t, _| t.ends_with("/order").then_some(())).expect("an order went out");
+
+    // The broker dies with the order unanswered, and comes back after the deadline.
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(2_500));
+    let completed = g.events(Some("DispatchCompleted"));
+    assert_eq!(completed.len(), 1, "the dispatch settles at its deadline, broker or not");
+    assert_eq!(completed[0]["payload"]["vehicles"]["timed_out"], 1);
+    broker.restart();
+
+    // The gateway reconnects (and resubscribes: the new broker has no session for it).
+    let mut op = Operator::connect(&broker, "outage-op2", &[format!("{p}/dispatches/+"), format!("{p}/status")]);
+    assert!(status_is(&mut op, "online"), "no online status after the restart:\n{}", g.log());
+    op.publish_retained(&format!("{p}/vehicles/quiet/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(300));
+    op.publish(&format!("{p}/signals"), r#"{"id":"after","type":"mfrr","direction":"up","power_kw":5}"#);
+    assert!(op.wait_json(Duration::from_secs(10), "", "signal_id", "after").is_some(), "{}", g.log());
+    assert!(g.terminate().success());
+}
+
+#[test]
+fn the_gateway_runs_with_no_broker_and_connects_when_one_appears() {
+    let mut broker = Mosquitto::start();
+    broker.kill();
+    let mut g = Gateway::start(&broker, "late", "");
+    std::thread::sleep(Duration::from_millis(1_500));
+    broker.restart();
+    let mut op = Operator::connect(&broker, "late-op", &[format!("{}/status", g.prefix)]);
+    assert!(status_is(&mut op, "online"), "{}", g.log());
+    assert!(g.terminate().success());
+}
+
+#[test]
+fn sigterm_settles_in_flight_dispatches_publishes_offline_and_exits_zero() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "term", "ack_timeout_seconds: 30");
+    let p = g.prefix.clone();
+    let mut op = Operator::connect(
+        &broker,
+        "term-op",
+        &[format!("{p}/vehicles/+/order"), format!("{p}/status"), format!("{p}/dispatches/+")],
+    );
+    assert!(status_is(&mut op, "online"));
+    op.publish_retained(&format!("{p}/vehicles/slow/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(500));
+    op.publish(&format!("{p}/signals"), r#"{"id":"long","type":"dr","direction":"down","power_kw":5}"#);
+    op.wait_for(Duration::from_secs(10), |t, _| t.ends_with("/order").then_some(())).expect("an order went out");
+
+    let status = g.terminate();
+    assert!(status.success(), "{status:?}\n{}", g.log());
+    let out = op.wait_json(Duration::from_secs(5), "", "signal_id", "long").expect("the in-flight outcome");
+    assert_eq!(out["vehicles"]["timed_out"], 1);
+    assert!(status_is(&mut op, "offline"));
+    let done = g.events(Some("DispatchCompleted"));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["payload"]["interrupted"], "shutdown");
+}
