@@ -19,7 +19,7 @@ use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
 use crate::bridge::{Disconnect, MqttBridge, Routes};
-use crate::dispatcher::DispatcherActor;
+use crate::dispatcher::{DispatcherActor, PlannerFactory};
 use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreHandle};
@@ -78,6 +78,31 @@ fn open_log(cfg: &Config) -> anyhow::Result<(rusqlite::Connection, store::Recove
     Ok((conn, recovery))
 }
 
+/// The planner for `cfg`, remembering what `recovery` read from the log.
+pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
+    let d = &cfg.dispatch;
+    let engine = EngineConfig {
+        region: cfg.site.clone(),
+        ack_timeout_ms: d.ack_timeout_ms,
+        fallback: d.fallback,
+        ..EngineConfig::default()
+    };
+    let smart = SmartDispatcher {
+        weights: d.weights,
+        max_rounds: d.max_rounds,
+        fairness: d.fairness,
+        ..SmartDispatcher::default()
+    };
+    let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), dispatch::by_kind(d.strategy, smart));
+    for id in &recovery.signal_ids {
+        planner.remember_signal(id);
+    }
+    if let Some(term) = recovery.highest_term {
+        planner.remember_term(term);
+    }
+    planner
+}
+
 /// The running gateway.
 pub struct Controller {
     supervisor: Addr<Supervisor>,
@@ -104,36 +129,31 @@ impl Controller {
         let publisher = Publisher::new(client, topics.clone());
 
         let d = &cfg.dispatch;
-        let engine = EngineConfig {
-            region: cfg.site.clone(),
-            ack_timeout_ms: d.ack_timeout_ms,
-            fallback: d.fallback,
-            ..EngineConfig::default()
-        };
-        let smart = SmartDispatcher {
-            weights: d.weights,
-            max_rounds: d.max_rounds,
-            fairness: d.fairness,
-            ..SmartDispatcher::default()
-        };
-        let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), dispatch::by_kind(d.strategy, smart));
-        for id in &recovery.signal_ids {
-            planner.remember_signal(id);
-        }
-        if let Some(term) = recovery.highest_term {
-            planner.remember_term(term);
-        }
+        let first = std::cell::Cell::new(Some(recovery));
+        let (planner_cfg, db) = (cfg.clone(), cfg.store.path.clone());
+        let rebuild: PlannerFactory = Box::new(move || {
+            // The first planner uses the recovery read at start; a restarted one reads the log again.
+            let recovery = first.take().unwrap_or_else(|| {
+                store::recover_path(Path::new(&db), 100_000).unwrap_or_else(|e| {
+                    tracing::error!(error = %format!("{e:#}"), "cannot read the event log: duplicates may be dispatched again");
+                    store::Recovery::default()
+                })
+            });
+            build_planner(&planner_cfg, &recovery)
+        });
         if !d.limits.is_empty() || !d.segments.is_empty() || d.lp_first.iter().any(|x| *x) {
             tracing::warn!(
                 "dispatch.limits, dispatch.segments and dispatch.lp_first are validated but not yet applied by this version"
             );
         }
 
-        let fallback = FallbackActor::new(fallback::by_kind(d.fallback)).start();
+        let kind = d.fallback;
+        let fallback = actix::Supervisor::start(move |_| FallbackActor::new(fallback::by_kind(kind)));
         let (st, pb, region) = (store.clone(), publisher.clone(), cfg.site.clone());
         let mut dispatcher = None;
         let supervisor = Supervisor::create(|ctx| {
-            let addr = DispatcherActor::new(planner, ctx.address(), st.clone(), pb.clone()).start();
+            let (sup, st2, pb2) = (ctx.address(), st.clone(), pb.clone());
+            let addr = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, sup, st2, pb2));
             dispatcher = Some(addr.clone());
             Supervisor::new(addr, fallback, st, pb, region)
         });
@@ -190,4 +210,95 @@ pub async fn run_until(cfg: &Config, stop: impl Future<Output = ()>) -> anyhow::
     stop.await;
     tracing::info!("stopping");
     controller.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use gridweaver_core::dispatch::{Allocation, AllocationRequest, Dispatcher};
+    use gridweaver_core::model::{Direction, Signal, SignalType, StrategyKind, Vehicle};
+
+    use super::*;
+    use crate::dispatcher::SignalIn;
+    use crate::store::{Query, Reader};
+    use crate::supervisor::VehicleStateIn;
+
+    /// A strategy with a bug: it panics.
+    struct Explodes;
+
+    impl Dispatcher for Explodes {
+        fn kind(&self) -> StrategyKind {
+            StrategyKind::Smart
+        }
+        fn allocate(&self, _req: &AllocationRequest<'_>) -> Allocation {
+            panic!("a bug in a strategy")
+        }
+    }
+
+    fn signal(id: &str) -> Signal {
+        Signal {
+            id: id.into(),
+            kind: SignalType::Afrr,
+            direction: Direction::Up,
+            power_kw: 5.0,
+            start: now(),
+            duration_s: 900,
+            region: None,
+            leader_term: None,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_dispatcher_that_panics_is_restarted_with_its_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let (store, _join) = StoreHandle::start(store::open_writer(&db, false).unwrap()).unwrap();
+        // A client whose event loop is never polled: publishes just queue up.
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 9), 10_000);
+        let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
+        let builds = Rc::new(Cell::new(0));
+        let counter = builds.clone();
+        let rebuild: PlannerFactory = Box::new(move || {
+            counter.set(counter.get() + 1);
+            let strategy: Box<dyn Dispatcher> =
+                if counter.get() == 1 { Box::new(Explodes) } else { Box::new(SmartDispatcher::default()) };
+            Planner::new(EngineConfig::default(), Box::new(SimpleVehicleFilter), strategy)
+        });
+        let fallback = actix::Supervisor::start(|_| {
+            FallbackActor::new(fallback::by_kind(gridweaver_core::model::FallbackKind::Balanced))
+        });
+        let mut dispatcher = None;
+        let (st, pb) = (store.clone(), publisher.clone());
+        let supervisor = Supervisor::create(|ctx| {
+            let (sup, st2, pb2) = (ctx.address(), st.clone(), pb.clone());
+            let addr = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, sup, st2, pb2));
+            dispatcher = Some(addr.clone());
+            Supervisor::new(addr, fallback, st, pb, "default".into())
+        });
+        let dispatcher = dispatcher.unwrap();
+        let v = Vehicle::new("ev1", 0.8, 60.0, 11.0);
+        supervisor.send(VehicleStateIn { id: v.id.clone(), state: Some(v) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        dispatcher.send(SignalIn(signal("boom"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(builds.get(), 2, "the planner was rebuilt once");
+        dispatcher.send(SignalIn(signal("fine"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.flush().await.unwrap();
+
+        let mut plans = Vec::new();
+        Reader::open(&db)
+            .unwrap()
+            .for_each(&Query { kind: Some(EventKind::DispatchPlanCreated), ..Query::default() }, |e| {
+                plans.push(e);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(plans.len(), 1, "only the second signal was planned");
+        assert_eq!(plans[0].payload["signal_id"], "fine");
+        assert_eq!(plans[0].payload["candidates"].as_array().map(Vec::len), Some(1), "the fleet was re-reported");
+    }
 }

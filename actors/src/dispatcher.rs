@@ -10,16 +10,22 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Signal, Vehicle, VehicleId};
 use gridweaver_core::wire::rejection_event;
 
+use crate::guard::guarded;
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
-use crate::supervisor::{Begin, Supervisor};
+use crate::supervisor::{Begin, Resync, Supervisor};
 
 /// How often a changed capacity is republished, at most.
 const CAPACITY_EVERY: Duration = Duration::from_millis(250);
 
-/// Plans dispatches.
+/// Builds a fresh planner (config plus what the event log remembers) after a restart.
+pub type PlannerFactory = Box<dyn Fn() -> Planner>;
+
+/// Plans dispatches. Supervised: if a core call panics the actor stops, and actix restarts
+/// it with a planner rebuilt by its factory and the fleet re-reported by the supervisor.
 pub struct DispatcherActor {
     planner: Planner,
+    rebuild: PlannerFactory,
     supervisor: Addr<Supervisor>,
     store: StoreHandle,
     publisher: Publisher,
@@ -27,9 +33,14 @@ pub struct DispatcherActor {
 }
 
 impl DispatcherActor {
-    /// An actor around `planner`.
-    pub fn new(planner: Planner, supervisor: Addr<Supervisor>, store: StoreHandle, publisher: Publisher) -> Self {
-        Self { planner, supervisor, store, publisher, capacity_dirty: true }
+    /// An actor around a planner made by `rebuild` (which it calls again on restart).
+    pub fn new(
+        rebuild: PlannerFactory,
+        supervisor: Addr<Supervisor>,
+        store: StoreHandle,
+        publisher: Publisher,
+    ) -> Self {
+        Self { planner: rebuild(), rebuild, supervisor, store, publisher, capacity_dirty: true }
     }
 
     fn publish_capacity(&mut self) {
@@ -48,6 +59,15 @@ impl Actor for DispatcherActor {
     }
 }
 
+impl Supervised for DispatcherActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!("dispatcher restarting: planner rebuilt from the event log, fleet re-reported");
+        self.planner = (self.rebuild)();
+        self.capacity_dirty = true;
+        self.supervisor.do_send(Resync);
+    }
+}
+
 /// A decoded signal from `<p>/signals`.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -56,11 +76,16 @@ pub struct SignalIn(pub Signal);
 impl Handler<SignalIn> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SignalIn, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
         let t = now();
         let topic = self.publisher.topics().signals();
         let raw = serde_json::to_vec(&msg.0).unwrap_or_default();
-        match self.planner.plan(t, msg.0) {
+        let planner = &mut self.planner;
+        let Some(planned) = guarded("planning a dispatch", || planner.plan(t, msg.0)) else {
+            ctx.stop();
+            return;
+        };
+        match planned {
             Ok((dispatch, step)) => {
                 self.capacity_dirty = true;
                 self.supervisor.do_send(Begin { dispatch, step });
@@ -97,8 +122,12 @@ pub struct FleetUpdate {
 impl Handler<FleetUpdate> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, msg: FleetUpdate, _ctx: &mut Context<Self>) {
-        let (_, event) = self.planner.apply_state(now(), msg.id, msg.state);
+    fn handle(&mut self, msg: FleetUpdate, ctx: &mut Context<Self>) {
+        let planner = &mut self.planner;
+        let Some((_, event)) = guarded("updating the fleet", || planner.apply_state(now(), msg.id, msg.state)) else {
+            ctx.stop();
+            return;
+        };
         if let Some(e) = event {
             self.store.record(vec![e]);
         }

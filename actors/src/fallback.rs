@@ -4,7 +4,10 @@ use actix::prelude::*;
 use gridweaver_core::engine::FallbackRequest;
 use gridweaver_core::fallback::{Fallback, Reallocation};
 
-/// Runs the fallback rule for the supervisor.
+use crate::guard::guarded;
+
+/// Runs the fallback rule for the supervisor. Supervised: a panicking rule answers "nothing
+/// reallocated" (the residual becomes the shortfall) and the actor restarts.
 pub struct FallbackActor {
     fallback: Box<dyn Fallback>,
 }
@@ -20,6 +23,12 @@ impl Actor for FallbackActor {
     type Context = Context<Self>;
 }
 
+impl Supervised for FallbackActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!("fallback actor restarting");
+    }
+}
+
 /// Reallocate a dispatch's residual; the answer carries the request back.
 #[derive(Message)]
 #[rtype(result = "(FallbackRequest, Reallocation)")]
@@ -28,8 +37,16 @@ pub struct Reallocate(pub FallbackRequest);
 impl Handler<Reallocate> for FallbackActor {
     type Result = MessageResult<Reallocate>;
 
-    fn handle(&mut self, msg: Reallocate, _ctx: &mut Context<Self>) -> Self::Result {
-        let realloc = self.fallback.reallocate(msg.0.residual_kw, &msg.0.fallback_candidates());
+    fn handle(&mut self, msg: Reallocate, ctx: &mut Context<Self>) -> Self::Result {
+        let fallback = &self.fallback;
+        let request = &msg.0;
+        let realloc = guarded("reallocating a residual", || {
+            fallback.reallocate(request.residual_kw, &request.fallback_candidates())
+        })
+        .unwrap_or_else(|| {
+            ctx.stop();
+            Reallocation { power_kw: vec![0.0; request.candidates.len()], skipped: Vec::new() }
+        });
         MessageResult((msg.0, realloc))
     }
 }

@@ -24,6 +24,7 @@ pub mod controller;
 pub mod demo;
 pub mod dispatcher;
 pub mod fallback;
+pub mod guard;
 pub mod publish;
 pub mod sim;
 pub mod store;

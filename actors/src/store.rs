@@ -310,6 +310,13 @@ pub struct Recovery {
     pub unfinished: Vec<(String, String)>,
 }
 
+/// [`recover`] from a read-only connection to the log at `path`.
+pub fn recover_path(path: &Path, remembered: usize) -> anyhow::Result<Recovery> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    recover(&conn, remembered)
+}
+
 /// Reads what a restart needs, from the writer's connection.
 pub fn recover(conn: &Connection, remembered: usize) -> anyhow::Result<Recovery> {
     let mut rec = Recovery::default();

@@ -6,7 +6,9 @@
 //! actors (which publish them) and its outcome published. One timer is armed for the
 //! book's earliest deadline. A residual goes to the FallbackActor and its answer back into
 //! the book. Vehicle actors are created on a vehicle's first state and stopped when it
-//! leaves; a vehicle actor that stops on its own is restarted by actix's supervision.
+//! leaves. The dispatcher, the fallback and the vehicle actors run under actix's
+//! supervision: one that stops after a panic in a core call is restarted (see
+//! [`crate::guard`]), and a restarted dispatcher gets the fleet again from here ([`Resync`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use gridweaver_core::wire::rejection_event;
 
 use crate::dispatcher::{DispatcherActor, FleetUpdate};
 use crate::fallback::{FallbackActor, Reallocate};
+use crate::guard::guarded;
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
 use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
@@ -26,7 +29,8 @@ use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
 /// Owns deadlines and vehicle actors.
 pub struct Supervisor {
     book: DispatchBook,
-    vehicles: HashMap<VehicleId, Addr<VehicleActor>>,
+    /// Each vehicle's latest state (to re-report after a dispatcher restart) and actor.
+    vehicles: HashMap<VehicleId, (Vehicle, Addr<VehicleActor>)>,
     dispatcher: Addr<DispatcherActor>,
     fallback: Addr<FallbackActor>,
     store: StoreHandle,
@@ -92,7 +96,7 @@ impl Supervisor {
 
     fn send_order(&self, order: Order) {
         match self.vehicles.get(&order.vehicle_id) {
-            Some(addr) => addr.do_send(SendOrder(order)),
+            Some((_, addr)) => addr.do_send(SendOrder(order)),
             // The vehicle left between planning and now: the order still goes out, so the
             // log and the wire agree; its ACK deadline settles it.
             None => self.publisher.order(&order),
@@ -102,8 +106,10 @@ impl Supervisor {
     fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
         let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(|res, act, ctx| match res {
             Ok((request, realloc)) => {
-                let step = act.book.apply_fallback(now(), &request, &realloc);
-                act.carry_out(step, ctx);
+                let book = &mut act.book;
+                if let Some(step) = guarded("applying a fallback", || book.apply_fallback(now(), &request, &realloc)) {
+                    act.carry_out(step, ctx);
+                }
             }
             Err(e) => tracing::error!(error = %e, "the fallback actor did not answer"),
         });
@@ -122,7 +128,8 @@ impl Supervisor {
             let wait = u64::try_from(deadline.as_millis() - now().as_millis()).unwrap_or(0);
             let handle = ctx.run_later(Duration::from_millis(wait), |act, ctx| {
                 act.timer = None;
-                for step in act.book.on_timeout(now()) {
+                let book = &mut act.book;
+                for step in guarded("settling deadlines", || book.on_timeout(now())).unwrap_or_default() {
                     act.carry_out(step, ctx);
                 }
                 act.arm_timer(ctx);
@@ -189,18 +196,22 @@ impl Handler<VehicleStateIn> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: VehicleStateIn, ctx: &mut Context<Self>) {
-        match (msg.state, self.vehicles.get(&msg.id)) {
-            (Some(state), Some(addr)) => addr.do_send(NewState(state)),
+        match (msg.state, self.vehicles.get_mut(&msg.id)) {
+            (Some(state), Some((known, addr))) => {
+                known.clone_from(&state);
+                addr.do_send(NewState(state));
+            }
             (Some(state), None) => {
                 let (dispatcher, supervisor, publisher) =
                     (self.dispatcher.clone(), ctx.address(), self.publisher.clone());
-                let addr = VehicleActor::new(state, dispatcher, supervisor, publisher).start();
-                self.vehicles.insert(msg.id, addr);
+                let first = state.clone();
+                let addr =
+                    actix::Supervisor::start(move |_| VehicleActor::new(first, dispatcher, supervisor, publisher));
+                self.vehicles.insert(msg.id, (state, addr));
             }
             (None, _) => {
-                if let Some(addr) = self.vehicles.remove(&msg.id) {
-                    drop(addr); // the last strong address: the actor stops
-                }
+                // Dropping the last address stops the actor for good.
+                self.vehicles.remove(&msg.id);
                 self.dispatcher.do_send(FleetUpdate { id: msg.id, state: None });
             }
         }
@@ -222,7 +233,7 @@ impl Handler<AckIn> for Supervisor {
 
     fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
         match self.vehicles.get(&msg.vehicle) {
-            Some(addr) => addr.do_send(VehicleAck(msg.ack)),
+            Some((_, addr)) => addr.do_send(VehicleAck(msg.ack)),
             None => self.handle(AckFromVehicle { vehicle: msg.vehicle, ack: msg.ack }, ctx),
         }
     }
@@ -242,9 +253,26 @@ impl Handler<AckFromVehicle> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: AckFromVehicle, ctx: &mut Context<Self>) {
-        match self.book.on_ack(now(), &msg.vehicle, &msg.ack) {
-            Ok(step) => self.carry_out(step, ctx),
-            Err(ignored) => self.reject_ack(&msg.vehicle, &msg.ack, &ignored.to_string()),
+        let book = &mut self.book;
+        match guarded("taking an ACK", || book.on_ack(now(), &msg.vehicle, &msg.ack)) {
+            Some(Ok(step)) => self.carry_out(step, ctx),
+            Some(Err(ignored)) => self.reject_ack(&msg.vehicle, &msg.ack, &ignored.to_string()),
+            None => {}
+        }
+    }
+}
+
+/// A restarted dispatcher asks for the fleet again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+impl Handler<Resync> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Resync, _ctx: &mut Context<Self>) {
+        for (id, (state, _)) in &self.vehicles {
+            self.dispatcher.do_send(FleetUpdate { id: id.clone(), state: Some(state.clone()) });
         }
     }
 }
@@ -259,7 +287,8 @@ impl Handler<Shutdown> for Supervisor {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
-        let steps = self.book.shutdown(now(), "shutdown");
+        let book = &mut self.book;
+        let steps = guarded("shutting down", || book.shutdown(now(), "shutdown")).unwrap_or_default();
         let settled = steps.len();
         for step in steps {
             self.carry_out(step, ctx);

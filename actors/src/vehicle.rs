@@ -48,6 +48,14 @@ impl Actor for VehicleActor {
     }
 }
 
+/// Supervised: restarted with the same state if it stops while the supervisor still holds
+/// its address; it stops for good when the supervisor drops it (the vehicle left).
+impl Supervised for VehicleActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!(vehicle = %self.state.id, "vehicle actor restarting");
+    }
+}
+
 /// A new state from the vehicle's retained `state` topic.
 #[derive(Message)]
 #[rtype(result = "()")]
