@@ -515,6 +515,7 @@ fn decode_bid(o: &Obj, now: Timestamp) -> Result<BidSubmission, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     const NOW: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 
@@ -654,6 +655,39 @@ mod tests {
         let past = ok.replace("2030-01-01T01", "2020-01-01T01").replace("2030-01-01T00", "2020-01-01T00");
         assert!(err("bids", &past).contains("field `end` must be in the future"));
         assert!(err("bids", &ok.replace(r#""max_mw":2"#, r#""max_mw":0.5"#)).contains("field `max_mw`"));
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives, decoding answers with a value or an error, never a panic.
+        #[test]
+        fn decoding_never_panics(
+            leaf in proptest::sample::select(vec!["signals", "bids", "vehicles/v/state", "vehicles/v/ack", "vehicles/+/ack", "x"]),
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let _ = decode(&topics(), &format!("gridweaver/depot1/{leaf}"), &bytes, NOW);
+        }
+
+        /// JSON objects with the right field names and wild values: still no panic.
+        #[test]
+        fn decoding_wild_json_never_panics(
+            leaf in proptest::sample::select(vec!["signals", "bids", "vehicles/v/state", "vehicles/v/ack"]),
+            fields in proptest::collection::btree_map(
+                proptest::sample::select(vec!["id", "type", "direction", "power_kw", "start", "duration_s", "soc",
+                    "capacity_kwh", "max_charge_kw", "max_discharge_kw", "plugged_in", "phases", "phase", "order_id",
+                    "status", "min_mw", "max_mw", "end", "reliability", "leader_term", "min_soc", "max_soc"]),
+                proptest::prop_oneof![
+                    proptest::num::f64::ANY.prop_map(|x| serde_json::json!(x)),
+                    proptest::num::i64::ANY.prop_map(|x| serde_json::json!(x)),
+                    "[a-zA-Z0-9:+-]{0,12}".prop_map(|s| serde_json::json!(s)),
+                    proptest::bool::ANY.prop_map(|b| serde_json::json!(b)),
+                    proptest::strategy::Just(serde_json::Value::Null),
+                ],
+                0..12,
+            ),
+        ) {
+            let body = serde_json::to_vec(&fields).unwrap();
+            let _ = decode(&topics(), &format!("gridweaver/depot1/{leaf}"), &body, NOW);
+        }
     }
 
     #[test]
