@@ -78,8 +78,7 @@ impl Handler<SignalIn> for DispatcherActor {
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
         let t = now();
-        let topic = self.publisher.topics().signals();
-        let raw = serde_json::to_vec(&msg.0).unwrap_or_default();
+        let signal = msg.0.clone();
         let planner = &mut self.planner;
         let Some(planned) = guarded("planning a dispatch", || planner.plan(t, msg.0)) else {
             ctx.stop();
@@ -94,6 +93,8 @@ impl Handler<SignalIn> for DispatcherActor {
                 let reason = refused.to_string();
                 tracing::info!(%reason, "signal refused");
                 let region = self.planner.config().region.clone();
+                let topic = self.publisher.topics().signals();
+                let raw = serde_json::to_vec(&signal).unwrap_or_default();
                 self.store.record(vec![rejection_event(
                     t,
                     EventKind::SignalRejected,
