@@ -1,14 +1,28 @@
-//! Allocation speed: Equal and Smart over 100, 1,000 and 10,000 eligible vehicles.
+//! Allocation speed.
 //!
 //! `cargo bench -p gridweaver-core --bench allocation`
+//!
+//! - `allocate/{equal,smart}/N`: no shared limits, N = 100, 1,000, 10,000 eligible vehicles.
+//! - `limited/{lp,smart,equal}/N`: N = 100, 1,000, 5,000 vehicles in 20 feeder groups, with a
+//!   site export limit and three phase limits that bind (problem build included for the LP).
+//!
+//! Before timing, the LP's objective on each limited instance is compared with a reference
+//! solve at clarabel's defaults plus iterative refinement and a 1e-10 gap, and printed.
+
+use std::collections::BTreeMap;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use gridweaver_core::dispatch::{AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher};
-use gridweaver_core::model::{Direction, Signal, SignalType, Vehicle};
+use gridweaver_core::config::Limits;
+use gridweaver_core::dispatch::{
+    objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher,
+};
+use gridweaver_core::limits::LimitSet;
+use gridweaver_core::lp::{LpDispatcher, LpSettings};
+use gridweaver_core::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
 use gridweaver_core::time::Timestamp;
 
 /// A deterministic, varied fleet (no rand dependency: a fixed LCG).
-fn fleet(n: usize) -> Vec<Vehicle> {
+fn fleet(n: usize, groups: usize) -> Vec<Vehicle> {
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     let mut next = move || {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
@@ -23,43 +37,79 @@ fn fleet(n: usize) -> Vec<Vehicle> {
             v.priority = next();
             v.price_per_kwh = 0.1 + 0.2 * next();
             v.departure = Some(Timestamp::from_millis(3_600_000 * (1 + (next() * 10.0) as i64)));
+            if groups > 0 {
+                v.group = Some(format!("feeder{:02}", i % groups));
+            }
+            let r = next();
+            v.wiring = if r < 0.7 {
+                Wiring::ThreePhase
+            } else if r < 0.8 {
+                Wiring::SinglePhase(Phase::L1)
+            } else if r < 0.9 {
+                Wiring::SinglePhase(Phase::L2)
+            } else {
+                Wiring::SinglePhase(Phase::L3)
+            };
             v
         })
         .collect()
 }
 
-fn bench(c: &mut Criterion) {
+fn signal() -> Signal {
+    Signal {
+        id: "bench".into(),
+        kind: SignalType::Fcr,
+        direction: Direction::Up,
+        power_kw: 0.0,
+        start: Timestamp::from_millis(0),
+        duration_s: 900,
+        region: None,
+        leader_term: None,
+    }
+}
+
+fn candidates(vehicles: &[Vehicle]) -> Vec<Candidate<'_>> {
+    vehicles
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Candidate {
+            vehicle: v,
+            capacity_kw: v.effective_capacity(Direction::Up, 0.0, 900.0),
+            participation: (i % 4) as f64,
+        })
+        .collect()
+}
+
+/// Limits that bind: groups at 60 % of their members' capacity, each phase at 30 % of the
+/// fleet's, the site at 80 %.
+fn binding_limits(cands: &[Candidate<'_>]) -> Limits {
+    let total: f64 = cands.iter().map(|c| c.capacity_kw).sum();
+    let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+    for c in cands {
+        if let Some(g) = &c.vehicle.group {
+            *groups.entry(g.clone()).or_default() += 0.6 * c.capacity_kw;
+        }
+    }
+    Limits { export_kw: Some(0.8 * total), import_kw: None, groups, phase_kw: Some(0.3 * total) }
+}
+
+fn unlimited(c: &mut Criterion) {
     let mut group = c.benchmark_group("allocate");
+    let sig = signal();
     for n in [100usize, 1_000, 10_000] {
-        let vehicles = fleet(n);
-        let signal = Signal {
-            id: "bench".into(),
-            kind: SignalType::Afrr,
-            direction: Direction::Up,
-            power_kw: 0.0,
-            start: Timestamp::from_millis(0),
-            duration_s: 900,
-            region: None,
-            leader_term: None,
-        };
-        let candidates: Vec<Candidate<'_>> = vehicles
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Candidate {
-                vehicle: v,
-                capacity_kw: v.effective_capacity(Direction::Up, 0.0, 900.0),
-                participation: (i % 4) as f64,
-            })
-            .collect();
-        let capacity: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
+        let vehicles = fleet(n, 0);
+        let cands = candidates(&vehicles);
+        let capacity: f64 = cands.iter().map(|c| c.capacity_kw).sum();
+        let limits = LimitSet::none(n);
         // 60 % of what the fleet can give: enough that many vehicles saturate.
         let req = AllocationRequest {
-            signal: &signal,
+            signal: &sig,
             now: Timestamp::from_millis(0),
             target_kw: 0.6 * capacity,
-            candidates: &candidates,
+            candidates: &cands,
+            limits: &limits,
         };
-        let smart = SmartDispatcher::default();
+        let mut smart = SmartDispatcher::default();
         group.bench_with_input(BenchmarkId::new("equal", n), &req, |b, req| {
             b.iter(|| EqualDispatcher.allocate(black_box(req)))
         });
@@ -68,5 +118,60 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn limited(c: &mut Criterion) {
+    let mut group = c.benchmark_group("limited");
+    let sig = signal();
+    for n in [100usize, 1_000, 5_000] {
+        let vehicles = fleet(n, 20);
+        let cands = candidates(&vehicles);
+        let capacity: f64 = cands.iter().map(|c| c.capacity_kw).sum();
+        let limits = LimitSet::new(&binding_limits(&cands), Direction::Up, &cands);
+        let req = AllocationRequest {
+            signal: &sig,
+            now: Timestamp::from_millis(0),
+            target_kw: 0.7 * capacity,
+            candidates: &cands,
+            limits: &limits,
+        };
+        let mut lp = LpDispatcher::default();
+        let mut smart = SmartDispatcher::default();
+        let scores = smart.scores(&req);
+        let (power, report) = lp.solve(&req, &scores).expect("the LP solves");
+        let reference_settings = LpSettings {
+            tol_gap: 1e-10,
+            tol_feas: 1e-10,
+            equilibrate: true,
+            iterative_refinement: true,
+            ..LpSettings::default()
+        };
+        let (_, reference) =
+            LpDispatcher::new(SmartDispatcher::default(), reference_settings).solve(&req, &scores).expect("reference");
+        let smart_obj = objective(&scores, &smart.allocate(&req).power_kw, req.target_kw);
+        eprintln!(
+            "n={n}: lp {} in {} iterations, objective {:.6} (reference {:.6}, relative gap {:.1e}); smart objective {:.6}; \
+             lp delivers {:.1} of {:.1} kW",
+            report.status,
+            report.iterations,
+            report.objective,
+            reference.objective,
+            (report.objective - reference.objective).abs() / reference.objective.abs().max(1.0),
+            smart_obj,
+            power.iter().sum::<f64>(),
+            req.target_kw
+        );
+        group.bench_with_input(BenchmarkId::new("lp", n), &req, |b, req| {
+            b.iter(|| {
+                let scores = lp.scoring.scores(req);
+                lp.solve(black_box(req), &scores)
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("smart", n), &req, |b, req| b.iter(|| smart.allocate(black_box(req))));
+        group.bench_with_input(BenchmarkId::new("equal", n), &req, |b, req| {
+            b.iter(|| EqualDispatcher.allocate(black_box(req)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, unlimited, limited);
 criterion_main!(benches);

@@ -89,7 +89,7 @@ pub struct RawStore {
 pub struct RawDispatch {
     /// Seconds vehicles have to ACK an order (5).
     pub ack_timeout_seconds: Option<f64>,
-    /// `smart` (default) or `equal`.
+    /// `smart` (default), `equal` or `lp`.
     pub strategy: Option<String>,
     /// `balanced` (default) or `noop`.
     pub fallback: Option<String>,
@@ -389,13 +389,16 @@ impl RawConfig {
         let strategy = match d.strategy.as_deref() {
             None | Some("smart") => StrategyKind::Smart,
             Some("equal") => StrategyKind::Equal,
-            Some(other @ ("lp" | "segmented")) => {
+            Some("lp") => StrategyKind::Lp,
+            Some("segmented") => {
                 return Err(err(
                     "dispatch.strategy",
-                    format!("`{other}` is not available in this version; use `smart` or `equal`"),
+                    "`segmented` is not available in this version; use `smart`, `equal` or `lp`",
                 ))
             }
-            Some(other) => return Err(err("dispatch.strategy", format!("must be `smart` or `equal`, got `{other}`"))),
+            Some(other) => {
+                return Err(err("dispatch.strategy", format!("must be `smart`, `equal` or `lp`, got `{other}`")))
+            }
         };
         let fallback = match d.fallback.as_deref() {
             None | Some("balanced") => FallbackKind::Balanced,

@@ -10,6 +10,7 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{LimitSet, Room};
 use crate::model::{Direction, Signal, StrategyKind, Vehicle};
 use crate::time::Timestamp;
 
@@ -41,6 +42,8 @@ pub struct AllocationRequest<'a> {
     pub target_kw: f64,
     /// The eligible vehicles.
     pub candidates: &'a [Candidate<'a>],
+    /// The shared limits over those candidates.
+    pub limits: &'a LimitSet,
 }
 
 /// A strategy's answer.
@@ -53,8 +56,14 @@ pub struct Allocation {
     /// Per-candidate score, where the strategy scores (empty otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scores: Vec<f64>,
-    /// Allocation rounds used.
+    /// Allocation rounds used (solver iterations for the LP).
     pub rounds: u32,
+    /// The solver's report, when an LP ran (even one that failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver: Option<crate::lp::SolverReport>,
+    /// Why the strategy that ran is not the one asked for (LP failed, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Allocation {
@@ -68,8 +77,31 @@ impl Allocation {
 pub trait Dispatcher: Send {
     /// Its name in events and outcomes.
     fn kind(&self) -> StrategyKind;
-    /// Splits `req.target_kw` over `req.candidates`.
-    fn allocate(&self, req: &AllocationRequest<'_>) -> Allocation;
+    /// Splits `req.target_kw` over `req.candidates` within `req.limits`.
+    fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation;
+}
+
+impl Allocation {
+    /// An allocation by a heuristic.
+    pub fn heuristic(strategy: StrategyKind, power_kw: Vec<f64>, scores: Vec<f64>, rounds: u32) -> Self {
+        Self { strategy, power_kw, scores, rounds, solver: None, note: None }
+    }
+}
+
+/// The penalty per kW of shortfall in the dispatch objective, for these scores: high enough
+/// that delivering more always beats delivering to better-scored vehicles (a kW moved
+/// between vehicles shifts at most 3 kW of phase room), small enough to keep the score
+/// term well inside the solver's tolerance.
+pub fn shortfall_penalty(scores: &[f64]) -> f64 {
+    3.0 * scores.iter().copied().fold(0.0, f64::max) + 1.0
+}
+
+/// The dispatch objective every strategy is judged by: the weighted score of the allocated
+/// power less the penalised shortfall, `sum(score * p) - penalty * (target - sum(p))`.
+pub fn objective(scores: &[f64], power_kw: &[f64], target_kw: f64) -> f64 {
+    let total: f64 = power_kw.iter().sum();
+    let score: f64 = scores.iter().zip(power_kw).map(|(s, p)| s * p).sum();
+    score - shortfall_penalty(scores) * (target_kw - total).max(0.0)
 }
 
 /// Equal shares: every candidate gets the same power, except those whose capacity is
@@ -82,14 +114,16 @@ impl Dispatcher for EqualDispatcher {
         StrategyKind::Equal
     }
 
-    fn allocate(&self, req: &AllocationRequest<'_>) -> Allocation {
+    fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
         let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
-        Allocation {
-            strategy: StrategyKind::Equal,
-            power_kw: water_fill(&caps, req.target_kw),
-            scores: Vec::new(),
-            rounds: 1,
+        if req.limits.is_empty() {
+            return Allocation::heuristic(StrategyKind::Equal, water_fill(&caps, req.target_kw), Vec::new(), 1);
         }
+        // Equal weights through the limit-aware proportional fill: equal shares, clipped
+        // by each vehicle's capacity and the room left in its rows.
+        let ones = vec![1.0; caps.len()];
+        let (power_kw, rounds) = proportional_fill(&ones, &caps, req.target_kw, 64, req.limits);
+        Allocation::heuristic(StrategyKind::Equal, power_kw, Vec::new(), rounds)
     }
 }
 
@@ -262,54 +296,83 @@ impl SmartDispatcher {
     }
 }
 
+impl SmartDispatcher {
+    /// Each candidate's score for this request: the weighted mean of its features under the
+    /// signal type's weights, lowered by its participation. The LP maximises the same.
+    pub fn scores(&self, req: &AllocationRequest<'_>) -> Vec<f64> {
+        self.scores_with(req, &self.weights[usize::from(req.signal.kind.code())])
+    }
+
+    /// [`SmartDispatcher::scores`] under explicit weights.
+    pub fn scores_with(&self, req: &AllocationRequest<'_>, w: &Weights) -> Vec<f64> {
+        self.features(req)
+            .iter()
+            .zip(req.candidates)
+            .map(|(f, c)| f.score(w) / (1.0 + self.fairness * c.participation.max(0.0)))
+            .collect()
+    }
+}
+
 impl Dispatcher for SmartDispatcher {
     fn kind(&self) -> StrategyKind {
         StrategyKind::Smart
     }
 
-    fn allocate(&self, req: &AllocationRequest<'_>) -> Allocation {
-        let w = &self.weights[usize::from(req.signal.kind.code())];
-        let scores: Vec<f64> = self
-            .features(req)
-            .iter()
-            .zip(req.candidates)
-            .map(|(f, c)| f.score(w) / (1.0 + self.fairness * c.participation.max(0.0)))
-            .collect();
+    fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
+        let scores = self.scores(req);
         let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
-        let (power_kw, rounds) = proportional_fill(&scores, &caps, req.target_kw, self.max_rounds);
-        Allocation { strategy: StrategyKind::Smart, power_kw, scores, rounds }
+        let (power_kw, rounds) = proportional_fill(&scores, &caps, req.target_kw, self.max_rounds, req.limits);
+        Allocation::heuristic(StrategyKind::Smart, power_kw, scores, rounds)
     }
 }
 
-/// Splits `target` over candidates in proportion to `weights`, capped at `caps`, in at most
-/// `max_rounds` rounds; what is left then goes to the highest weights with room (a weight
-/// of 0 still gets power when nothing else has room). Returns the powers and rounds used.
-pub fn proportional_fill(weights: &[f64], caps: &[f64], target: f64, max_rounds: u32) -> (Vec<f64>, u32) {
+/// Splits `target` over candidates in proportion to `weights`, capped at `caps` and at the
+/// room left in the shared `limits`, in at most `max_rounds` rounds; what is left then goes
+/// to the highest weights with room (a weight of 0 still gets power when nothing else has
+/// room). Within a round, candidates are served by descending weight, so when a shared row
+/// binds the better-scored ones keep their share. Returns the powers and rounds used.
+pub fn proportional_fill(
+    weights: &[f64],
+    caps: &[f64],
+    target: f64,
+    max_rounds: u32,
+    limits: &LimitSet,
+) -> (Vec<f64>, u32) {
     let n = caps.len();
     let mut out = vec![0.0; n];
+    let mut room = Room::new(limits);
     let total_cap: f64 = caps.iter().map(|c| c.max(0.0)).sum();
-    let goal = target.max(0.0).min(total_cap);
-    let mut remaining = goal;
+    let mut remaining = target.max(0.0).min(total_cap);
+    let by_weight = |idx: &mut Vec<usize>| {
+        idx.sort_by(|&a, &b| weights[b].partial_cmp(&weights[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b)))
+    };
     let mut active: Vec<usize> = (0..n).filter(|&i| caps[i] > 0.0 && weights[i] > 0.0).collect();
+    by_weight(&mut active);
     let mut rounds = 0;
     while rounds < max_rounds && remaining > EPS_KW && !active.is_empty() {
         rounds += 1;
         let wsum: f64 = active.iter().map(|&i| weights[i]).sum();
-        let mut placed = 0.0;
+        let round_total = remaining;
+        let mut saturated = Vec::new();
         for &i in &active {
-            let give = (remaining * weights[i] / wsum).min(caps[i] - out[i]);
+            let want = (round_total * weights[i] / wsum).min(caps[i] - out[i]);
+            let give = room.allow(i, want).min(remaining);
             out[i] += give;
-            placed += give;
+            room.take(i, give);
+            remaining -= give;
+            if give < want - EPS_KW || caps[i] - out[i] <= EPS_KW {
+                saturated.push(i);
+            }
         }
-        remaining -= placed;
-        active.retain(|&i| caps[i] - out[i] > EPS_KW);
+        active.retain(|i| !saturated.contains(i));
     }
     if remaining > EPS_KW {
         let mut order: Vec<usize> = (0..n).filter(|&i| caps[i] - out[i] > 0.0).collect();
-        order.sort_unstable_by(|&a, &b| weights[b].partial_cmp(&weights[a]).unwrap_or(Ordering::Equal));
+        by_weight(&mut order);
         for i in order {
-            let give = remaining.min(caps[i] - out[i]);
+            let give = room.allow(i, remaining.min(caps[i] - out[i]));
             out[i] += give;
+            room.take(i, give);
             remaining -= give;
             if remaining <= EPS_KW {
                 break;
@@ -319,12 +382,23 @@ pub fn proportional_fill(weights: &[f64], caps: &[f64], target: f64, max_rounds:
     (out, rounds)
 }
 
-/// The strategy named in config.
-pub fn by_kind(kind: StrategyKind, smart: SmartDispatcher) -> Box<dyn Dispatcher> {
-    match kind {
-        StrategyKind::Equal => Box::new(EqualDispatcher),
-        _ => Box::new(smart),
+/// The exact optimum of the dispatch objective when the shared rows do not overlap (each
+/// vehicle in at most one group, plus the site row; no phases): sort by score, fill each
+/// vehicle to the least of its capacity, its rows' room and what is left of the target.
+/// The LP's test oracle.
+pub fn greedy_fill(scores: &[f64], caps: &[f64], target: f64, limits: &LimitSet) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..caps.len()).collect();
+    order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b)));
+    let mut room = Room::new(limits);
+    let mut out = vec![0.0; caps.len()];
+    let mut remaining = target.max(0.0);
+    for i in order {
+        let give = room.allow(i, caps[i].max(0.0).min(remaining));
+        out[i] = give;
+        room.take(i, give);
+        remaining -= give;
     }
+    out
 }
 
 /// The direction a capacity is measured in, for readers of [`Candidate::capacity_kw`].
@@ -351,7 +425,7 @@ mod tests {
         }
     }
 
-    fn run(d: &dyn Dispatcher, fleet: &[Vehicle], target: f64, participation: &[f64]) -> Allocation {
+    fn run(d: &mut dyn Dispatcher, fleet: &[Vehicle], target: f64, participation: &[f64]) -> Allocation {
         let sig = signal(SignalType::Afrr, target);
         let cands: Vec<Candidate> = fleet
             .iter()
@@ -362,11 +436,13 @@ mod tests {
                 participation: p,
             })
             .collect();
+        let limits = LimitSet::none(cands.len());
         d.allocate(&AllocationRequest {
             signal: &sig,
             now: Timestamp::from_millis(0),
             target_kw: target,
             candidates: &cands,
+            limits: &limits,
         })
     }
 
@@ -385,7 +461,7 @@ mod tests {
         let mut poor = Vehicle::new("poor", 0.3, 60.0, 11.0);
         poor.availability = 0.6;
         poor.degradation = 0.5;
-        let a = run(&SmartDispatcher::default(), &[good, poor], 8.0, &[]);
+        let a = run(&mut SmartDispatcher::default(), &[good, poor], 8.0, &[]);
         assert!(a.power_kw[0] > a.power_kw[1], "{a:?}");
         assert!((a.total_kw() - 8.0).abs() < 1e-9);
     }
@@ -393,7 +469,7 @@ mod tests {
     #[test]
     fn participation_lowers_a_vehicles_share() {
         let fleet = [Vehicle::new("a", 0.8, 60.0, 11.0), Vehicle::new("b", 0.8, 60.0, 11.0)];
-        let a = run(&SmartDispatcher::default(), &fleet, 10.0, &[3.0, 0.0]);
+        let a = run(&mut SmartDispatcher::default(), &fleet, 10.0, &[3.0, 0.0]);
         assert!(a.power_kw[0] < a.power_kw[1], "{a:?}");
     }
 
@@ -401,9 +477,9 @@ mod tests {
     fn smart_meets_the_target_even_when_rounds_run_out() {
         let fleet: Vec<Vehicle> =
             (0..50).map(|i| Vehicle::new(format!("v{i}"), 0.25 + i as f64 * 0.01, 60.0, 11.0)).collect();
-        let d = SmartDispatcher { max_rounds: 1, ..SmartDispatcher::default() };
-        let cap: f64 = run(&d, &fleet, 1e9, &[]).total_kw();
-        let a = run(&d, &fleet, cap * 0.95, &[]);
+        let mut d = SmartDispatcher { max_rounds: 1, ..SmartDispatcher::default() };
+        let cap: f64 = run(&mut d, &fleet, 1e9, &[]).total_kw();
+        let a = run(&mut d, &fleet, cap * 0.95, &[]);
         assert!((a.total_kw() - cap * 0.95).abs() < 1e-6);
     }
 
@@ -435,8 +511,9 @@ mod tests {
             rounds in 1u32..10,
             participation in prop::collection::vec(0.0f64..5.0, 0..40),
         ) {
-            let smart = SmartDispatcher { max_rounds: rounds, ..SmartDispatcher::default() };
-            for d in [&EqualDispatcher as &dyn Dispatcher, &smart] {
+            let mut smart = SmartDispatcher { max_rounds: rounds, ..SmartDispatcher::default() };
+            let mut equal = EqualDispatcher;
+            for d in [&mut equal as &mut dyn Dispatcher, &mut smart] {
                 let a = run(d, &fleet, target, &participation);
                 let caps: Vec<f64> = fleet.iter().map(|v| capacity_of(v, Direction::Up, 900)).collect();
                 for (p, c) in a.power_kw.iter().zip(&caps) {

@@ -21,10 +21,12 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::config::Limits;
 use crate::dispatch::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
 use crate::events::{Event, EventKind};
 use crate::fallback::{FallbackCandidate, Reallocation};
 use crate::filter::{Exclusion, VehicleFilter};
+use crate::limits::LimitSet;
 use crate::model::{
     Ack, AckStatus, Direction, DispatchOutcome, FallbackKind, Order, Signal, StrategyKind, Vehicle, VehicleCounts,
     VehicleId,
@@ -46,6 +48,8 @@ pub struct EngineConfig {
     pub participation_decay: f64,
     /// Signal ids remembered for duplicate detection.
     pub remembered_signals: usize,
+    /// Site, group and phase limits every allocation respects.
+    pub limits: Limits,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +61,7 @@ impl Default for EngineConfig {
             max_attempts: 2,
             participation_decay: 0.9,
             remembered_signals: 100_000,
+            limits: Limits::default(),
         }
     }
 }
@@ -97,6 +102,9 @@ pub struct FallbackRequest {
     pub residual_kw: f64,
     /// Vehicles that accepted, with remaining effective capacity, kW.
     pub candidates: Vec<(Vehicle, f64)>,
+    /// The shared limits over the candidates, with the room the accepted power has
+    /// already used taken off.
+    pub limits: LimitSet,
 }
 
 impl FallbackRequest {
@@ -337,7 +345,8 @@ impl Planner {
         }
         let capacity_kw: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
         let target_kw = signal.power_kw;
-        let req = AllocationRequest { signal: &signal, now, target_kw, candidates: &candidates };
+        let limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
+        let req = AllocationRequest { signal: &signal, now, target_kw, candidates: &candidates, limits: &limits };
         let allocation = self.strategy.allocate(&req);
 
         let mut events = vec![
@@ -348,6 +357,7 @@ impl Planner {
                 "capacity_kw": capacity_kw,
                 "target_kw": target_kw,
                 "target_capped_to_capacity": capacity_kw < target_kw,
+                "limits": limits.rows,
             })),
         ];
         let until = signal.end();
@@ -379,14 +389,28 @@ impl Planner {
             slots.insert(c.vehicle.id.clone(), Slot { vehicle: c.vehicle.clone(), accepted_kw: 0.0 });
         }
         let allocated_kw: f64 = orders.iter().map(|o| o.power_kw).sum();
+        let powers: Vec<f64> = candidates
+            .iter()
+            .zip(allocation.power_kw.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(c, p)| if *p >= MIN_ORDER_KW { p.clamp(0.0, c.capacity_kw) } else { 0.0 })
+            .collect();
+        let loads: Vec<serde_json::Value> = limits
+            .loads(&powers)
+            .iter()
+            .zip(&limits.rows)
+            .map(|(load, row)| json!({"name": row.name, "load_kw": load, "cap_kw": row.cap_kw}))
+            .collect();
         events.push(ev(EventKind::DispatchPlanCreated).payload(json!({
             "dispatch_id": dispatch_id,
             "signal_id": signal.id,
             "strategy": allocation.strategy,
+            "note": allocation.note,
+            "solver": allocation.solver,
             "fallback": self.cfg.fallback,
             "target_kw": target_kw,
             "allocated_kw": allocated_kw,
             "rounds": allocation.rounds,
+            "limit_loads": loads,
             "candidates": plan_rows,
         })));
 
@@ -403,6 +427,7 @@ impl Planner {
             signal,
             strategy: allocation.strategy,
             fallback: self.cfg.fallback,
+            limits: self.cfg.limits.clone(),
             region: self.cfg.region.clone(),
             ack_timeout_ms: self.cfg.ack_timeout_ms,
             max_attempts: self.cfg.max_attempts,
@@ -474,6 +499,7 @@ pub struct Dispatch {
     signal: Signal,
     strategy: StrategyKind,
     fallback: FallbackKind,
+    limits: Limits,
     region: String,
     ack_timeout_ms: i64,
     max_attempts: u32,
@@ -630,11 +656,30 @@ impl Dispatch {
             candidates.sort_by(|a, b| a.0.id.cmp(&b.0.id));
             if !candidates.is_empty() {
                 self.state = State::AwaitingFallback;
-                let request = FallbackRequest { dispatch_id: self.id.clone(), residual_kw, candidates };
+                let limits = self.fallback_room(&candidates);
+                let request = FallbackRequest { dispatch_id: self.id.clone(), residual_kw, candidates, limits };
                 return Step { fallback: Some(request), ..Step::default() };
             }
         }
         self.complete(now)
+    }
+
+    /// The shared rows over the fallback candidates, less the load of everything accepted.
+    fn fallback_room(&self, candidates: &[(Vehicle, f64)]) -> LimitSet {
+        let direction = self.signal.direction;
+        let candidate = |v, kw| Candidate { vehicle: v, capacity_kw: kw, participation: 0.0 };
+        let accepted: Vec<Candidate<'_>> = self.slots.values().map(|s| candidate(&s.vehicle, s.accepted_kw)).collect();
+        let accepted_kw: Vec<f64> = accepted.iter().map(|c| c.capacity_kw).collect();
+        let used = LimitSet::new(&self.limits, direction, &accepted);
+        let used_load = used.loads(&accepted_kw);
+        let asked: Vec<Candidate<'_>> = candidates.iter().map(|(v, r)| candidate(v, *r)).collect();
+        let mut room = LimitSet::new(&self.limits, direction, &asked);
+        for row in &mut room.rows {
+            if let Some(r) = used.rows.iter().position(|u| u.name == row.name) {
+                row.cap_kw = (row.cap_kw - used_load[r]).max(0.0);
+            }
+        }
+        room
     }
 
     /// The fallback's answer to this dispatch's [`FallbackRequest`].

@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 use crate::dispatch::proportional_fill;
+use crate::limits::LimitSet;
 use crate::model::{FallbackKind, Vehicle};
 
 /// A vehicle that accepted its first order, and what it can still give.
@@ -32,8 +33,8 @@ pub struct Reallocation {
 pub trait Fallback: Send {
     /// Its name in events and outcomes.
     fn kind(&self) -> FallbackKind;
-    /// Spreads `residual_kw` over `candidates`.
-    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation;
+    /// Spreads `residual_kw` over `candidates` within the room `limits` has left.
+    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>], limits: &LimitSet) -> Reallocation;
 }
 
 /// Never reallocates: the residual is the dispatch's shortfall.
@@ -45,7 +46,7 @@ impl Fallback for NoopFallback {
         FallbackKind::Noop
     }
 
-    fn reallocate(&self, _residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation {
+    fn reallocate(&self, _residual_kw: f64, candidates: &[FallbackCandidate<'_>], _limits: &LimitSet) -> Reallocation {
         Reallocation { power_kw: vec![0.0; candidates.len()], skipped: Vec::new() }
     }
 }
@@ -71,7 +72,7 @@ impl Fallback for BalancedFallback {
         FallbackKind::Balanced
     }
 
-    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>]) -> Reallocation {
+    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>], limits: &LimitSet) -> Reallocation {
         let mut skipped = Vec::new();
         let caps: Vec<f64> = candidates
             .iter()
@@ -86,7 +87,7 @@ impl Fallback for BalancedFallback {
             })
             .collect();
         let weights: Vec<f64> = caps.iter().zip(candidates).map(|(cap, c)| cap * c.vehicle.soc).collect();
-        let (power_kw, _) = proportional_fill(&weights, &caps, residual_kw, u32::MAX);
+        let (power_kw, _) = proportional_fill(&weights, &caps, residual_kw, u32::MAX, limits);
         Reallocation { power_kw, skipped }
     }
 }
@@ -111,7 +112,7 @@ mod tests {
     #[test]
     fn noop_places_nothing() {
         let fleet = [(Vehicle::new("a", 0.8, 60.0, 11.0), 5.0)];
-        assert_eq!(NoopFallback.reallocate(3.0, &cands(&fleet)).power_kw, vec![0.0]);
+        assert_eq!(NoopFallback.reallocate(3.0, &cands(&fleet), &LimitSet::none(1)).power_kw, vec![0.0]);
     }
 
     #[test]
@@ -121,7 +122,7 @@ mod tests {
             (Vehicle::new("mid", 0.4, 60.0, 11.0), 5.0),
             (Vehicle::new("high", 0.8, 60.0, 11.0), 5.0),
         ];
-        let r = BalancedFallback::default().reallocate(3.0, &cands(&fleet));
+        let r = BalancedFallback::default().reallocate(3.0, &cands(&fleet), &LimitSet::none(3));
         assert_eq!(r.power_kw[0], 0.0);
         assert_eq!(r.skipped, vec![0]);
         assert!((r.power_kw[2] - 2.0 * r.power_kw[1]).abs() < 1e-9, "{r:?}");
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn balanced_caps_at_remaining_capacity_and_reports_what_it_cannot_place() {
         let fleet = [(Vehicle::new("a", 0.9, 60.0, 11.0), 1.0), (Vehicle::new("b", 0.5, 60.0, 11.0), 2.0)];
-        let r = BalancedFallback::default().reallocate(10.0, &cands(&fleet));
+        let r = BalancedFallback::default().reallocate(10.0, &cands(&fleet), &LimitSet::none(2));
         assert_eq!(r.power_kw, vec![1.0, 2.0]);
     }
 
@@ -143,7 +144,7 @@ mod tests {
         ) {
             let fleet: Vec<(Vehicle, f64)> = specs.iter().enumerate()
                 .map(|(i, (soc, rem))| (Vehicle::new(format!("v{i}"), *soc, 60.0, 22.0), *rem)).collect();
-            let r = BalancedFallback::default().reallocate(residual, &cands(&fleet));
+            let r = BalancedFallback::default().reallocate(residual, &cands(&fleet), &LimitSet::none(fleet.len()));
             let mut room = 0.0;
             for ((v, rem), p) in fleet.iter().zip(&r.power_kw) {
                 prop_assert!(*p >= 0.0 && *p <= rem + 1e-9);

@@ -11,6 +11,9 @@
 //! - [`wire`]: the MQTT topic layout and the one decoder of inbound payloads.
 //! - [`filter`]: which vehicles may take part in a dispatch.
 //! - [`dispatch`]: allocation strategies (Equal, Smart) behind the `Dispatcher` trait.
+//! - [`limits`]: site, feeder-group and phase limits as linear rows every strategy respects.
+//! - [`lp`]: `LpDispatcher`, the LP over the same scores and limits, solved with clarabel.
+//! - [`policy`]: which strategy runs per signal type (LP-first, falling back to Smart).
 //! - [`fallback`]: reallocation of residuals (Noop, Balanced) behind the `Fallback` trait.
 //! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
 //! - [`events`]: event kinds, rows and the `EventStore` trait.
@@ -23,6 +26,9 @@ pub mod engine;
 pub mod events;
 pub mod fallback;
 pub mod filter;
+pub mod limits;
+pub mod lp;
 pub mod model;
+pub mod policy;
 pub mod time;
 pub mod wire;

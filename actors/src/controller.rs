@@ -10,11 +10,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use anyhow::Context as _;
 use gridweaver_core::config::Config;
-use gridweaver_core::dispatch::{self, SmartDispatcher};
+use gridweaver_core::dispatch::SmartDispatcher;
 use gridweaver_core::engine::{EngineConfig, Planner};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::fallback;
 use gridweaver_core::filter::SimpleVehicleFilter;
+use gridweaver_core::policy::Strategies;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
@@ -85,6 +86,7 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         region: cfg.site.clone(),
         ack_timeout_ms: d.ack_timeout_ms,
         fallback: d.fallback,
+        limits: d.limits.clone(),
         ..EngineConfig::default()
     };
     let smart = SmartDispatcher {
@@ -93,7 +95,9 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         fairness: d.fairness,
         ..SmartDispatcher::default()
     };
-    let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), dispatch::by_kind(d.strategy, smart));
+    let mut strategies = Strategies::new(d.strategy, smart);
+    strategies.lp_first = d.lp_first;
+    let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), Box::new(strategies));
     for id in &recovery.signal_ids {
         planner.remember_signal(id);
     }
@@ -141,10 +145,8 @@ impl Controller {
             });
             build_planner(&planner_cfg, &recovery)
         });
-        if !d.limits.is_empty() || !d.segments.is_empty() || d.lp_first.iter().any(|x| *x) {
-            tracing::warn!(
-                "dispatch.limits, dispatch.segments and dispatch.lp_first are validated but not yet applied by this version"
-            );
+        if !d.segments.is_empty() {
+            tracing::warn!("dispatch.segments is validated but not yet applied by this version");
         }
 
         let kind = d.fallback;
@@ -232,7 +234,7 @@ mod tests {
         fn kind(&self) -> StrategyKind {
             StrategyKind::Smart
         }
-        fn allocate(&self, _req: &AllocationRequest<'_>) -> Allocation {
+        fn allocate(&mut self, _req: &AllocationRequest<'_>) -> Allocation {
             panic!("a bug in a strategy")
         }
     }

@@ -41,7 +41,7 @@ impl Handler<Reallocate> for FallbackActor {
         let fallback = &self.fallback;
         let request = &msg.0;
         let realloc = guarded("reallocating a residual", || {
-            fallback.reallocate(request.residual_kw, &request.fallback_candidates())
+            fallback.reallocate(request.residual_kw, &request.fallback_candidates(), &request.limits)
         })
         .unwrap_or_else(|| {
             ctx.stop();

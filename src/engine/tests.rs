@@ -50,7 +50,7 @@ fn kinds(step: &Step) -> Vec<EventKind> {
 
 fn run_fallback(book: &mut DispatchBook, now: Timestamp, step: &mut Step, f: &dyn Fallback) {
     if let Some(req) = step.fallback.take() {
-        let realloc = f.reallocate(req.residual_kw, &req.fallback_candidates());
+        let realloc = f.reallocate(req.residual_kw, &req.fallback_candidates(), &req.limits);
         let next = book.apply_fallback(now, &req, &realloc);
         step.merge(next);
     }

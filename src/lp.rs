@@ -1,0 +1,454 @@
+//! Optimal allocation: a linear program solved with clarabel.
+//!
+//! Variables: the power `p_i` of each candidate. Maximise `sum((score_i + M) * p_i)`, which
+//! is the dispatch objective ([`crate::dispatch::objective`]: weighted score less the
+//! shortfall penalised at `M` per kW) up to a constant, subject to
+//!
+//! ```text
+//! sum(p_i)                 <= target          (the shortfall is the slack of this row)
+//! 0 <= p_i                 <= capacity_i      (effective capacity)
+//! sum(coef_ri * p_i)       <= cap_r           for every shared row r (site, groups, phases)
+//! ```
+//!
+//! so a target the constraints cannot meet gives the most they allow, never an infeasible
+//! solve. The problem is built directly in compressed sparse column form into buffers that
+//! are reused between solves. Only `Solved` and `AlmostSolved` count; anything else is an
+//! [`LpError`] the caller handles (LP-first falls back to Smart). The solution is clamped
+//! onto the constraints, so tolerances never let an order exceed a capacity or a limit.
+
+use clarabel::algebra::CscMatrix;
+use clarabel::solver::{DefaultSettings, DefaultSolver, IPSolver, SolverStatus, SupportedConeT};
+use serde::Serialize;
+
+use crate::dispatch::{objective, shortfall_penalty, Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
+use crate::limits::LimitSet;
+use crate::model::StrategyKind;
+
+/// The solver settings we choose (see the README's LP section for the measurements).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LpSettings {
+    /// Iteration cap (the LP converges in 10-15 iterations).
+    pub max_iter: u32,
+    /// Wall-clock cap per solve, seconds (clarabel measures it).
+    pub time_limit_s: f64,
+    /// Absolute and relative duality-gap tolerance.
+    pub tol_gap: f64,
+    /// Feasibility tolerance.
+    pub tol_feas: f64,
+    /// Ruiz equilibration of the data.
+    pub equilibrate: bool,
+    /// Iterative refinement of each KKT solve.
+    pub iterative_refinement: bool,
+}
+
+impl Default for LpSettings {
+    /// Tight gap (1e-8, the objective within 1e-6 of the optimum with room to spare);
+    /// iterative refinement and equilibration off: the data is already well scaled
+    /// (coefficients 1 and 1/3) and each costs a large share of the solve time for no
+    /// accuracy gained on these problems (FACTS.md, and `benches/lp.rs`).
+    fn default() -> Self {
+        Self {
+            max_iter: 100,
+            time_limit_s: 1.0,
+            tol_gap: 1e-8,
+            tol_feas: 1e-8,
+            equilibrate: false,
+            iterative_refinement: false,
+        }
+    }
+}
+
+/// What the solver did, recorded in `DispatchPlanCreated`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SolverReport {
+    /// clarabel's status (`Solved`, `AlmostSolved`, `PrimalInfeasible`, ...).
+    pub status: String,
+    /// Interior-point iterations.
+    pub iterations: u32,
+    /// Solve time as clarabel measured it, ms.
+    pub solve_time_ms: f64,
+    /// The dispatch objective of the (clamped) solution.
+    pub objective: f64,
+    /// Variables.
+    pub variables: usize,
+    /// Constraint rows.
+    pub constraints: usize,
+}
+
+/// The LP did not produce a usable solution.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("LP solver ended with status {}", report.status)]
+pub struct LpError {
+    /// What the solver reported.
+    pub report: SolverReport,
+}
+
+/// CSC buffers kept between solves.
+#[derive(Debug, Default)]
+struct Buffers {
+    colptr: Vec<usize>,
+    rowval: Vec<usize>,
+    nzval: Vec<f64>,
+    q: Vec<f64>,
+    b: Vec<f64>,
+}
+
+/// Allocation by linear programming over the Smart scores.
+#[derive(Debug, Default)]
+pub struct LpDispatcher {
+    /// Scores come from here (weights per type, fairness), so LP and Smart optimise the same.
+    pub scoring: SmartDispatcher,
+    /// Solver settings.
+    pub settings: LpSettings,
+    buf: Buffers,
+}
+
+impl LpDispatcher {
+    /// An LP dispatcher scoring like `scoring`.
+    pub fn new(scoring: SmartDispatcher, settings: LpSettings) -> Self {
+        Self { scoring, settings, buf: Buffers::default() }
+    }
+
+    /// Solves for `req` with the given per-candidate `scores`.
+    pub fn solve(&mut self, req: &AllocationRequest<'_>, scores: &[f64]) -> Result<(Vec<f64>, SolverReport), LpError> {
+        let n = req.candidates.len();
+        let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw.max(0.0)).collect();
+        let limits = req.limits;
+        let m = 1 + 2 * n + limits.rows.len();
+        let mut report = SolverReport {
+            status: String::new(),
+            iterations: 0,
+            solve_time_ms: 0.0,
+            objective: 0.0,
+            variables: n,
+            constraints: m,
+        };
+        if n == 0 {
+            report.status = "Trivial".into();
+            report.objective = objective(scores, &[], req.target_kw);
+            return Ok((Vec::new(), report));
+        }
+        self.build(req.target_kw, scores, &caps, limits);
+        let b = std::mem::take(&mut self.buf);
+        let a = CscMatrix { m, n, colptr: b.colptr, rowval: b.rowval, nzval: b.nzval };
+        let p = CscMatrix::zeros((n, n));
+        let cones = [SupportedConeT::NonnegativeConeT(m)];
+        let s = &self.settings;
+        let settings = DefaultSettings {
+            verbose: false,
+            max_iter: s.max_iter,
+            time_limit: s.time_limit_s,
+            tol_gap_abs: s.tol_gap,
+            tol_gap_rel: s.tol_gap,
+            tol_feas: s.tol_feas,
+            equilibrate_enable: s.equilibrate,
+            iterative_refinement_enable: s.iterative_refinement,
+            ..DefaultSettings::default()
+        };
+        let mut solver = DefaultSolver::new(&p, &b.q, &a, &b.b, &cones, settings);
+        solver.solve();
+        self.buf = Buffers { colptr: a.colptr, rowval: a.rowval, nzval: a.nzval, q: b.q, b: b.b };
+        let sol = &solver.solution;
+        report.status = format!("{:?}", sol.status);
+        report.iterations = sol.iterations;
+        report.solve_time_ms = sol.solve_time * 1000.0;
+        if !matches!(sol.status, SolverStatus::Solved | SolverStatus::AlmostSolved)
+            || sol.x.iter().any(|x| !x.is_finite())
+        {
+            return Err(LpError { report });
+        }
+        let power = clamp_onto_constraints(&sol.x, &caps, req.target_kw, limits);
+        report.objective = objective(scores, &power, req.target_kw);
+        Ok((power, report))
+    }
+
+    /// Fills the buffers with `q`, `A` (CSC, column by column, rows ascending) and `b`.
+    fn build(&mut self, target: f64, scores: &[f64], caps: &[f64], limits: &LimitSet) {
+        let n = caps.len();
+        let penalty = shortfall_penalty(scores);
+        let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
+        colptr.clear();
+        rowval.clear();
+        nzval.clear();
+        q.clear();
+        b.clear();
+        let limit_row0 = 1 + 2 * n;
+        for (i, (score, members)) in scores.iter().zip(&limits.members).enumerate() {
+            colptr.push(rowval.len());
+            // sum(p) <= target
+            rowval.push(0);
+            nzval.push(1.0);
+            // p_i <= cap_i
+            rowval.push(1 + i);
+            nzval.push(1.0);
+            // -p_i <= 0
+            rowval.push(1 + n + i);
+            nzval.push(-1.0);
+            for (r, coef) in members {
+                rowval.push(limit_row0 + r);
+                nzval.push(*coef);
+            }
+            q.push(-(score + penalty));
+        }
+        colptr.push(rowval.len());
+        b.push(target.max(0.0));
+        b.extend_from_slice(caps);
+        b.extend(std::iter::repeat_n(0.0, n));
+        b.extend(limits.rows.iter().map(|r| r.cap_kw));
+    }
+}
+
+/// Projects a solver's answer onto the constraints: each power into `[0, cap]`, then every
+/// shared row and the target row scaled down where tolerances left it a hair over.
+pub fn clamp_onto_constraints(x: &[f64], caps: &[f64], target: f64, limits: &LimitSet) -> Vec<f64> {
+    let mut p: Vec<f64> = x.iter().zip(caps).map(|(x, c)| x.clamp(0.0, *c)).collect();
+    for (r, load) in limits.loads(&p).into_iter().enumerate() {
+        let cap = limits.rows[r].cap_kw;
+        if load > cap {
+            let f = cap / load;
+            for (i, members) in limits.members.iter().enumerate() {
+                if members.iter().any(|(row, _)| *row == r) {
+                    p[i] *= f;
+                }
+            }
+        }
+    }
+    let total: f64 = p.iter().sum();
+    if total > target {
+        let f = target.max(0.0) / total;
+        p.iter_mut().for_each(|x| *x *= f);
+    }
+    p
+}
+
+impl Dispatcher for LpDispatcher {
+    fn kind(&self) -> StrategyKind {
+        StrategyKind::Lp
+    }
+
+    /// The LP's allocation; when the solver fails, the Smart allocation with the failure
+    /// noted (use [`LpDispatcher::solve`] to handle failures yourself).
+    fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
+        let scores = self.scoring.scores(req);
+        match self.solve(req, &scores) {
+            Ok((power_kw, report)) => Allocation {
+                strategy: StrategyKind::Lp,
+                power_kw,
+                scores,
+                rounds: report.iterations,
+                solver: Some(report),
+                note: None,
+            },
+            Err(e) => {
+                let mut a = self.scoring.allocate(req);
+                a.note = Some(format!("{e}; the Smart strategy ran instead"));
+                a.solver = Some(e.report);
+                a
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Limits;
+    use crate::dispatch::{greedy_fill, Candidate, EqualDispatcher};
+    use crate::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
+    use crate::time::Timestamp;
+
+    fn signal(direction: Direction, kw: f64) -> Signal {
+        Signal {
+            id: "s".into(),
+            kind: SignalType::Fcr,
+            direction,
+            power_kw: kw,
+            start: Timestamp::from_millis(0),
+            duration_s: 900,
+            region: None,
+            leader_term: None,
+        }
+    }
+
+    /// A random depot: vehicles with capacities, groups and wiring, and site limits.
+    #[derive(Debug, Clone)]
+    struct Depot {
+        vehicles: Vec<Vehicle>,
+        limits: Limits,
+        target: f64,
+        down: bool,
+    }
+
+    fn depot(phases: bool) -> impl Strategy<Value = Depot> {
+        let vehicle = (0.25f64..0.95, 20.0f64..100.0, 1.0f64..50.0, 0usize..5, 0usize..4, 0.3f64..=1.0, 0.0f64..0.5);
+        (
+            prop::collection::vec(vehicle, 1..40),
+            prop::option::of(20.0f64..800.0),
+            prop::collection::vec(5.0f64..150.0, 4),
+            prop::option::of(10.0f64..300.0),
+            1.0f64..1500.0,
+            any::<bool>(),
+        )
+            .prop_map(move |(specs, site, group_caps, phase_kw, target, down)| {
+                let vehicles = specs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (soc, cap, kw, group, wiring, avail, degr))| {
+                        let mut v = Vehicle::new(format!("v{i:02}"), soc, cap, kw);
+                        v.availability = avail;
+                        v.degradation = degr;
+                        v.priority = (i % 7) as f64 / 6.0;
+                        v.group = (group < 4).then(|| format!("g{group}"));
+                        v.wiring = match wiring {
+                            1 => Wiring::SinglePhase(Phase::L1),
+                            2 => Wiring::SinglePhase(Phase::L2),
+                            3 => Wiring::SinglePhase(Phase::L3),
+                            _ => Wiring::ThreePhase,
+                        };
+                        v
+                    })
+                    .collect();
+                let groups: BTreeMap<String, f64> =
+                    group_caps.into_iter().enumerate().map(|(g, c)| (format!("g{g}"), c)).collect();
+                let limits = Limits {
+                    export_kw: site,
+                    import_kw: site.map(|s| s * 1.5),
+                    groups,
+                    phase_kw: if phases { phase_kw } else { None },
+                };
+                Depot { vehicles, limits, target, down }
+            })
+    }
+
+    /// Runs `f` with the request for `d`.
+    fn with_request<T>(d: &Depot, f: impl FnOnce(&AllocationRequest<'_>) -> T) -> T {
+        let direction = if d.down { Direction::Down } else { Direction::Up };
+        let sig = signal(direction, d.target);
+        let cands: Vec<Candidate<'_>> = d
+            .vehicles
+            .iter()
+            .map(|v| Candidate {
+                vehicle: v,
+                capacity_kw: v.effective_capacity(direction, 0.0, 900.0),
+                participation: 0.0,
+            })
+            .collect();
+        let limits = LimitSet::new(&d.limits, direction, &cands);
+        f(&AllocationRequest {
+            signal: &sig,
+            now: Timestamp::from_millis(0),
+            target_kw: d.target,
+            candidates: &cands,
+            limits: &limits,
+        })
+    }
+
+    fn assert_feasible(req: &AllocationRequest<'_>, power: &[f64], who: &str) -> Result<(), TestCaseError> {
+        for (p, c) in power.iter().zip(req.candidates) {
+            prop_assert!(*p >= 0.0 && *p <= c.capacity_kw + 1e-9, "{who}: {p} outside [0, {}]", c.capacity_kw);
+        }
+        prop_assert!(power.iter().sum::<f64>() <= req.target_kw + 1e-6, "{who}: over target");
+        let v = req.limits.violations(power, 1e-6);
+        prop_assert!(v.is_empty(), "{who}: limits exceeded {v:?}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn no_strategy_exceeds_a_capacity_or_a_limit(d in depot(true)) {
+            with_request(&d, |req| {
+                let mut smart = SmartDispatcher::default();
+                let s = smart.allocate(req);
+                assert_feasible(req, &s.power_kw, "smart")?;
+                let e = EqualDispatcher.allocate(req);
+                assert_feasible(req, &e.power_kw, "equal")?;
+                let scores = smart.scores(req);
+                let (lp, report) = LpDispatcher::default().solve(req, &scores).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                assert_feasible(req, &lp, "lp")?;
+                // The LP optimises the objective Smart is judged by: it never does worse.
+                let (lo, so) = (objective(&scores, &lp, req.target_kw), objective(&scores, &s.power_kw, req.target_kw));
+                prop_assert!(lo >= so - 1e-6 * so.abs().max(1.0), "lp {lo} < smart {so} ({})", report.status);
+                Ok(())
+            })?;
+        }
+
+        #[test]
+        fn without_phase_limits_the_lp_matches_the_exact_greedy_optimum(d in depot(false)) {
+            with_request(&d, |req| {
+                let scores = SmartDispatcher::default().scores(req);
+                let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
+                let greedy = greedy_fill(&scores, &caps, req.target_kw, req.limits);
+                let (lp, _) = LpDispatcher::default().solve(req, &scores).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (g, l) = (objective(&scores, &greedy, req.target_kw), objective(&scores, &lp, req.target_kw));
+                prop_assert!((l - g).abs() <= 1e-6 * g.abs().max(1.0), "lp {l} vs greedy {g}");
+                Ok(())
+            })?;
+        }
+    }
+
+    #[test]
+    fn overlapping_phase_limits_are_where_the_lp_beats_greedy() {
+        // Two single-phase vehicles on L1 with the best scores and a three-phase one: with
+        // L1 capped, greedy fills L1 with the single-phase vehicles and then the three-phase
+        // one can add only what L1 has left; the LP gives the three-phase vehicle room.
+        let mut a = Vehicle::new("a", 0.9, 80.0, 10.0);
+        a.wiring = Wiring::SinglePhase(Phase::L1);
+        a.priority = 1.0;
+        let mut b = a.clone();
+        b.id = "b".into();
+        let mut c = Vehicle::new("c", 0.9, 80.0, 30.0);
+        c.priority = 0.0;
+        let d = Depot {
+            vehicles: vec![a, b, c],
+            limits: Limits { phase_kw: Some(12.0), ..Limits::default() },
+            target: 40.0,
+            down: false,
+        };
+        with_request(&d, |req| {
+            let scores = SmartDispatcher::default().scores(req);
+            let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
+            let greedy = greedy_fill(&scores, &caps, req.target_kw, req.limits);
+            let (lp, report) = LpDispatcher::default().solve(req, &scores).unwrap();
+            assert_eq!(report.status, "Solved");
+            assert!(lp.iter().sum::<f64>() > greedy.iter().sum::<f64>() + 1.0, "lp {lp:?} greedy {greedy:?}");
+            assert!(objective(&scores, &lp, 40.0) > objective(&scores, &greedy, 40.0));
+        });
+    }
+
+    #[test]
+    fn an_unreachable_target_gives_the_most_the_limits_allow() {
+        let vehicles: Vec<Vehicle> = (0..5).map(|i| Vehicle::new(format!("v{i}"), 0.9, 80.0, 20.0)).collect();
+        let d = Depot {
+            vehicles,
+            limits: Limits { export_kw: Some(55.0), ..Limits::default() },
+            target: 500.0,
+            down: false,
+        };
+        with_request(&d, |req| {
+            let (lp, report) = LpDispatcher::default().solve(req, &SmartDispatcher::default().scores(req)).unwrap();
+            assert!((lp.iter().sum::<f64>() - 55.0).abs() < 1e-6, "{lp:?} {report:?}");
+        });
+    }
+
+    #[test]
+    fn a_solver_failure_is_an_error_not_an_allocation() {
+        let vehicles: Vec<Vehicle> = (0..5).map(|i| Vehicle::new(format!("v{i}"), 0.9, 80.0, 20.0)).collect();
+        let d = Depot { vehicles, limits: Limits::default(), target: 50.0, down: false };
+        with_request(&d, |req| {
+            let mut lp =
+                LpDispatcher::new(SmartDispatcher::default(), LpSettings { max_iter: 1, ..LpSettings::default() });
+            let err = lp.solve(req, &SmartDispatcher::default().scores(req)).unwrap_err();
+            assert_eq!(err.report.status, "MaxIterations");
+            // Through the Dispatcher trait the failure is noted and Smart's answer used.
+            let a = lp.allocate(req);
+            assert_eq!(a.strategy, StrategyKind::Smart);
+            assert!(a.note.unwrap().contains("MaxIterations"));
+        });
+    }
+}

@@ -1,0 +1,68 @@
+//! Which strategy runs for a signal: the configured one, or the LP first for the signal
+//! types listed in `dispatch.lp_first`, falling back to Smart when the LP fails.
+
+use crate::dispatch::{Allocation, AllocationRequest, Dispatcher, EqualDispatcher, SmartDispatcher};
+use crate::lp::LpDispatcher;
+use crate::model::StrategyKind;
+
+/// The configured strategies and the LP-first policy.
+pub struct Strategies {
+    /// The strategy for types without LP-first.
+    pub default: StrategyKind,
+    /// LP first, per signal type code.
+    pub lp_first: [bool; 5],
+    /// Smart (also the LP's fallback and scorer).
+    pub smart: SmartDispatcher,
+    /// The LP.
+    pub lp: LpDispatcher,
+    /// Per-segment strategies, when `default` is `Segmented`.
+    pub segmented: Option<Box<dyn Dispatcher>>,
+}
+
+impl Strategies {
+    /// `default` for every type, no LP-first.
+    pub fn new(default: StrategyKind, smart: SmartDispatcher) -> Self {
+        let lp = LpDispatcher::new(smart.clone(), Default::default());
+        Self { default, lp_first: [false; 5], smart, lp, segmented: None }
+    }
+
+    fn run_lp(&mut self, req: &AllocationRequest<'_>) -> Allocation {
+        let scores = self.smart.scores(req);
+        match self.lp.solve(req, &scores) {
+            Ok((power_kw, report)) => Allocation {
+                strategy: StrategyKind::Lp,
+                power_kw,
+                scores,
+                rounds: report.iterations,
+                solver: Some(report),
+                note: None,
+            },
+            Err(e) => {
+                let mut a = self.smart.allocate(req);
+                a.note = Some(format!("{e}: the Smart strategy ran instead"));
+                a.solver = Some(e.report);
+                a
+            }
+        }
+    }
+}
+
+impl Dispatcher for Strategies {
+    fn kind(&self) -> StrategyKind {
+        self.default
+    }
+
+    fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
+        let kind = req.signal.kind;
+        if self.lp_first[usize::from(kind.code())] || self.default == StrategyKind::Lp {
+            return self.run_lp(req);
+        }
+        let mut a = match (self.default, self.segmented.as_mut()) {
+            (StrategyKind::Equal, _) => EqualDispatcher.allocate(req),
+            (StrategyKind::Segmented, Some(seg)) => seg.allocate(req),
+            _ => self.smart.allocate(req),
+        };
+        a.note = Some(format!("LP skipped: dispatch.lp_first is not set for {kind}"));
+        a
+    }
+}
