@@ -3,8 +3,9 @@
 //! `cargo bench -p gridweaver-core --bench allocation`
 //!
 //! - `allocate/{equal,smart}/N`: no shared limits, N = 100, 1,000, 10,000 eligible vehicles.
-//! - `limited/{lp,smart,equal}/N`: N = 100, 1,000, 5,000 vehicles in 20 feeder groups, with a
-//!   site export limit and three phase limits that bind (problem build included for the LP).
+//! - `limited/{lp,smart,equal,segmented}/N`: N = 100, 1,000, 5,000 vehicles in 20 feeder
+//!   groups (and three segments, one of them LP), with a site export limit and three phase
+//!   limits that bind (problem build included for the LP).
 //!
 //! Before timing, the LP's objective on each limited instance is compared with a reference
 //! solve at clarabel's defaults plus iterative refinement and a 1e-10 gap, and printed.
@@ -12,13 +13,14 @@
 use std::collections::BTreeMap;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use gridweaver_core::config::Limits;
+use gridweaver_core::config::{Limits, Segment};
 use gridweaver_core::dispatch::{
-    objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher,
+    objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher, Weights,
 };
 use gridweaver_core::limits::LimitSet;
 use gridweaver_core::lp::{LpDispatcher, LpSettings};
 use gridweaver_core::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
+use gridweaver_core::segments::SegmentedSmartDispatcher;
 use gridweaver_core::time::Timestamp;
 
 /// A deterministic, varied fleet (no rand dependency: a fixed LCG).
@@ -39,6 +41,7 @@ fn fleet(n: usize, groups: usize) -> Vec<Vehicle> {
             v.departure = Some(Timestamp::from_millis(3_600_000 * (1 + (next() * 10.0) as i64)));
             if groups > 0 {
                 v.group = Some(format!("feeder{:02}", i % groups));
+                v.segment = Some(["buses", "vans", "cars"][i % 3].to_owned());
             }
             let r = next();
             v.wiring = if r < 0.7 {
@@ -169,8 +172,22 @@ fn limited(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("equal", n), &req, |b, req| {
             b.iter(|| EqualDispatcher.allocate(black_box(req)))
         });
+        let mut segmented = SegmentedSmartDispatcher::new(segments(), SmartDispatcher::default());
+        group.bench_with_input(BenchmarkId::new("segmented", n), &req, |b, req| {
+            b.iter(|| segmented.allocate(black_box(req)))
+        });
     }
     group.finish();
+}
+
+/// Three segments: buses and cars by the heuristic, vans by the LP.
+fn segments() -> BTreeMap<String, Segment> {
+    let w = |soc, time, availability| Weights { soc, time, priority: 0.3, availability, price: 0.2, wear: 0.3 };
+    BTreeMap::from([
+        ("buses".to_owned(), Segment { lp: false, fallback: true, weights: w(1.0, 0.2, 0.5) }),
+        ("vans".to_owned(), Segment { lp: true, fallback: true, weights: w(0.5, 1.0, 0.8) }),
+        ("cars".to_owned(), Segment { lp: false, fallback: false, weights: w(0.6, 0.6, 1.0) }),
+    ])
 }
 
 criterion_group!(benches, unlimited, limited);

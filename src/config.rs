@@ -89,9 +89,9 @@ pub struct RawStore {
 pub struct RawDispatch {
     /// Seconds vehicles have to ACK an order (5).
     pub ack_timeout_seconds: Option<f64>,
-    /// `smart` (default), `equal` or `lp`.
+    /// `smart` (default), `equal`, `lp` or `segmented`.
     pub strategy: Option<String>,
-    /// `balanced` (default) or `noop`.
+    /// `balanced` (default), `probabilistic` or `noop`.
     pub fallback: Option<String>,
     /// Proportional rounds of the Smart strategy (8).
     pub max_rounds: Option<u32>,
@@ -390,27 +390,23 @@ impl RawConfig {
             None | Some("smart") => StrategyKind::Smart,
             Some("equal") => StrategyKind::Equal,
             Some("lp") => StrategyKind::Lp,
-            Some("segmented") => {
+            Some("segmented") => StrategyKind::Segmented,
+            Some(other) => {
                 return Err(err(
                     "dispatch.strategy",
-                    "`segmented` is not available in this version; use `smart`, `equal` or `lp`",
+                    format!("must be `smart`, `equal`, `lp` or `segmented`, got `{other}`"),
                 ))
-            }
-            Some(other) => {
-                return Err(err("dispatch.strategy", format!("must be `smart`, `equal` or `lp`, got `{other}`")))
             }
         };
         let fallback = match d.fallback.as_deref() {
             None | Some("balanced") => FallbackKind::Balanced,
             Some("noop") => FallbackKind::Noop,
-            Some("probabilistic") => {
+            Some("probabilistic") => FallbackKind::Probabilistic,
+            Some(other) => {
                 return Err(err(
                     "dispatch.fallback",
-                    "`probabilistic` is not available in this version; use `balanced` or `noop`",
+                    format!("must be `balanced`, `probabilistic` or `noop`, got `{other}`"),
                 ))
-            }
-            Some(other) => {
-                return Err(err("dispatch.fallback", format!("must be `balanced` or `noop`, got `{other}`")))
             }
         };
         let max_rounds = d.max_rounds.unwrap_or(8);

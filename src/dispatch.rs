@@ -79,6 +79,10 @@ pub trait Dispatcher: Send {
     fn kind(&self) -> StrategyKind;
     /// Splits `req.target_kw` over `req.candidates` within `req.limits`.
     fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation;
+
+    /// Replaces the weights used for signals of `kind` (the tuner's output). Strategies
+    /// without weights ignore it.
+    fn set_weights(&mut self, _kind: crate::model::SignalType, _weights: Weights) {}
 }
 
 impl Allocation {
@@ -318,6 +322,10 @@ impl Dispatcher for SmartDispatcher {
         StrategyKind::Smart
     }
 
+    fn set_weights(&mut self, kind: crate::model::SignalType, weights: Weights) {
+        self.weights[usize::from(kind.code())] = weights;
+    }
+
     fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
         let scores = self.scores(req);
         let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
@@ -348,12 +356,13 @@ pub fn proportional_fill(
     };
     let mut active: Vec<usize> = (0..n).filter(|&i| caps[i] > 0.0 && weights[i] > 0.0).collect();
     by_weight(&mut active);
+    let mut full = vec![false; n];
     let mut rounds = 0;
     while rounds < max_rounds && remaining > EPS_KW && !active.is_empty() {
         rounds += 1;
         let wsum: f64 = active.iter().map(|&i| weights[i]).sum();
         let round_total = remaining;
-        let mut saturated = Vec::new();
+        let mut saturated = false;
         for &i in &active {
             let want = (round_total * weights[i] / wsum).min(caps[i] - out[i]);
             let give = room.allow(i, want).min(remaining);
@@ -361,10 +370,13 @@ pub fn proportional_fill(
             room.take(i, give);
             remaining -= give;
             if give < want - EPS_KW || caps[i] - out[i] <= EPS_KW {
-                saturated.push(i);
+                full[i] = true;
+                saturated = true;
             }
         }
-        active.retain(|i| !saturated.contains(i));
+        if saturated {
+            active.retain(|&i| !full[i]);
+        }
     }
     if remaining > EPS_KW {
         let mut order: Vec<usize> = (0..n).filter(|&i| caps[i] - out[i] > 0.0).collect();

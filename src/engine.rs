@@ -16,7 +16,7 @@
 //!     AwaitingFallback ──apply_fallback──► Waiting(attempt 2, deadline) ──► settle ──► Done
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
 use serde_json::json;
@@ -50,6 +50,9 @@ pub struct EngineConfig {
     pub remembered_signals: usize,
     /// Site, group and phase limits every allocation respects.
     pub limits: Limits,
+    /// Segments whose vehicles are never asked twice (`dispatch.segments.<name>.fallback:
+    /// false`); vehicles of other segments, or of none, may be asked in the fallback round.
+    pub no_fallback_segments: BTreeSet<String>,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +65,7 @@ impl Default for EngineConfig {
             participation_decay: 0.9,
             remembered_signals: 100_000,
             limits: Limits::default(),
+            no_fallback_segments: BTreeSet::new(),
         }
     }
 }
@@ -428,6 +432,7 @@ impl Planner {
             strategy: allocation.strategy,
             fallback: self.cfg.fallback,
             limits: self.cfg.limits.clone(),
+            no_fallback_segments: self.cfg.no_fallback_segments.clone(),
             region: self.cfg.region.clone(),
             ack_timeout_ms: self.cfg.ack_timeout_ms,
             max_attempts: self.cfg.max_attempts,
@@ -500,6 +505,7 @@ pub struct Dispatch {
     strategy: StrategyKind,
     fallback: FallbackKind,
     limits: Limits,
+    no_fallback_segments: BTreeSet<String>,
     region: String,
     ack_timeout_ms: i64,
     max_attempts: u32,
@@ -650,6 +656,7 @@ impl Dispatch {
                 .slots
                 .values()
                 .filter(|s| s.accepted_kw > 0.0)
+                .filter(|s| s.vehicle.segment.as_ref().is_none_or(|seg| !self.no_fallback_segments.contains(seg)))
                 .map(|s| (s.vehicle.clone(), s.vehicle.effective_capacity(direction, s.accepted_kw, duration)))
                 .filter(|(_, remaining)| *remaining >= MIN_ORDER_KW)
                 .collect();

@@ -92,17 +92,80 @@ impl Fallback for BalancedFallback {
     }
 }
 
+/// Orders the residual so that the power *expected* to be delivered meets it.
+///
+/// Each candidate delivers an ordered kW with probability `q = availability * (1 -
+/// degradation)` (its stated availability, or the prediction from its ACK history).
+/// Working in expected kW `e = q * x`, the residual is spread in proportion to `q` (the
+/// reliable and healthy first), each vehicle capped at `q * remaining` and every shared
+/// row at its room (a row's coefficient on `e` is its coefficient on `x` divided by `q`);
+/// then each order is `x = e / q`. Vehicles with `q` below `min_probability` are skipped.
+/// Because orders exceed what is expected, the total ordered is capped at
+/// `max_overorder * residual`: if every vehicle accepts, the fleet over-delivers by at most
+/// that factor.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbabilisticFallback {
+    /// Vehicles less likely than this to deliver are not asked.
+    pub min_probability: f64,
+    /// Ceiling on the total ordered, as a multiple of the residual.
+    pub max_overorder: f64,
+}
+
+impl Default for ProbabilisticFallback {
+    fn default() -> Self {
+        Self { min_probability: 0.05, max_overorder: 2.0 }
+    }
+}
+
+impl Fallback for ProbabilisticFallback {
+    fn kind(&self) -> FallbackKind {
+        FallbackKind::Probabilistic
+    }
+
+    fn reallocate(&self, residual_kw: f64, candidates: &[FallbackCandidate<'_>], limits: &LimitSet) -> Reallocation {
+        let q: Vec<f64> = candidates
+            .iter()
+            .map(|c| (c.vehicle.availability * (1.0 - c.vehicle.degradation)).clamp(0.0, 1.0))
+            .collect();
+        let skipped: Vec<usize> = (0..candidates.len()).filter(|&i| q[i] < self.min_probability).collect();
+        let weights: Vec<f64> = q.iter().map(|&p| if p < self.min_probability { 0.0 } else { p }).collect();
+        let expected_caps: Vec<f64> =
+            candidates.iter().zip(&weights).map(|(c, w)| w * c.remaining_kw.max(0.0)).collect();
+        let scaled = LimitSet {
+            rows: limits.rows.clone(),
+            members: limits
+                .members
+                .iter()
+                .zip(&weights)
+                .map(|(m, w)| if *w > 0.0 { m.iter().map(|(r, coef)| (*r, coef / w)).collect() } else { m.clone() })
+                .collect(),
+        };
+        let (expected, _) = proportional_fill(&weights, &expected_caps, residual_kw, u32::MAX, &scaled);
+        let mut power_kw: Vec<f64> =
+            expected.iter().zip(&weights).map(|(e, w)| if *w > 0.0 { e / w } else { 0.0 }).collect();
+        let total: f64 = power_kw.iter().sum();
+        let ceiling = self.max_overorder * residual_kw.max(0.0);
+        if total > ceiling && total > 0.0 {
+            let f = ceiling / total;
+            power_kw.iter_mut().for_each(|x| *x *= f);
+        }
+        Reallocation { power_kw, skipped }
+    }
+}
+
 /// The fallback named in config.
 pub fn by_kind(kind: FallbackKind) -> Box<dyn Fallback> {
     match kind {
         FallbackKind::Noop => Box::new(NoopFallback),
-        _ => Box::new(BalancedFallback::default()),
+        FallbackKind::Balanced => Box::new(BalancedFallback::default()),
+        FallbackKind::Probabilistic => Box::new(ProbabilisticFallback::default()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Limits;
     use proptest::prelude::*;
 
     fn cands(fleet: &[(Vehicle, f64)]) -> Vec<FallbackCandidate<'_>> {
@@ -136,7 +199,62 @@ mod tests {
         assert_eq!(r.power_kw, vec![1.0, 2.0]);
     }
 
+    #[test]
+    fn probabilistic_orders_enough_that_the_expected_delivery_meets_the_residual() {
+        let mut sure = Vehicle::new("sure", 0.8, 60.0, 22.0);
+        sure.availability = 1.0;
+        let mut coin = Vehicle::new("coin", 0.8, 60.0, 22.0);
+        coin.availability = 0.5;
+        let mut never = Vehicle::new("never", 0.8, 60.0, 22.0);
+        never.availability = 0.01;
+        let fleet = [(sure, 20.0), (coin, 20.0), (never, 20.0)];
+        let r = ProbabilisticFallback::default().reallocate(9.0, &cands(&fleet), &LimitSet::none(3));
+        assert_eq!(r.skipped, vec![2]);
+        assert_eq!(r.power_kw[2], 0.0);
+        let expected = r.power_kw[0] * 1.0 + r.power_kw[1] * 0.5;
+        assert!((expected - 9.0).abs() < 1e-9, "{r:?}");
+        // Expected shares go by probability: 6 kW expected from `sure`, 3 from `coin` (6 kW ordered).
+        assert!((r.power_kw[0] - 6.0).abs() < 1e-9 && (r.power_kw[1] - 6.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn probabilistic_respects_limits_on_the_ordered_power() {
+        let mut a = Vehicle::new("a", 0.8, 60.0, 22.0);
+        a.availability = 0.5;
+        let fleet = [(a, 20.0)];
+        let c = cands(&fleet);
+        let limits = Limits { export_kw: Some(4.0), ..Limits::default() };
+        let cand = [crate::dispatch::Candidate { vehicle: c[0].vehicle, capacity_kw: 20.0, participation: 0.0 }];
+        let set = LimitSet::new(&limits, crate::model::Direction::Up, &cand);
+        let r = ProbabilisticFallback::default().reallocate(10.0, &c, &set);
+        assert!((r.power_kw[0] - 4.0).abs() < 1e-9, "the site row caps the order, not the expectation: {r:?}");
+    }
+
     proptest! {
+        #[test]
+        fn probabilistic_never_exceeds_remaining_capacity_limits_or_the_overorder_ceiling(
+            specs in prop::collection::vec((0.0f64..=1.0, 0.0f64..=1.0, 0.0f64..20.0), 0..30),
+            residual in 0.0f64..300.0,
+            site in prop::option::of(1.0f64..200.0),
+        ) {
+            let fleet: Vec<(Vehicle, f64)> = specs.iter().enumerate().map(|(i, (avail, degr, rem))| {
+                let mut v = Vehicle::new(format!("v{i}"), 0.8, 60.0, 22.0);
+                v.availability = *avail;
+                v.degradation = *degr;
+                (v, *rem)
+            }).collect();
+            let c = cands(&fleet);
+            let as_cands: Vec<crate::dispatch::Candidate> =
+                c.iter().map(|f| crate::dispatch::Candidate { vehicle: f.vehicle, capacity_kw: f.remaining_kw, participation: 0.0 }).collect();
+            let set = LimitSet::new(&Limits { export_kw: site, ..Limits::default() }, crate::model::Direction::Up, &as_cands);
+            let r = ProbabilisticFallback::default().reallocate(residual, &c, &set);
+            for ((_, rem), p) in fleet.iter().zip(&r.power_kw) {
+                prop_assert!(*p >= 0.0 && *p <= rem + 1e-9);
+            }
+            prop_assert!(set.violations(&r.power_kw, 1e-6).is_empty());
+            prop_assert!(r.power_kw.iter().sum::<f64>() <= 2.0 * residual + 1e-6);
+        }
+
         #[test]
         fn balanced_never_exceeds_remaining_capacity(
             specs in prop::collection::vec((0.0f64..=1.0, 0.0f64..20.0), 0..30),

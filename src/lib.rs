@@ -13,8 +13,9 @@
 //! - [`dispatch`]: allocation strategies (Equal, Smart) behind the `Dispatcher` trait.
 //! - [`limits`]: site, feeder-group and phase limits as linear rows every strategy respects.
 //! - [`lp`]: `LpDispatcher`, the LP over the same scores and limits, solved with clarabel.
+//! - [`segments`]: `SegmentedSmartDispatcher`, per-segment weights and strategy.
 //! - [`policy`]: which strategy runs per signal type (LP-first, falling back to Smart).
-//! - [`fallback`]: reallocation of residuals (Noop, Balanced) behind the `Fallback` trait.
+//! - [`fallback`]: reallocation of residuals (Noop, Balanced, Probabilistic) behind the `Fallback` trait.
 //! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
 //! - [`events`]: event kinds, rows and the `EventStore` trait.
 //! - [`config`]: the YAML config, raw and validated.
@@ -30,5 +31,6 @@ pub mod limits;
 pub mod lp;
 pub mod model;
 pub mod policy;
+pub mod segments;
 pub mod time;
 pub mod wire;

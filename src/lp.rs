@@ -39,6 +39,20 @@ pub struct LpSettings {
     pub equilibrate: bool,
     /// Iterative refinement of each KKT solve.
     pub iterative_refinement: bool,
+    /// Which exact formulation to build.
+    pub formulation: Formulation,
+}
+
+/// The LP's two exact formulations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Formulation {
+    /// By class when there are at most a third as many classes as vehicles, else per vehicle.
+    Auto,
+    /// One variable per vehicle.
+    PerVehicle,
+    /// Class totals with piecewise-linear value functions ([`Classes`]).
+    ByClass,
 }
 
 impl Default for LpSettings {
@@ -54,6 +68,7 @@ impl Default for LpSettings {
             tol_feas: 1e-8,
             equilibrate: false,
             iterative_refinement: false,
+            formulation: Formulation::Auto,
         }
     }
 }
@@ -63,6 +78,8 @@ impl Default for LpSettings {
 pub struct SolverReport {
     /// clarabel's status (`Solved`, `AlmostSolved`, `PrimalInfeasible`, ...).
     pub status: String,
+    /// `per_vehicle` or `by_class` (see [`Classes`]).
+    pub formulation: &'static str,
     /// Interior-point iterations.
     pub iterations: u32,
     /// Solve time as clarabel measured it, ms.
@@ -114,24 +131,39 @@ impl LpDispatcher {
         let n = req.candidates.len();
         let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw.max(0.0)).collect();
         let limits = req.limits;
-        let m = 1 + 2 * n + limits.rows.len();
         let mut report = SolverReport {
             status: String::new(),
+            formulation: "per_vehicle",
             iterations: 0,
             solve_time_ms: 0.0,
             objective: 0.0,
             variables: n,
-            constraints: m,
+            constraints: 0,
         };
         if n == 0 {
             report.status = "Trivial".into();
             report.objective = objective(scores, &[], req.target_kw);
             return Ok((Vec::new(), report));
         }
-        self.build(req.target_kw, scores, &caps, limits);
+        let penalty = shortfall_penalty(scores);
+        let value: Vec<f64> = scores.iter().map(|s| s + penalty).collect();
+        let classes = Classes::of(limits, &value);
+        let by_class = match self.settings.formulation {
+            Formulation::Auto => classes.members.len() * 3 <= n,
+            Formulation::PerVehicle => false,
+            Formulation::ByClass => true,
+        };
+        let (vars, m) = if by_class {
+            report.formulation = "by_class";
+            self.build_by_class(req.target_kw, &value, &caps, limits, &classes)
+        } else {
+            self.build(req.target_kw, &value, &caps, limits)
+        };
+        report.variables = vars;
+        report.constraints = m;
         let b = std::mem::take(&mut self.buf);
-        let a = CscMatrix { m, n, colptr: b.colptr, rowval: b.rowval, nzval: b.nzval };
-        let p = CscMatrix::zeros((n, n));
+        let a = CscMatrix { m, n: vars, colptr: b.colptr, rowval: b.rowval, nzval: b.nzval };
+        let p = CscMatrix::zeros((vars, vars));
         let cones = [SupportedConeT::NonnegativeConeT(m)];
         let s = &self.settings;
         let settings = DefaultSettings {
@@ -157,15 +189,81 @@ impl LpDispatcher {
         {
             return Err(LpError { report });
         }
-        let power = clamp_onto_constraints(&sol.x, &caps, req.target_kw, limits);
+        let x = if by_class { classes.disaggregate(&sol.x[..classes.members.len()], &caps) } else { sol.x.clone() };
+        let power = clamp_onto_constraints(&x, &caps, req.target_kw, limits);
         report.objective = objective(scores, &power, req.target_kw);
         Ok((power, report))
     }
 
-    /// Fills the buffers with `q`, `A` (CSC, column by column, rows ascending) and `b`.
-    fn build(&mut self, target: f64, scores: &[f64], caps: &[f64], limits: &LimitSet) {
+    /// The class form (see [`Classes`]): variables `T_k` (power of class k) and `v_k` (its
+    /// value); rows: the target, the shared rows over `T`, `0 <= T_k <= U_k`, and one row
+    /// per vehicle, `v_k - c_j T_k <= sum_{i<j} (c_i - c_j) u_i`: the pieces of the class's
+    /// concave value function. Returns (variables, rows).
+    fn build_by_class(
+        &mut self,
+        target: f64,
+        value: &[f64],
+        caps: &[f64],
+        limits: &LimitSet,
+        classes: &Classes,
+    ) -> (usize, usize) {
+        let k = classes.members.len();
+        let r = limits.rows.len();
+        let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
+        colptr.clear();
+        rowval.clear();
+        nzval.clear();
+        q.clear();
+        b.clear();
+        b.push(target.max(0.0));
+        b.extend(limits.rows.iter().map(|row| row.cap_kw));
+        let totals: Vec<f64> = classes.members.iter().map(|m| m.iter().map(|&i| caps[i]).sum()).collect();
+        b.extend_from_slice(&totals);
+        b.extend(std::iter::repeat_n(0.0, k));
+        let mut piece_base = Vec::with_capacity(k);
+        for members in &classes.members {
+            piece_base.push(b.len());
+            let (mut u_before, mut f_before) = (0.0, 0.0);
+            for &j in members {
+                b.push(f_before - value[j] * u_before);
+                u_before += caps[j];
+                f_before += value[j] * caps[j];
+            }
+        }
+        for (c, members) in classes.members.iter().enumerate() {
+            colptr.push(rowval.len());
+            rowval.push(0);
+            nzval.push(1.0);
+            for (row, coef) in &classes.rows[c] {
+                rowval.push(1 + row);
+                nzval.push(*coef);
+            }
+            rowval.push(1 + r + c);
+            nzval.push(1.0);
+            rowval.push(1 + r + k + c);
+            nzval.push(-1.0);
+            for (j, &i) in members.iter().enumerate() {
+                rowval.push(piece_base[c] + j);
+                nzval.push(-value[i]);
+            }
+            q.push(0.0);
+        }
+        for (c, members) in classes.members.iter().enumerate() {
+            colptr.push(rowval.len());
+            for j in 0..members.len() {
+                rowval.push(piece_base[c] + j);
+                nzval.push(1.0);
+            }
+            q.push(-1.0);
+        }
+        colptr.push(rowval.len());
+        (2 * k, b.len())
+    }
+
+    /// The per-vehicle form: one variable per vehicle; rows: the target, `p_i <= u_i`,
+    /// `-p_i <= 0`, the shared rows. Returns (variables, rows).
+    fn build(&mut self, target: f64, value: &[f64], caps: &[f64], limits: &LimitSet) -> (usize, usize) {
         let n = caps.len();
-        let penalty = shortfall_penalty(scores);
         let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
         colptr.clear();
         rowval.clear();
@@ -173,7 +271,7 @@ impl LpDispatcher {
         q.clear();
         b.clear();
         let limit_row0 = 1 + 2 * n;
-        for (i, (score, members)) in scores.iter().zip(&limits.members).enumerate() {
+        for (i, (v, members)) in value.iter().zip(&limits.members).enumerate() {
             colptr.push(rowval.len());
             // sum(p) <= target
             rowval.push(0);
@@ -188,13 +286,75 @@ impl LpDispatcher {
                 rowval.push(limit_row0 + r);
                 nzval.push(*coef);
             }
-            q.push(-(score + penalty));
+            q.push(-v);
         }
         colptr.push(rowval.len());
         b.push(target.max(0.0));
         b.extend_from_slice(caps);
         b.extend(std::iter::repeat_n(0.0, n));
         b.extend(limits.rows.iter().map(|r| r.cap_kw));
+        (n, b.len())
+    }
+}
+
+/// Vehicles with identical shared-row coefficients (same group, same wiring) form a class.
+/// Within a class any optimum gives power by value order (moving a kW from a lower- to a
+/// higher-valued member changes no row), so the LP can be solved over class totals with
+/// each class's concave piecewise-linear value function, then split greedily: exact, and far
+/// smaller when the fleet has few classes (a depot: ~20 feeders x 4 wirings).
+#[derive(Debug)]
+pub struct Classes {
+    /// Members of each class, by descending value.
+    pub members: Vec<Vec<usize>>,
+    /// Shared-row coefficients of each class.
+    pub rows: Vec<Vec<(usize, f64)>>,
+}
+
+impl Classes {
+    /// The classes of `limits`' candidates, members sorted by `value`.
+    pub fn of(limits: &LimitSet, value: &[f64]) -> Self {
+        // Sort by (row coefficients, value desc): classes are then runs, members in order.
+        let same = |a: &[(usize, f64)], b: &[(usize, f64)]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.to_bits() == y.1.to_bits())
+        };
+        let key_cmp = |a: &[(usize, f64)], b: &[(usize, f64)]| {
+            a.iter().map(|(r, c)| (*r, c.to_bits())).cmp(b.iter().map(|(r, c)| (*r, c.to_bits())))
+        };
+        let mut order: Vec<usize> = (0..limits.members.len()).collect();
+        order.sort_unstable_by(|&a, &b| {
+            key_cmp(&limits.members[a], &limits.members[b])
+                .then(value[b].partial_cmp(&value[a]).unwrap_or(std::cmp::Ordering::Equal))
+                .then(a.cmp(&b))
+        });
+        let mut classes = Classes { members: Vec::new(), rows: Vec::new() };
+        for i in order {
+            match classes.rows.last() {
+                Some(last) if same(last, &limits.members[i]) => {
+                    if let Some(m) = classes.members.last_mut() {
+                        m.push(i);
+                    }
+                }
+                _ => {
+                    classes.rows.push(limits.members[i].clone());
+                    classes.members.push(vec![i]);
+                }
+            }
+        }
+        classes
+    }
+
+    /// Splits class totals over members in value order.
+    pub fn disaggregate(&self, totals: &[f64], caps: &[f64]) -> Vec<f64> {
+        let mut p = vec![0.0; caps.len()];
+        for (members, total) in self.members.iter().zip(totals) {
+            let mut left = total.max(0.0);
+            for &i in members {
+                let give = caps[i].min(left);
+                p[i] = give;
+                left -= give;
+            }
+        }
+        p
     }
 }
 
@@ -387,6 +547,28 @@ mod tests {
                 let (lp, _) = LpDispatcher::default().solve(req, &scores).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let (g, l) = (objective(&scores, &greedy, req.target_kw), objective(&scores, &lp, req.target_kw));
                 prop_assert!((l - g).abs() <= 1e-6 * g.abs().max(1.0), "lp {l} vs greedy {g}");
+                Ok(())
+            })?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(100))]
+
+        #[test]
+        fn the_class_form_and_the_per_vehicle_form_agree(d in depot(true)) {
+            with_request(&d, |req| {
+                let scores = SmartDispatcher::default().scores(req);
+                let solve = |formulation| {
+                    let settings = LpSettings { formulation, ..LpSettings::default() };
+                    LpDispatcher::new(SmartDispatcher::default(), settings).solve(req, &scores)
+                };
+                let (a, ra) = solve(Formulation::PerVehicle).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (b, rb) = solve(Formulation::ByClass).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                assert_feasible(req, &b, "by class")?;
+                prop_assert_eq!((ra.formulation, rb.formulation), ("per_vehicle", "by_class"));
+                let (oa, ob) = (objective(&scores, &a, req.target_kw), objective(&scores, &b, req.target_kw));
+                prop_assert!((oa - ob).abs() <= 1e-6 * oa.abs().max(1.0), "per vehicle {oa} vs by class {ob}");
                 Ok(())
             })?;
         }

@@ -52,6 +52,14 @@ impl Dispatcher for Strategies {
         self.default
     }
 
+    fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::dispatch::Weights) {
+        self.smart.set_weights(kind, weights);
+        self.lp.scoring.set_weights(kind, weights);
+        if let Some(seg) = self.segmented.as_mut() {
+            seg.set_weights(kind, weights);
+        }
+    }
+
     fn allocate(&mut self, req: &AllocationRequest<'_>) -> Allocation {
         let kind = req.signal.kind;
         if self.lp_first[usize::from(kind.code())] || self.default == StrategyKind::Lp {

@@ -15,7 +15,9 @@ use gridweaver_core::engine::{EngineConfig, Planner};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::fallback;
 use gridweaver_core::filter::SimpleVehicleFilter;
+use gridweaver_core::model::StrategyKind;
 use gridweaver_core::policy::Strategies;
+use gridweaver_core::segments::SegmentedSmartDispatcher;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
@@ -87,6 +89,7 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         ack_timeout_ms: d.ack_timeout_ms,
         fallback: d.fallback,
         limits: d.limits.clone(),
+        no_fallback_segments: d.segments.iter().filter(|(_, s)| !s.fallback).map(|(n, _)| n.clone()).collect(),
         ..EngineConfig::default()
     };
     let smart = SmartDispatcher {
@@ -95,8 +98,11 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         fairness: d.fairness,
         ..SmartDispatcher::default()
     };
-    let mut strategies = Strategies::new(d.strategy, smart);
+    let mut strategies = Strategies::new(d.strategy, smart.clone());
     strategies.lp_first = d.lp_first;
+    if d.strategy == StrategyKind::Segmented {
+        strategies.segmented = Some(Box::new(SegmentedSmartDispatcher::new(d.segments.clone(), smart)));
+    }
     let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), Box::new(strategies));
     for id in &recovery.signal_ids {
         planner.remember_signal(id);
@@ -145,9 +151,6 @@ impl Controller {
             });
             build_planner(&planner_cfg, &recovery)
         });
-        if !d.segments.is_empty() {
-            tracing::warn!("dispatch.segments is validated but not yet applied by this version");
-        }
 
         let kind = d.fallback;
         let fallback = actix::Supervisor::start(move |_| FallbackActor::new(fallback::by_kind(kind)));

@@ -1,3 +1,5 @@
+use std::collections::BTreeSet;
+
 use super::*;
 use crate::dispatch::{EqualDispatcher, SmartDispatcher};
 use crate::fallback::{BalancedFallback, Fallback, NoopFallback};
@@ -120,6 +122,33 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
     assert!((out.shortfall_kw - 4.0).abs() < 1e-9);
     assert_eq!(out.vehicles, VehicleCounts { accepted: 4, rejected: 0, timed_out: 2 });
     assert_eq!(out.fallback, FallbackKind::Balanced);
+}
+
+#[test]
+fn segments_without_fallback_are_never_asked_twice() {
+    let mut fleet = fleet(3);
+    fleet[0].segment = Some("buses".into());
+    fleet[1].segment = Some("vans".into());
+    let cfg = EngineConfig {
+        ack_timeout_ms: 1_000,
+        no_fallback_segments: BTreeSet::from(["buses".to_owned()]),
+        ..EngineConfig::default()
+    };
+    let mut p = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(EqualDispatcher));
+    for v in &fleet {
+        p.apply_state(T0, v.id.clone(), Some(v.clone()));
+    }
+    let (d, step) = p.plan(T0, signal("s1", 24.0)).unwrap();
+    let mut book = DispatchBook::new();
+    book.insert(d);
+    // All but the last accept: the residual goes to the fallback round.
+    for o in &step.orders[..2] {
+        book.on_ack(T0, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
+    }
+    let steps = book.on_timeout(T0.plus_millis(1_000));
+    let req = steps[0].fallback.as_ref().expect("a fallback round");
+    let asked: Vec<&str> = req.candidates.iter().map(|(v, _)| v.id.0.as_str()).collect();
+    assert_eq!(asked, ["v01"], "the bus (fallback: false) is not asked again");
 }
 
 #[test]
