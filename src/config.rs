@@ -47,6 +47,48 @@ pub struct RawConfig {
     /// Demand-response programs.
     #[serde(default)]
     pub programs: BTreeMap<String, RawProgram>,
+    /// The weight tuner.
+    #[serde(default)]
+    pub tuner: RawTuner,
+    /// The availability prediction.
+    #[serde(default)]
+    pub prediction: RawPrediction,
+}
+
+/// `tuner:` (see [`crate::tuning`]); unset values take the defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTuner {
+    /// On by default.
+    pub enabled: Option<bool>,
+    /// Below this ACK rate the availability weight rises (0.8).
+    pub low_ack_rate: Option<f64>,
+    /// Above this ACK rate it falls (0.95).
+    pub high_ack_rate: Option<f64>,
+    /// Rise per dispatch (0.05).
+    pub step_up: Option<f64>,
+    /// Fall per dispatch (0.02).
+    pub step_down: Option<f64>,
+    /// Lowest availability weight (0.1).
+    pub min_weight: Option<f64>,
+    /// Highest availability weight (1.0).
+    pub max_weight: Option<f64>,
+    /// Dispatches with fewer orders are not learned from (3).
+    pub min_orders: Option<u32>,
+}
+
+/// `prediction:` (see [`crate::prediction`]); unset values take the defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrediction {
+    /// On by default.
+    pub enabled: Option<bool>,
+    /// Age at which an ACK weighs half, days (14).
+    pub half_life_days: Option<f64>,
+    /// Availability assumed without history (0.8).
+    pub prior_mean: Option<f64>,
+    /// How many ACKs the prior is worth (2).
+    pub prior_weight: Option<f64>,
 }
 
 /// `mqtt:`
@@ -109,6 +151,19 @@ pub struct RawDispatch {
     /// Site limits.
     #[serde(default)]
     pub limits: RawLimits,
+    /// LP solver bounds.
+    #[serde(default)]
+    pub lp: RawLp,
+}
+
+/// `dispatch.lp:` bounds on each LP solve; a solve that hits one fails and Smart runs.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLp {
+    /// Interior-point iterations (100).
+    pub max_iterations: Option<u32>,
+    /// Wall-clock time, ms (1000).
+    pub time_limit_ms: Option<u64>,
 }
 
 /// `dispatch.segments.<name>:`
@@ -164,6 +219,10 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// Demand-response programs.
     pub programs: BTreeMap<String, Program>,
+    /// The tuner's settings, `None` when disabled.
+    pub tuner: Option<crate::tuning::TunerConfig>,
+    /// The prediction's settings, `None` when disabled.
+    pub prediction: Option<crate::prediction::PredictionConfig>,
 }
 
 /// Validated `mqtt:`.
@@ -219,6 +278,8 @@ pub struct DispatchConfig {
     pub segments: BTreeMap<String, Segment>,
     /// Site limits.
     pub limits: Limits,
+    /// LP solver settings.
+    pub lp: crate::lp::LpSettings,
 }
 
 /// A validated segment.
@@ -457,6 +518,19 @@ impl RawConfig {
             groups,
             phase_kw: opt("dispatch.limits.phase_kw", l.phase_kw)?,
         };
+        let mut lp = crate::lp::LpSettings::default();
+        if let Some(it) = d.lp.max_iterations {
+            if it == 0 {
+                return Err(err("dispatch.lp.max_iterations", "must be >= 1"));
+            }
+            lp.max_iter = it;
+        }
+        if let Some(ms) = d.lp.time_limit_ms {
+            if ms == 0 {
+                return Err(err("dispatch.lp.time_limit_ms", "must be >= 1"));
+            }
+            lp.time_limit_s = ms as f64 / 1000.0;
+        }
         let dispatch = DispatchConfig {
             ack_timeout_ms: (ack_timeout * 1000.0).round() as i64,
             strategy,
@@ -467,6 +541,7 @@ impl RawConfig {
             lp_first,
             segments,
             limits,
+            lp,
         };
 
         let mut programs = BTreeMap::new();
@@ -485,7 +560,38 @@ impl RawConfig {
             programs.insert(id, Program { required_mw, window_start, window_end });
         }
 
-        Ok(Config { site, mqtt, store: StoreConfig { path, sync_full }, dispatch, programs })
+        let t = self.tuner;
+        let tuner = if t.enabled.unwrap_or(true) {
+            let d = crate::tuning::TunerConfig::default();
+            let cfg = crate::tuning::TunerConfig {
+                low_ack_rate: t.low_ack_rate.unwrap_or(d.low_ack_rate),
+                high_ack_rate: t.high_ack_rate.unwrap_or(d.high_ack_rate),
+                step_up: t.step_up.unwrap_or(d.step_up),
+                step_down: t.step_down.unwrap_or(d.step_down),
+                min_weight: t.min_weight.unwrap_or(d.min_weight),
+                max_weight: t.max_weight.unwrap_or(d.max_weight),
+                min_orders: t.min_orders.unwrap_or(d.min_orders),
+            };
+            cfg.validate().map_err(|e| err(format!("tuner.{}", e.field), e.problem))?;
+            Some(cfg)
+        } else {
+            None
+        };
+        let pr = self.prediction;
+        let prediction = if pr.enabled.unwrap_or(true) {
+            let d = crate::prediction::PredictionConfig::default();
+            let half_life_days = positive("prediction.half_life_days", pr.half_life_days.unwrap_or(d.half_life_days))?;
+            let prior_mean = pr.prior_mean.unwrap_or(d.prior_mean);
+            if !(0.0..=1.0).contains(&prior_mean) {
+                return Err(err("prediction.prior_mean", format!("must be within 0..=1, got {prior_mean}")));
+            }
+            let prior_weight = positive("prediction.prior_weight", pr.prior_weight.unwrap_or(d.prior_weight))?;
+            Some(crate::prediction::PredictionConfig { half_life_days, prior_mean, prior_weight, ..d })
+        } else {
+            None
+        };
+
+        Ok(Config { site, mqtt, store: StoreConfig { path, sync_full }, dispatch, programs, tuner, prediction })
     }
 }
 
@@ -557,6 +663,10 @@ programs:
                 "programs.w.window_start",
             ),
             ("site: a\n  - b: [\n", "<document>"),
+            ("site: a\ntuner: { low_ack_rate: 0.99, high_ack_rate: 0.5 }\n", "tuner.low_ack_rate: must not exceed"),
+            ("site: a\ntuner: { step_up: 0 }\n", "tuner.step_up"),
+            ("site: a\ntuner: { speed: 1 }\n", "tuner: unknown field `speed`"),
+            ("site: a\nprediction: { prior_mean: 2 }\n", "prediction.prior_mean"),
         ];
         for (yaml, want) in cases {
             let got = error(yaml);

@@ -64,6 +64,9 @@ pub struct Allocation {
     /// Why the strategy that ran is not the one asked for (LP failed, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The score weights used, where one set was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
 }
 
 impl Allocation {
@@ -88,7 +91,7 @@ pub trait Dispatcher: Send {
 impl Allocation {
     /// An allocation by a heuristic.
     pub fn heuristic(strategy: StrategyKind, power_kw: Vec<f64>, scores: Vec<f64>, rounds: u32) -> Self {
-        Self { strategy, power_kw, scores, rounds, solver: None, note: None }
+        Self { strategy, power_kw, scores, rounds, solver: None, note: None, weights: None }
     }
 }
 
@@ -330,7 +333,9 @@ impl Dispatcher for SmartDispatcher {
         let scores = self.scores(req);
         let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
         let (power_kw, rounds) = proportional_fill(&scores, &caps, req.target_kw, self.max_rounds, req.limits);
-        Allocation::heuristic(StrategyKind::Smart, power_kw, scores, rounds)
+        let mut a = Allocation::heuristic(StrategyKind::Smart, power_kw, scores, rounds);
+        a.weights = Some(self.weights[usize::from(req.signal.kind.code())]);
+        a
     }
 }
 

@@ -31,6 +31,7 @@ use crate::model::{
     Ack, AckStatus, Direction, DispatchOutcome, FallbackKind, Order, Signal, StrategyKind, Vehicle, VehicleCounts,
     VehicleId,
 };
+use crate::prediction::PredictionEngine;
 use crate::time::Timestamp;
 
 /// Settings of the planner and its dispatches.
@@ -82,6 +83,9 @@ pub struct Step {
     pub deadline: Option<Timestamp>,
     /// A residual to hand to the fallback; answer with [`DispatchBook::apply_fallback`].
     pub fallback: Option<FallbackRequest>,
+    /// Once settled: each order's vehicle, when, and whether it accepted (for the
+    /// availability prediction).
+    pub answers: Vec<(VehicleId, Timestamp, bool)>,
     /// The final result, once settled.
     pub outcome: Option<DispatchOutcome>,
 }
@@ -93,6 +97,7 @@ impl Step {
         self.deadline = other.deadline.or(self.deadline);
         self.fallback = other.fallback.or(self.fallback.take());
         self.outcome = other.outcome.or(self.outcome.take());
+        self.answers.extend(other.answers);
     }
 }
 
@@ -200,6 +205,7 @@ pub struct Planner {
     filter: Box<dyn VehicleFilter>,
     strategy: Box<dyn Dispatcher>,
     participation: HashMap<VehicleId, f64>,
+    prediction: Option<PredictionEngine>,
     seen: SeenIds,
     highest_term: Option<u64>,
     dispatches: u64,
@@ -218,6 +224,7 @@ impl Planner {
             filter,
             strategy,
             participation: HashMap::new(),
+            prediction: None,
             seen,
             highest_term: None,
             dispatches: 0,
@@ -233,6 +240,35 @@ impl Planner {
     /// redelivery is still a duplicate.
     pub fn remember_signal(&mut self, id: &str) {
         self.seen.insert(id);
+    }
+
+    /// Uses `engine` to predict the availability of vehicles that do not state theirs.
+    pub fn set_prediction(&mut self, engine: PredictionEngine) {
+        self.prediction = Some(engine);
+    }
+
+    /// Records what vehicles answered (a settled dispatch's [`Step::answers`]).
+    pub fn observe_answers(&mut self, answers: &[(VehicleId, Timestamp, bool)]) {
+        if let Some(p) = self.prediction.as_mut() {
+            for (v, at, delivered) in answers {
+                p.observe(v, *at, *delivered);
+            }
+        }
+    }
+
+    /// Replaces the score weights of one signal type (the tuner's output).
+    pub fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::dispatch::Weights) {
+        self.strategy.set_weights(kind, weights);
+    }
+
+    /// Vehicles whose availability is predicted now, with the prediction applied.
+    fn predicted(&self, now: Timestamp) -> HashMap<VehicleId, Vehicle> {
+        let Some(p) = &self.prediction else { return HashMap::new() };
+        self.fleet
+            .values()
+            .filter(|v| !v.availability_stated)
+            .filter_map(|v| p.predict(&v.id, now).map(|a| (v.id.clone(), Vehicle { availability: a, ..v.clone() })))
+            .collect()
     }
 
     /// Remembers the highest leader term seen before a restart.
@@ -295,7 +331,8 @@ impl Planner {
         };
         let (up, down) = (probe(Direction::Up), probe(Direction::Down));
         let mut cap = Capacity { up_kw: 0.0, down_kw: 0.0, vehicles: 0, at: now };
-        for v in self.fleet.values() {
+        let predicted = self.predicted(now);
+        for v in self.fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
             let mut eligible = false;
             for (sig, total) in [(&up, &mut cap.up_kw), (&down, &mut cap.down_kw)] {
                 if self.filter.check(v, sig).is_ok() {
@@ -335,7 +372,8 @@ impl Planner {
 
         let mut excluded: Vec<(&VehicleId, Exclusion)> = Vec::new();
         let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(self.fleet.len());
-        for v in self.fleet.values() {
+        let predicted = self.predicted(now);
+        for v in self.fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
             let capacity_kw = v.effective_capacity(signal.direction, 0.0, signal.duration_s as f64);
             match self.filter.check(v, &signal) {
                 Err(why) => excluded.push((&v.id, why)),
@@ -410,6 +448,8 @@ impl Planner {
             "strategy": allocation.strategy,
             "note": allocation.note,
             "solver": allocation.solver,
+            "weights": allocation.weights,
+            "predicted_availability": predicted.keys().collect::<Vec<_>>(),
             "fallback": self.cfg.fallback,
             "target_kw": target_kw,
             "allocated_kw": allocated_kw,
@@ -766,7 +806,12 @@ impl Dispatch {
             payload["interrupted"] = json!(why);
         }
         let event = self.event(now, EventKind::DispatchCompleted, "supervisor");
-        Step { events: vec![Event { payload, ..event }], outcome: Some(outcome), ..Step::default() }
+        // An interrupted dispatch says nothing about the vehicles that had no time to answer.
+        let answers = match self.interrupted {
+            Some(_) => Vec::new(),
+            None => self.orders.iter().map(|(o, a)| (o.vehicle_id.clone(), now, *a == Answer::Accepted)).collect(),
+        };
+        Step { events: vec![Event { payload, ..event }], outcome: Some(outcome), answers, ..Step::default() }
     }
 }
 

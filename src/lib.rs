@@ -17,6 +17,8 @@
 //! - [`policy`]: which strategy runs per signal type (LP-first, falling back to Smart).
 //! - [`fallback`]: reallocation of residuals (Noop, Balanced, Probabilistic) behind the `Fallback` trait.
 //! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
+//! - [`tuning`]: `LearningTuner`, `AckBasedTuner`: weights from ACK rates.
+//! - [`prediction`]: `PredictionEngine`: availability from ACK history (nalgebra).
 //! - [`events`]: event kinds, rows and the `EventStore` trait.
 //! - [`config`]: the YAML config, raw and validated.
 #![deny(missing_docs)]
@@ -31,6 +33,8 @@ pub mod limits;
 pub mod lp;
 pub mod model;
 pub mod policy;
+pub mod prediction;
 pub mod segments;
 pub mod time;
+pub mod tuning;
 pub mod wire;

@@ -398,6 +398,7 @@ impl Dispatcher for LpDispatcher {
                 rounds: report.iterations,
                 solver: Some(report),
                 note: None,
+                weights: Some(self.scoring.weights[usize::from(req.signal.kind.code())]),
             },
             Err(e) => {
                 let mut a = self.scoring.allocate(req);

@@ -197,6 +197,10 @@ pub struct Vehicle {
     pub segment: Option<String>,
     /// Probability that it follows an order, 0..=1.
     pub availability: f64,
+    /// Whether its state stated `availability` (if not, the prediction from its ACK history
+    /// is used where there is one).
+    #[serde(default = "yes")]
+    pub availability_stated: bool,
     /// Battery wear, 0..=1; scales the power it is asked for.
     pub degradation: f64,
     /// The operator's preference for using it for flexibility, 0..=1 (higher = used first).
@@ -224,6 +228,7 @@ impl Vehicle {
             max_soc: 1.0,
             segment: None,
             availability: 1.0,
+            availability_stated: true,
             degradation: 0.0,
             priority: 0.5,
             price_per_kwh: 0.0,
@@ -269,6 +274,10 @@ impl Vehicle {
         let scale = self.availability.clamp(0.0, 1.0) * (1.0 - self.degradation.clamp(0.0, 1.0));
         (power_room.min(energy_room) * scale).max(0.0)
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An order to one vehicle.

@@ -20,9 +20,9 @@ pub struct Strategies {
 }
 
 impl Strategies {
-    /// `default` for every type, no LP-first.
-    pub fn new(default: StrategyKind, smart: SmartDispatcher) -> Self {
-        let lp = LpDispatcher::new(smart.clone(), Default::default());
+    /// `default` for every type, no LP-first, the LP with `settings`.
+    pub fn new(default: StrategyKind, smart: SmartDispatcher, settings: crate::lp::LpSettings) -> Self {
+        let lp = LpDispatcher::new(smart.clone(), settings);
         Self { default, lp_first: [false; 5], smart, lp, segmented: None }
     }
 
@@ -36,6 +36,7 @@ impl Strategies {
                 rounds: report.iterations,
                 solver: Some(report),
                 note: None,
+                weights: Some(self.smart.weights[usize::from(req.signal.kind.code())]),
             },
             Err(e) => {
                 let mut a = self.smart.allocate(req);

@@ -40,6 +40,12 @@ impl SegmentedSmartDispatcher {
         Self { segments, smart, lp }
     }
 
+    /// The same with explicit LP settings for `lp` segments.
+    pub fn with_lp_settings(mut self, settings: crate::lp::LpSettings) -> Self {
+        self.lp.settings = settings;
+        self
+    }
+
     /// The group of each candidate: `Some(name)` for a configured segment, `None` default.
     fn group_of<'s>(&'s self, c: &Candidate<'_>) -> Option<&'s str> {
         let name = c.vehicle.segment.as_deref()?;

@@ -471,6 +471,7 @@ fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputError> {
         max_soc,
         segment: o.opt_str("segment")?.map(str::to_owned),
         availability: opt_fraction(o, "availability", 1.0)?,
+        availability_stated: o.get("availability").is_some(),
         degradation: opt_fraction(o, "degradation", 0.0)?,
         priority: opt_fraction(o, "priority", 0.5)?,
         price_per_kwh: o.opt_num("price_per_kwh")?.map_or(Ok(0.0), |x| non_negative("price_per_kwh", x))?,

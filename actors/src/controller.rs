@@ -17,7 +17,9 @@ use gridweaver_core::fallback;
 use gridweaver_core::filter::SimpleVehicleFilter;
 use gridweaver_core::model::StrategyKind;
 use gridweaver_core::policy::Strategies;
+use gridweaver_core::prediction::PredictionEngine;
 use gridweaver_core::segments::SegmentedSmartDispatcher;
+use gridweaver_core::tuning::{AckBasedTuner, LearningTuner};
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
@@ -26,7 +28,8 @@ use crate::dispatcher::{DispatcherActor, PlannerFactory};
 use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreHandle};
-use crate::supervisor::{Shutdown, Supervisor};
+use crate::supervisor::{SetTuner, Shutdown, Supervisor};
+use crate::tuner::TunerActor;
 
 /// The rumqttc options for `cfg`: TCP_NODELAY, a request channel and inflight window
 /// sized for a whole dispatch, a persistent session and a last will (FACTS.md).
@@ -98,10 +101,11 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         fairness: d.fairness,
         ..SmartDispatcher::default()
     };
-    let mut strategies = Strategies::new(d.strategy, smart.clone());
+    let mut strategies = Strategies::new(d.strategy, smart.clone(), d.lp.clone());
     strategies.lp_first = d.lp_first;
     if d.strategy == StrategyKind::Segmented {
-        strategies.segmented = Some(Box::new(SegmentedSmartDispatcher::new(d.segments.clone(), smart)));
+        let segmented = SegmentedSmartDispatcher::new(d.segments.clone(), smart).with_lp_settings(d.lp.clone());
+        strategies.segmented = Some(Box::new(segmented));
     }
     let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), Box::new(strategies));
     for id in &recovery.signal_ids {
@@ -110,7 +114,31 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
     if let Some(term) = recovery.highest_term {
         planner.remember_term(term);
     }
+    for (kind, weights) in &recovery.tuned {
+        planner.set_weights(*kind, *weights);
+    }
+    if let Some(p) = &cfg.prediction {
+        planner.set_prediction(PredictionEngine::new(p.clone()));
+        planner.observe_answers(&recovery.answers);
+    }
     planner
+}
+
+/// The tuner for `cfg`, with the weights the log says it had tuned.
+pub fn build_tuner(cfg: &Config, recovery: &store::Recovery) -> Option<Box<dyn LearningTuner>> {
+    let tc = cfg.tuner.clone()?;
+    let mut tuner = match AckBasedTuner::with_config(cfg.dispatch.weights, tc) {
+        Ok(t) => t,
+        Err(e) => {
+            // Unreachable with a validated config; the gateway runs on without tuning.
+            tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
+            return None;
+        }
+    };
+    for (kind, weights) in &recovery.tuned {
+        tuner.restore(*kind, *weights);
+    }
+    Some(Box::new(tuner))
 }
 
 /// The running gateway.
@@ -139,6 +167,7 @@ impl Controller {
         let publisher = Publisher::new(client, topics.clone());
 
         let d = &cfg.dispatch;
+        let tuner = build_tuner(cfg, &recovery);
         let first = std::cell::Cell::new(Some(recovery));
         let (planner_cfg, db) = (cfg.clone(), cfg.store.path.clone());
         let rebuild: PlannerFactory = Box::new(move || {
@@ -163,6 +192,10 @@ impl Controller {
             Supervisor::new(addr, fallback, st, pb, region)
         });
         let dispatcher = dispatcher.context("the dispatcher did not start")?;
+        if let Some(tuner) = tuner {
+            let tuner = TunerActor::new(tuner, dispatcher.clone(), store.clone(), cfg.site.clone()).start();
+            supervisor.do_send(SetTuner(tuner));
+        }
         let routes = Routes {
             dispatcher,
             supervisor: supervisor.clone(),

@@ -136,6 +136,38 @@ impl Handler<FleetUpdate> for DispatcherActor {
     }
 }
 
+/// New weights for one signal type, from the tuner (already durable).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetWeights {
+    /// The signal type.
+    pub kind: gridweaver_core::model::SignalType,
+    /// Its weights.
+    pub weights: gridweaver_core::dispatch::Weights,
+}
+
+impl Handler<SetWeights> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetWeights, _ctx: &mut Context<Self>) {
+        self.planner.set_weights(msg.kind, msg.weights);
+    }
+}
+
+/// How vehicles answered a settled dispatch, for the availability prediction.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Answers(pub Vec<(VehicleId, gridweaver_core::time::Timestamp, bool)>);
+
+impl Handler<Answers> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Answers, _ctx: &mut Context<Self>) {
+        self.planner.observe_answers(&msg.0);
+        self.capacity_dirty = true;
+    }
+}
+
 /// The broker connection came back: republish the retained capacity.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -11,6 +11,7 @@
 //!   deadlines) and the vehicle actors; carries out each step durable-first.
 //! - [`vehicle`]: `VehicleActor`, one per vehicle: its state, its orders, its ACKs.
 //! - [`fallback`]: `FallbackActor`, owns the configured fallback rule.
+//! - [`tuner`]: `TunerActor`, owns the `LearningTuner`; weights changes go durable, then to the dispatcher.
 //! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers.
 //! - [`publish`]: the outbound MQTT handle and the wall clock.
 //! - [`cli`]: the `gridweaver` commands; [`demo`]: `gridweaver demo`.
@@ -29,6 +30,7 @@ pub mod publish;
 pub mod sim;
 pub mod store;
 pub mod supervisor;
+pub mod tuner;
 pub mod vehicle;
 
 /// Mailbox capacity of the actors fed from outside (signals, states, ACKs): a whole

@@ -99,13 +99,16 @@ pub struct SimVehicle {
     pub behaviour: Behaviour,
     /// Whether the vehicle is plugged in; one that is not rejects orders (unless it is silent).
     pub plugged_in: bool,
+    /// More VehicleState fields to report as they are (`group`, `phases`, `phase`,
+    /// `segment`, `departure`, ...); they override the fields above on a clash.
+    pub extra_state: serde_json::Map<String, Value>,
 }
 
 impl SimVehicle {
     /// The vehicle's VehicleState payload as the contract defines it (fields the vehicle does not set are left
     /// to their contract defaults).
     pub fn state_json(&self) -> Value {
-        json!({
+        let mut state = json!({
             "soc": self.soc,
             "capacity_kwh": self.capacity_kwh,
             "max_charge_kw": self.max_charge_kw,
@@ -114,7 +117,11 @@ impl SimVehicle {
             "availability": self.availability,
             "degradation": self.degradation,
             "priority": self.priority,
-        })
+        });
+        if let Some(map) = state.as_object_mut() {
+            map.extend(self.extra_state.clone());
+        }
+        state
     }
 }
 
@@ -165,6 +172,7 @@ pub fn generate_fleet(seed: u64, n: usize, mix: FleetMix) -> Vec<SimVehicle> {
                 priority: round_to(rng.gen_range(0.0..=1.0), 2),
                 behaviour: Behaviour::Prompt,
                 plugged_in: !rng.gen_bool(0.05),
+                extra_state: serde_json::Map::new(),
             }
         })
         .collect();

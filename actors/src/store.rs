@@ -15,7 +15,11 @@ use std::sync::mpsc;
 use std::thread;
 
 use anyhow::Context;
+use gridweaver_core::dispatch::Weights;
 use gridweaver_core::events::{Event, EventKind, StoredEvent};
+use gridweaver_core::model::{SignalType, VehicleId};
+use gridweaver_core::time::Timestamp;
+use gridweaver_core::tuning::WeightsChange;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -308,6 +312,10 @@ pub struct Recovery {
     pub highest_term: Option<u64>,
     /// Dispatches planned but never completed: (dispatch id, signal id).
     pub unfinished: Vec<(String, String)>,
+    /// The latest tuned weights per signal type (from `WeightsTuned`).
+    pub tuned: Vec<(SignalType, Weights)>,
+    /// Answers to orders of the last 30 days (vehicle, when, accepted?), oldest first.
+    pub answers: Vec<(VehicleId, Timestamp, bool)>,
 }
 
 /// [`recover`] from a read-only connection to the log at `path`.
@@ -350,6 +358,31 @@ pub fn recover(conn: &Connection, remembered: usize) -> anyhow::Result<Recovery>
             rec.unfinished.push((id, signal.unwrap_or_default()));
         }
     }
+    let mut stmt = conn.prepare("SELECT payload FROM events WHERE kind = 'WeightsTuned' ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let payload: String = r.get(0)?;
+        match serde_json::from_str::<WeightsChange>(&payload) {
+            Ok(c) => {
+                rec.tuned.retain(|(t, _)| *t != c.signal_type);
+                rec.tuned.push((c.signal_type, c.after));
+            }
+            Err(e) => tracing::warn!(error = %e, "a WeightsTuned event could not be read; skipped"),
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT ts_ms, json_extract(payload, '$.vehicle_id'), kind = 'AckReceived' AND json_extract(payload, '$.status') = 'accepted'
+         FROM events WHERE kind IN ('AckReceived', 'AckTimedOut')
+           AND ts_ms >= (SELECT COALESCE(MAX(ts_ms), 0) FROM events) - 30 * 86400000
+         ORDER BY seq DESC LIMIT 200000",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        if let Some(vehicle) = r.get::<_, Option<String>>(1)? {
+            rec.answers.push((VehicleId(vehicle), Timestamp::from_millis(r.get(0)?), r.get(2)?));
+        }
+    }
+    rec.answers.reverse();
     Ok(rec)
 }
 

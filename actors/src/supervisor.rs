@@ -19,11 +19,12 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Ack, Order, Vehicle, VehicleId};
 use gridweaver_core::wire::rejection_event;
 
-use crate::dispatcher::{DispatcherActor, FleetUpdate};
+use crate::dispatcher::{Answers, DispatcherActor, FleetUpdate};
 use crate::fallback::{FallbackActor, Reallocate};
 use crate::guard::guarded;
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
+use crate::tuner::{Learn, TunerActor};
 use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
 
 /// Owns deadlines and vehicle actors.
@@ -33,6 +34,7 @@ pub struct Supervisor {
     vehicles: HashMap<VehicleId, (Vehicle, Addr<VehicleActor>)>,
     dispatcher: Addr<DispatcherActor>,
     fallback: Addr<FallbackActor>,
+    tuner: Option<Addr<TunerActor>>,
     store: StoreHandle,
     publisher: Publisher,
     region: String,
@@ -54,6 +56,7 @@ impl Supervisor {
             vehicles: HashMap::new(),
             dispatcher,
             fallback,
+            tuner: None,
             store,
             publisher,
             region,
@@ -65,7 +68,10 @@ impl Supervisor {
     /// Carries out a step: events durable first, then orders, outcome and the live tail;
     /// a fallback request goes to the FallbackActor; the deadline timer is re-armed.
     fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
-        let Step { events, orders, deadline: _, fallback, outcome } = step;
+        let Step { events, orders, deadline: _, fallback, outcome, answers } = step;
+        if !answers.is_empty() {
+            self.dispatcher.do_send(Answers(answers));
+        }
         if !events.is_empty() {
             let durable = self.store.append(events);
             let after = durable.into_actor(self).map(move |res, act, ctx| {
@@ -74,9 +80,12 @@ impl Supervisor {
                         for order in orders {
                             act.send_order(order);
                         }
-                        if let Some(outcome) = &outcome {
-                            act.publisher.outcome(outcome);
+                        if let Some(outcome) = outcome {
+                            act.publisher.outcome(&outcome);
                             act.completed += 1;
+                            if let Some(tuner) = &act.tuner {
+                                tuner.do_send(Learn(outcome));
+                            }
                         }
                         act.publisher.tail(appended.rows);
                     }
@@ -160,6 +169,19 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(crate::MAILBOX);
+    }
+}
+
+/// Connects the tuner (started after the supervisor, since it needs the dispatcher).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetTuner(pub Addr<TunerActor>);
+
+impl Handler<SetTuner> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetTuner, _ctx: &mut Context<Self>) {
+        self.tuner = Some(msg.0);
     }
 }
 

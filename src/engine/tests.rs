@@ -401,3 +401,41 @@ proptest! {
         prop_assert!(total <= kw + 1e-6);
     }
 }
+
+#[test]
+fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
+    let mut flaky = Vehicle::new("flaky", 0.8, 60.0, 10.0);
+    flaky.availability_stated = false;
+    let steady = Vehicle::new("steady", 0.8, 60.0, 10.0);
+    let mut p = with_fleet(planner(FallbackKind::Noop), &[flaky.clone(), steady]);
+    p.set_prediction(crate::prediction::PredictionEngine::default());
+    let misses: Vec<(VehicleId, Timestamp, bool)> =
+        (0..30).map(|k| (flaky.id.clone(), T0.plus_millis(-k * 60_000), false)).collect();
+    p.observe_answers(&misses);
+    let cap = p.capacity(T0);
+    assert!(cap.up_kw < 10.0 + 2.0, "the flaky vehicle's capacity is discounted: {cap:?}");
+    let (_, step) = p.plan(T0, signal("s1", 10.0)).unwrap();
+    let plan = &step.events[2].payload;
+    assert_eq!(plan["predicted_availability"], serde_json::json!(["flaky"]));
+    let power = |id: &str| step.orders.iter().find(|o| o.vehicle_id.0 == id).map_or(0.0, |o| o.power_kw);
+    assert!(power("steady") > power("flaky"), "{:?}", step.orders);
+}
+
+#[test]
+fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_strategy() {
+    let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(2));
+    let (d, step) = p.plan(T0, signal("s1", 12.0)).unwrap();
+    let mut book = DispatchBook::new();
+    book.insert(d);
+    book.on_ack(T0, &step.orders[0].vehicle_id, &ack(&step.orders[0], AckStatus::Accepted)).unwrap();
+    let done = book.on_timeout(T0.plus_millis(2_000)).remove(0);
+    let mut answers: Vec<(String, bool)> = done.answers.iter().map(|(v, _, ok)| (v.0.clone(), *ok)).collect();
+    answers.sort();
+    assert_eq!(answers, [("v00".to_owned(), true), ("v01".to_owned(), false)]);
+
+    let tuned =
+        crate::dispatch::Weights { availability: 0.123, ..crate::dispatch::Weights::default_for(SignalType::Afrr) };
+    p.set_weights(SignalType::Afrr, tuned);
+    let (_, step) = p.plan(T0, signal("s2", 5.0)).unwrap();
+    assert_eq!(step.events[2].payload["weights"]["availability"], 0.123);
+}

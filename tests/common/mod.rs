@@ -8,6 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use gridweaver_actors::sim::{Behaviour, SimConfig, SimVehicle, Simulator};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
@@ -269,4 +270,51 @@ impl Operator {
 /// A vehicle state payload (contract fields).
 pub fn state(soc: f64, kw: f64) -> String {
     format!(r#"{{"soc":{soc},"capacity_kwh":60,"max_charge_kw":{kw},"max_discharge_kw":{kw},"plugged_in":true}}"#)
+}
+
+pub fn vehicle(id: &str, soc: f64, kw: f64, behaviour: Behaviour) -> SimVehicle {
+    SimVehicle {
+        id: id.into(),
+        soc,
+        capacity_kwh: 80.0,
+        max_charge_kw: kw,
+        max_discharge_kw: kw,
+        availability: 1.0,
+        degradation: 0.0,
+        priority: 0.5,
+        behaviour,
+        plugged_in: true,
+        extra_state: serde_json::Map::new(),
+    }
+}
+
+pub fn fleet_of(broker: &Mosquitto, prefix: &str, fleet: Vec<SimVehicle>) -> Simulator {
+    Simulator::start(
+        SimConfig {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+            prefix: prefix.into(),
+            client_id: format!("fleet-{}", free_port()),
+            prompt_ack_ms: (0, 20),
+            late_ack_ms: 4_000,
+            seed: 1,
+            soc_drift: false,
+        },
+        fleet,
+    )
+    .expect("simulator")
+}
+
+pub fn operator(broker: &Mosquitto, prefix: &str) -> Operator {
+    let subs = ["dispatches/+", "errors", "capacity", "status", "vehicles/+/order"].map(|t| format!("{prefix}/{t}"));
+    Operator::connect(broker, &format!("op-{}", free_port()), &subs)
+}
+
+/// Waits until the retained capacity shows `n` eligible vehicles.
+pub fn await_fleet(op: &mut Operator, n: u64) {
+    op.wait_for(Duration::from_secs(15), |t, p| {
+        let v: Value = serde_json::from_slice(p).ok()?;
+        (t.ends_with("/capacity") && v["vehicles"].as_u64() == Some(n)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the gateway never saw {n} vehicles"));
 }
