@@ -408,13 +408,13 @@ impl Planner {
         let mut plan_rows = Vec::with_capacity(candidates.len());
         for (i, c) in candidates.iter().enumerate() {
             let power = allocation.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, c.capacity_kw);
-            plan_rows.push(json!({
-                "vehicle": c.vehicle,
-                "capacity_kw": c.capacity_kw,
-                "participation": c.participation,
-                "score": allocation.scores.get(i),
-                "power_kw": power,
-            }));
+            plan_rows.push(PlanRow {
+                vehicle: c.vehicle,
+                capacity_kw: c.capacity_kw,
+                participation: c.participation,
+                score: allocation.scores.get(i).copied(),
+                power_kw: power,
+            });
             if power < MIN_ORDER_KW {
                 continue;
             }
@@ -436,27 +436,29 @@ impl Planner {
             .zip(allocation.power_kw.iter().chain(std::iter::repeat(&0.0)))
             .map(|(c, p)| if *p >= MIN_ORDER_KW { p.clamp(0.0, c.capacity_kw) } else { 0.0 })
             .collect();
-        let loads: Vec<serde_json::Value> = limits
+        let limit_loads: Vec<LoadRow<'_>> = limits
             .loads(&powers)
-            .iter()
+            .into_iter()
             .zip(&limits.rows)
-            .map(|(load, row)| json!({"name": row.name, "load_kw": load, "cap_kw": row.cap_kw}))
+            .map(|(load_kw, row)| LoadRow { name: &row.name, load_kw, cap_kw: row.cap_kw })
             .collect();
-        events.push(ev(EventKind::DispatchPlanCreated).payload(json!({
-            "dispatch_id": dispatch_id,
-            "signal_id": signal.id,
-            "strategy": allocation.strategy,
-            "note": allocation.note,
-            "solver": allocation.solver,
-            "weights": allocation.weights,
-            "predicted_availability": predicted.keys().collect::<Vec<_>>(),
-            "fallback": self.cfg.fallback,
-            "target_kw": target_kw,
-            "allocated_kw": allocated_kw,
-            "rounds": allocation.rounds,
-            "limit_loads": loads,
-            "candidates": plan_rows,
-        })));
+        let mut predicted_ids: Vec<&VehicleId> = predicted.keys().collect();
+        predicted_ids.sort();
+        events.push(ev(EventKind::DispatchPlanCreated).payload(PlanPayload {
+            dispatch_id: &dispatch_id,
+            signal_id: &signal.id,
+            strategy: allocation.strategy,
+            note: allocation.note.as_deref(),
+            solver: allocation.solver.as_ref(),
+            weights: allocation.weights.as_ref(),
+            predicted_availability: predicted_ids,
+            fallback: self.cfg.fallback,
+            target_kw,
+            allocated_kw,
+            rounds: allocation.rounds,
+            limit_loads,
+            candidates: plan_rows,
+        }));
 
         for p in self.participation.values_mut() {
             *p *= self.cfg.participation_decay;
@@ -490,6 +492,52 @@ impl Planner {
         step.merge(dispatch.send(now, orders));
         Ok((dispatch, step))
     }
+}
+
+/// One candidate in `DispatchPlanCreated`.
+#[derive(Serialize)]
+struct PlanRow<'a> {
+    vehicle: &'a Vehicle,
+    capacity_kw: f64,
+    participation: f64,
+    score: Option<f64>,
+    power_kw: f64,
+}
+
+/// A shared row's load in `DispatchPlanCreated`.
+#[derive(Serialize)]
+struct LoadRow<'a> {
+    name: &'a str,
+    load_kw: f64,
+    cap_kw: f64,
+}
+
+/// The `DispatchPlanCreated` payload: the inputs, the strategy's report and the result.
+#[derive(Serialize)]
+struct PlanPayload<'a> {
+    dispatch_id: &'a str,
+    signal_id: &'a str,
+    strategy: StrategyKind,
+    note: Option<&'a str>,
+    solver: Option<&'a crate::lp::SolverReport>,
+    weights: Option<&'a crate::dispatch::Weights>,
+    predicted_availability: Vec<&'a VehicleId>,
+    fallback: FallbackKind,
+    target_kw: f64,
+    allocated_kw: f64,
+    rounds: u32,
+    limit_loads: Vec<LoadRow<'a>>,
+    candidates: Vec<PlanRow<'a>>,
+}
+
+/// The `DispatchCompleted` payload: the outcome plus how it settled.
+#[derive(Serialize)]
+struct CompletedPayload<'a> {
+    #[serde(flatten)]
+    outcome: &'a DispatchOutcome,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interrupted: Option<&'a str>,
 }
 
 /// A vehicle ordered in a dispatch: its state at planning time and what it accepted.
@@ -800,18 +848,17 @@ impl Dispatch {
             vehicles: self.counts,
             completed_at: now,
         };
-        let mut payload = serde_json::to_value(&outcome).unwrap_or_default();
-        payload["attempts"] = json!(self.attempt);
-        if let Some(why) = &self.interrupted {
-            payload["interrupted"] = json!(why);
-        }
-        let event = self.event(now, EventKind::DispatchCompleted, "supervisor");
+        let event = self.event(now, EventKind::DispatchCompleted, "supervisor").payload(CompletedPayload {
+            outcome: &outcome,
+            attempts: self.attempt,
+            interrupted: self.interrupted.as_deref(),
+        });
         // An interrupted dispatch says nothing about the vehicles that had no time to answer.
         let answers = match self.interrupted {
             Some(_) => Vec::new(),
             None => self.orders.iter().map(|(o, a)| (o.vehicle_id.clone(), now, *a == Answer::Accepted)).collect(),
         };
-        Step { events: vec![Event { payload, ..event }], outcome: Some(outcome), answers, ..Step::default() }
+        Step { events: vec![event], outcome: Some(outcome), answers, ..Step::default() }
     }
 }
 
@@ -824,8 +871,17 @@ pub struct DispatchBook {
     settled_order: VecDeque<String>,
 }
 
-/// Orders of settled dispatches remembered, so that a late ACK is called late.
-const SETTLED_ORDERS_KEPT: usize = 100_000;
+/// Settled dispatches remembered, so that a late ACK to one of their orders is called late
+/// rather than unknown. Order ids are `<dispatch id>-<attempt>-<n>`, so remembering the
+/// dispatch is enough (a few dozen bytes a dispatch, not one string per order).
+const SETTLED_DISPATCHES_KEPT: usize = 10_000;
+
+/// The dispatch an order id belongs to, by the id's shape.
+fn dispatch_of(order_id: &str) -> Option<&str> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let (_n, _attempt) = (parts.next()?, parts.next()?);
+    parts.next()
+}
 
 impl DispatchBook {
     /// An empty book.
@@ -867,7 +923,7 @@ impl DispatchBook {
     /// Routes an ACK to its dispatch.
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
         let Some(dispatch_id) = self.orders.get(&ack.order_id) else {
-            return Err(if self.settled.contains(&ack.order_id) {
+            return Err(if dispatch_of(&ack.order_id).is_some_and(|d| self.settled.contains(d)) {
                 AckIgnored::Late(ack.order_id.clone())
             } else {
                 AckIgnored::UnknownOrder(ack.order_id.clone())
@@ -929,10 +985,10 @@ impl DispatchBook {
         let Some(d) = self.live.remove(dispatch_id) else { return };
         for id in d.order_ids() {
             self.orders.remove(id);
-            self.settled.insert(id.to_owned());
-            self.settled_order.push_back(id.to_owned());
         }
-        while self.settled_order.len() > SETTLED_ORDERS_KEPT {
+        self.settled.insert(d.id.clone());
+        self.settled_order.push_back(d.id);
+        while self.settled_order.len() > SETTLED_DISPATCHES_KEPT {
             if let Some(old) = self.settled_order.pop_front() {
                 self.settled.remove(&old);
             }

@@ -106,21 +106,16 @@ pub struct Event {
     pub actor: String,
     /// The region of the deciding site.
     pub region: Option<String>,
-    /// Everything needed to reproduce the decision.
-    pub payload: Value,
+    /// Everything needed to reproduce the decision: a JSON object, already serialized
+    /// (decisions are written once and rarely read back, so they are rendered straight to
+    /// text without building a JSON tree).
+    pub payload: String,
 }
 
 impl Event {
     /// An event with an empty payload; fill it in with the builder methods.
     pub fn new(ts: Timestamp, kind: EventKind, actor: impl Into<String>) -> Self {
-        Self {
-            ts,
-            kind,
-            correlation_id: None,
-            actor: actor.into(),
-            region: None,
-            payload: Value::Object(Default::default()),
-        }
+        Self { ts, kind, correlation_id: None, actor: actor.into(), region: None, payload: "{}".to_owned() }
     }
 
     /// Sets the correlation id.
@@ -138,8 +133,14 @@ impl Event {
     /// Sets the payload from anything serializable (a serialization failure, which the
     /// core's own types cannot produce, is recorded as `{"error": ...}`, never lost).
     pub fn payload(mut self, payload: impl Serialize) -> Self {
-        self.payload = serde_json::to_value(payload).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+        self.payload = serde_json::to_string(&payload)
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
         self
+    }
+
+    /// The payload parsed (for tests and readers; `Null` if it were not JSON).
+    pub fn payload_value(&self) -> Value {
+        serde_json::from_str(&self.payload).unwrap_or(Value::Null)
     }
 }
 
@@ -173,7 +174,7 @@ impl StoredEvent {
             correlation_id: event.correlation_id,
             actor: event.actor,
             region: event.region,
-            payload: event.payload,
+            payload: serde_json::from_str(&event.payload).unwrap_or(Value::Null),
         }
     }
 }

@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(t.weights(SignalType::Afrr), Weights::default_for(SignalType::Afrr));
         let e = change.event(Timestamp::from_millis(9), "north");
         assert_eq!(e.kind, EventKind::WeightsTuned);
-        assert_eq!(e.payload["after"]["availability"], change.after.availability);
+        assert_eq!(e.payload_value()["after"]["availability"], change.after.availability);
     }
 
     #[test]
@@ -284,7 +284,7 @@ mod tests {
         let mut restarted = tuner();
         for c in &changes {
             let replayed: WeightsChange =
-                serde_json::from_value(c.event(Timestamp::from_millis(0), "x").payload).unwrap();
+                serde_json::from_str(&c.event(Timestamp::from_millis(0), "x").payload).unwrap();
             restarted.restore(replayed.signal_type, replayed.after);
         }
         assert_eq!(restarted.weights(SignalType::Afrr), live.weights(SignalType::Afrr));

@@ -195,12 +195,23 @@ async fn shutdown_signal() {
     }
 }
 
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
+}
+
 fn print_events(db: &Path, q: &Query, json: bool) -> anyhow::Result<()> {
     let reader = Reader::open(db)?;
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     if !json {
-        writeln!(out, "{:>6}  {:<24}  {:<20}  {:<18}  {:<16}  summary", "seq", "time", "kind", "correlation", "actor")?;
+        let header = writeln!(
+            out,
+            "{:>6}  {:<24}  {:<20}  {:<18}  {:<16}  summary",
+            "seq", "time", "kind", "correlation", "actor"
+        );
+        if let Err(e) = header {
+            return if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e.into()) };
+        }
     }
     let result = reader.for_each(q, |e| {
         if json {
@@ -221,15 +232,11 @@ fn print_events(db: &Path, q: &Query, json: bool) -> anyhow::Result<()> {
         }
         Ok(())
     });
+    let result = result.and_then(|()| out.flush().context("cannot write to stdout"));
     match result {
         // A closed pipe (`| head`) is not a failure.
-        Err(e) if e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) => Ok(()),
-        other => {
-            other?;
-            out.flush()
-                .or_else(|e| if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })
-                .context("cannot write to stdout")
-        }
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
     }
 }
 

@@ -40,7 +40,7 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions
         .set_clean_session(false)
         .set_inflight(m.inflight)
         .set_request_channel_capacity(usize::from(m.inflight) * 2)
-        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_max_packet_size(crate::publish::MAX_PACKET_BYTES, crate::publish::MAX_PACKET_BYTES)
         .set_last_will(LastWill::new(topics.status(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
     if let Some(user) = &m.username {
         let password = match &m.password_file {
@@ -75,7 +75,7 @@ fn open_log(cfg: &Config) -> anyhow::Result<(rusqlite::Connection, store::Recove
                     "reason": "found unfinished at start-up: the gateway stopped before it settled"}));
             tx.execute(
                 "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-                rusqlite::params![seq, e.ts.as_millis(), e.kind.as_str(), e.correlation_id, e.actor, e.region, e.payload.to_string()],
+                rusqlite::params![seq, e.ts.as_millis(), e.kind.as_str(), e.correlation_id, e.actor, e.region, e.payload],
             )?;
         }
         tx.commit()?;

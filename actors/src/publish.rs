@@ -13,6 +13,9 @@ use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{ErrorReport, Topics};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
 
+/// Largest MQTT packet the gateway sends or accepts.
+pub const MAX_PACKET_BYTES: usize = 256 * 1024;
+
 /// The wall clock, as the core's time type. The only clock read of the controller.
 pub fn now() -> Timestamp {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
@@ -43,7 +46,13 @@ impl Publisher {
     }
 
     /// Publishes `payload` on `topic`; waits for room in a task when the channel is full.
+    /// A message larger than the client's packet limit is dropped with an error log: rumqttc
+    /// would otherwise fail the whole connection over it.
     pub fn raw(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
+        if payload.len() + topic.len() + 16 > MAX_PACKET_BYTES {
+            tracing::error!(%topic, bytes = payload.len(), "message larger than the MQTT packet limit; not published");
+            return;
+        }
         match self.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => {}
             Err(ClientError::TryRequest(Request::Publish(p)) | ClientError::Request(Request::Publish(p))) => {

@@ -77,6 +77,8 @@ pub fn open_writer(path: &Path, sync_full: bool) -> anyhow::Result<Connection> {
     }
     conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A small page cache: the writer appends and reads little (the gateway's RAM budget).
+    conn.pragma_update(None, "cache_size", -1024)?;
     conn.execute_batch(SCHEMA).with_context(|| format!("cannot create the events table in {}", path.display()))?;
     Ok(conn)
 }
@@ -188,7 +190,7 @@ fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow
             let mut rows = Vec::new();
             if let Request::Append { events, .. } = req {
                 for e in events {
-                    let payload = serde_json::to_string(&e.payload)?;
+                    let payload = e.payload.as_str();
                     insert.execute(params![
                         i64::try_from(seq)?,
                         e.ts.as_millis(),
@@ -198,7 +200,7 @@ fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow
                         e.region,
                         payload
                     ])?;
-                    rows.push(tail_json(seq, e, &payload));
+                    rows.push(tail_json(seq, e, payload));
                     seq += 1;
                 }
             }
@@ -209,8 +211,20 @@ fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow
     Ok((seq, rendered))
 }
 
+/// Live-tail payloads larger than this are replaced by a note of their size: the tail is
+/// QoS 0 and for watching; the full row is in the log (`gridweaver events --correlation`).
+/// A large fleet's `DispatchPlanCreated` is hundreds of KB, more than an MQTT packet may be.
+pub const TAIL_MAX_PAYLOAD: usize = 16 * 1024;
+
 /// The live-tail JSON of a row, reusing the payload text already rendered for SQLite.
 fn tail_json(seq: u64, e: &Event, payload: &str) -> String {
+    let omitted;
+    let payload = if payload.len() > TAIL_MAX_PAYLOAD {
+        omitted = format!(r#"{{"omitted_bytes":{},"see":"the event log, seq {seq}"}}"#, payload.len());
+        omitted.as_str()
+    } else {
+        payload
+    };
     let quote =
         |s: &Option<String>| s.as_ref().map_or("null".to_owned(), |s| serde_json::Value::from(s.as_str()).to_string());
     format!(
@@ -430,6 +444,17 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seqs, vec![4]);
+    }
+
+    #[test]
+    fn the_live_tail_omits_payloads_too_large_for_an_mqtt_packet() {
+        let big = ev(EventKind::DispatchPlanCreated, "d1", serde_json::json!({"pad": "x".repeat(TAIL_MAX_PAYLOAD)}));
+        let row: serde_json::Value = serde_json::from_str(&tail_json(7, &big, &big.payload)).unwrap();
+        assert_eq!(row["seq"], 7);
+        assert_eq!(row["payload"]["omitted_bytes"].as_u64(), Some(big.payload.len() as u64));
+        let small = ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 1.5}));
+        let row: serde_json::Value = serde_json::from_str(&tail_json(8, &small, &small.payload)).unwrap();
+        assert_eq!(row["payload"]["power_kw"], 1.5);
     }
 
     #[test]

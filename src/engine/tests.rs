@@ -218,7 +218,7 @@ fn a_signal_no_vehicle_can_serve_completes_at_once_with_a_full_shortfall() {
     let out = step.outcome.clone().unwrap();
     assert_eq!(out.shortfall_kw, 50.0);
     assert_eq!(*kinds(&step).last().unwrap(), EventKind::DispatchCompleted);
-    let constraint = &step.events[1].payload;
+    let constraint = &step.events[1].payload_value();
     assert_eq!(constraint["excluded"][0]["reason"], "not_plugged_in");
 }
 
@@ -235,7 +235,7 @@ fn shutdown_settles_what_is_in_flight() {
     assert_eq!(out.vehicles.timed_out, 2);
     assert!(steps[0].fallback.is_none());
     let done = steps[0].events.last().unwrap();
-    assert_eq!(done.payload["interrupted"], "shutdown");
+    assert_eq!(done.payload_value()["interrupted"], "shutdown");
     assert!(book.is_empty());
 }
 
@@ -415,7 +415,7 @@ fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
     let cap = p.capacity(T0);
     assert!(cap.up_kw < 10.0 + 2.0, "the flaky vehicle's capacity is discounted: {cap:?}");
     let (_, step) = p.plan(T0, signal("s1", 10.0)).unwrap();
-    let plan = &step.events[2].payload;
+    let plan = &step.events[2].payload_value();
     assert_eq!(plan["predicted_availability"], serde_json::json!(["flaky"]));
     let power = |id: &str| step.orders.iter().find(|o| o.vehicle_id.0 == id).map_or(0.0, |o| o.power_kw);
     assert!(power("steady") > power("flaky"), "{:?}", step.orders);
@@ -437,5 +437,5 @@ fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_st
         crate::dispatch::Weights { availability: 0.123, ..crate::dispatch::Weights::default_for(SignalType::Afrr) };
     p.set_weights(SignalType::Afrr, tuned);
     let (_, step) = p.plan(T0, signal("s2", 5.0)).unwrap();
-    assert_eq!(step.events[2].payload["weights"]["availability"], 0.123);
+    assert_eq!(step.events[2].payload_value()["weights"]["availability"], 0.123);
 }
