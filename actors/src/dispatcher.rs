@@ -78,12 +78,14 @@ impl Handler<SignalIn> for DispatcherActor {
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
         let t = now();
+        let started = std::time::Instant::now();
         let signal = msg.0.clone();
         let planner = &mut self.planner;
         let Some(planned) = guarded("planning a dispatch", || planner.plan(t, msg.0)) else {
             ctx.stop();
             return;
         };
+        tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
             Ok((dispatch, step)) => {
                 self.capacity_dirty = true;

@@ -73,10 +73,18 @@ impl Supervisor {
             self.dispatcher.do_send(Answers(answers));
         }
         if !events.is_empty() {
+            let (queued, rows) = (std::time::Instant::now(), events.len());
             let durable = self.store.append(events);
             let after = durable.into_actor(self).map(move |res, act, ctx| {
                 match res {
                     Ok(Ok(appended)) => {
+                        let n = orders.len();
+                        tracing::debug!(
+                            rows,
+                            orders = n,
+                            durable_us = queued.elapsed().as_micros() as u64,
+                            "step durable"
+                        );
                         for order in orders {
                             act.send_order(order);
                         }
@@ -87,7 +95,14 @@ impl Supervisor {
                                 tuner.do_send(Learn(outcome));
                             }
                         }
-                        act.publisher.tail(appended.rows);
+                        // The live tail waits a tick, so that the orders (queued to the vehicle
+                        // actors just now) reach the MQTT client ahead of it.
+                        let rows = appended.rows;
+                        if n == 0 {
+                            act.publisher.tail(rows);
+                        } else {
+                            ctx.run_later(std::time::Duration::from_millis(1), move |act, _| act.publisher.tail(rows));
+                        }
                     }
                     Ok(Err(e)) => tracing::error!(error = %e, "decision not durable: its orders are not published"),
                     Err(_) => tracing::error!("the store thread is gone: orders are not published"),
