@@ -110,6 +110,16 @@ struct Buffers {
     b: Vec<f64>,
 }
 
+impl Buffers {
+    fn clear(&mut self) {
+        self.colptr.clear();
+        self.rowval.clear();
+        self.nzval.clear();
+        self.q.clear();
+        self.b.clear();
+    }
+}
+
 /// Allocation by linear programming over the Smart scores.
 #[derive(Debug, Default)]
 pub struct LpDispatcher {
@@ -209,12 +219,8 @@ impl LpDispatcher {
     ) -> (usize, usize) {
         let k = classes.members.len();
         let r = limits.rows.len();
+        self.buf.clear();
         let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
-        colptr.clear();
-        rowval.clear();
-        nzval.clear();
-        q.clear();
-        b.clear();
         b.push(target.max(0.0));
         b.extend(limits.rows.iter().map(|row| row.cap_kw));
         let totals: Vec<f64> = classes.members.iter().map(|m| m.iter().map(|&i| caps[i]).sum()).collect();
@@ -264,12 +270,8 @@ impl LpDispatcher {
     /// `-p_i <= 0`, the shared rows. Returns (variables, rows).
     fn build(&mut self, target: f64, value: &[f64], caps: &[f64], limits: &LimitSet) -> (usize, usize) {
         let n = caps.len();
+        self.buf.clear();
         let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
-        colptr.clear();
-        rowval.clear();
-        nzval.clear();
-        q.clear();
-        b.clear();
         let limit_row0 = 1 + 2 * n;
         for (i, (v, members)) in value.iter().zip(&limits.members).enumerate() {
             colptr.push(rowval.len());

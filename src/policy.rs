@@ -27,24 +27,9 @@ impl Strategies {
     }
 
     fn run_lp(&mut self, req: &AllocationRequest<'_>) -> Allocation {
-        let scores = self.smart.scores(req);
-        match self.lp.solve(req, &scores) {
-            Ok((power_kw, report)) => Allocation {
-                strategy: StrategyKind::Lp,
-                power_kw,
-                scores,
-                rounds: report.iterations,
-                solver: Some(report),
-                note: None,
-                weights: Some(self.smart.weights[usize::from(req.signal.kind.code())]),
-            },
-            Err(e) => {
-                let mut a = self.smart.allocate(req);
-                a.note = Some(format!("{e}: the Smart strategy ran instead"));
-                a.solver = Some(e.report);
-                a
-            }
-        }
+        // The LP scores with (and falls back to) its own copy of Smart, kept in step by
+        // `set_weights`.
+        self.lp.allocate(req)
     }
 }
 
