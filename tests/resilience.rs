@@ -82,3 +82,24 @@ fn sigterm_settles_in_flight_dispatches_publishes_offline_and_exits_zero() {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0]["payload"]["interrupted"], "shutdown");
 }
+
+#[test]
+fn a_dispatch_cut_off_by_a_crash_is_recorded_as_interrupted_at_the_next_start() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "crash", "ack_timeout_seconds: 30");
+    let p = g.prefix.clone();
+    let mut op = Operator::connect(&broker, "crash-op", &[format!("{p}/vehicles/+/order"), format!("{p}/status")]);
+    assert!(status_is(&mut op, "online"));
+    op.publish_retained(&format!("{p}/vehicles/v/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(500));
+    op.publish(&format!("{p}/signals"), r#"{"id":"cut","type":"afrr","direction":"up","power_kw":5}"#);
+    op.wait_for(Duration::from_secs(10), |t, _| t.ends_with("/order").then_some(())).expect("an order went out");
+    g.kill();
+    assert!(g.events(Some("DispatchCompleted")).is_empty());
+    g.restart();
+    assert!(status_is(&mut op, "online"));
+    let interrupted = g.events(Some("DispatchInterrupted"));
+    assert_eq!(interrupted.len(), 1, "{}", g.log());
+    assert_eq!(interrupted[0]["payload"]["signal_id"], "cut");
+    assert!(g.terminate().success());
+}

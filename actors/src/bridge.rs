@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::wire::{decode, rejection_event, Inbound, Topics};
+use gridweaver_core::events::EventKind;
+use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
 use crate::dispatcher::{DispatcherActor, Reconnected, SignalIn};
@@ -62,7 +63,7 @@ async fn route(routes: &Routes, topics: &Topics, topic: &str, payload: &[u8]) {
                 "bid `{}` is valid, but this gateway does not run a demand-response bid book yet; it was not recorded as a bid",
                 bid.request_id
             );
-            reject(routes, topic, &why, payload, gridweaver_core::events::EventKind::InputRejected, "mqtt".into());
+            reject(routes, topic, &why, payload, EventKind::InputRejected, "mqtt".into());
         }
         Some(Err(rejection)) => {
             let why = rejection.error.to_string();
@@ -72,17 +73,8 @@ async fn route(routes: &Routes, topics: &Topics, topic: &str, payload: &[u8]) {
     }
 }
 
-fn reject(
-    routes: &Routes,
-    topic: &str,
-    why: &str,
-    payload: &[u8],
-    kind: gridweaver_core::events::EventKind,
-    actor: String,
-) {
-    let t = now();
-    routes.store.record(vec![rejection_event(t, kind, actor, &routes.region, topic, why, payload)]);
-    routes.publisher.error(topic, why, t);
+fn reject(routes: &Routes, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String) {
+    crate::publish::reject(&routes.store, &routes.publisher, &routes.region, kind, actor, topic, why, payload);
 }
 
 /// The connection actor.

@@ -60,25 +60,22 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions
 /// Opens the log and records, for each dispatch a previous run left unfinished, a
 /// `DispatchInterrupted` event. Returns the writer and the planner's memory.
 fn open_log(cfg: &Config) -> anyhow::Result<(rusqlite::Connection, store::Recovery)> {
-    let conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
+    let mut conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
     let recovery = store::recover(&conn, 100_000)?;
     if !recovery.unfinished.is_empty() {
         let t = now();
-        let tx = conn.unchecked_transaction()?;
-        let mut seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
-        for (dispatch_id, signal_id) in &recovery.unfinished {
-            seq += 1;
-            let e = Event::new(t, EventKind::DispatchInterrupted, "supervisor")
-                .correlation(dispatch_id)
-                .region(Some(&cfg.site))
-                .payload(serde_json::json!({"dispatch_id": dispatch_id, "signal_id": signal_id,
-                    "reason": "found unfinished at start-up: the gateway stopped before it settled"}));
-            tx.execute(
-                "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1,?2,?3,?4,?5,?6,?7)",
-                rusqlite::params![seq, e.ts.as_millis(), e.kind.as_str(), e.correlation_id, e.actor, e.region, e.payload],
-            )?;
-        }
-        tx.commit()?;
+        let events = recovery
+            .unfinished
+            .iter()
+            .map(|(dispatch_id, signal_id)| {
+                Event::new(t, EventKind::DispatchInterrupted, "supervisor")
+                    .correlation(dispatch_id)
+                    .region(Some(&cfg.site))
+                    .payload(serde_json::json!({"dispatch_id": dispatch_id, "signal_id": signal_id,
+                        "reason": "found unfinished at start-up: the gateway stopped before it settled"}))
+            })
+            .collect();
+        store::append_direct(&mut conn, events)?;
         tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop were recorded");
     }
     Ok((conn, recovery))

@@ -8,10 +8,9 @@ use actix::prelude::*;
 use gridweaver_core::engine::Planner;
 use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Signal, Vehicle, VehicleId};
-use gridweaver_core::wire::rejection_event;
 
 use crate::guard::guarded;
-use crate::publish::{now, Publisher};
+use crate::publish::{now, reject, Publisher};
 use crate::store::StoreHandle;
 use crate::supervisor::{Begin, Resync, Supervisor};
 
@@ -94,19 +93,11 @@ impl Handler<SignalIn> for DispatcherActor {
             Err(refused) => {
                 let reason = refused.to_string();
                 tracing::info!(%reason, "signal refused");
-                let region = self.planner.config().region.clone();
                 let topic = self.publisher.topics().signals();
                 let raw = serde_json::to_vec(&signal).unwrap_or_default();
-                self.store.record(vec![rejection_event(
-                    t,
-                    EventKind::SignalRejected,
-                    "dispatcher",
-                    &region,
-                    &topic,
-                    &reason,
-                    &raw,
-                )]);
-                self.publisher.error(&topic, &reason, t);
+                let region = &self.planner.config().region;
+                let kind = EventKind::SignalRejected;
+                reject(&self.store, &self.publisher, region, kind, "dispatcher".into(), &topic, &reason, &raw);
             }
         }
     }

@@ -13,6 +13,25 @@ use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{ErrorReport, Topics};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
 
+/// Refuses an inbound message the contract's way: records a `SignalRejected` or
+/// `InputRejected` event (`kind`) naming `actor`, and answers on `<p>/errors`. Nothing else
+/// changes.
+#[allow(clippy::too_many_arguments)]
+pub fn reject(
+    store: &crate::store::StoreHandle,
+    publisher: &Publisher,
+    region: &str,
+    kind: gridweaver_core::events::EventKind,
+    actor: String,
+    topic: &str,
+    why: &str,
+    payload: &[u8],
+) {
+    let t = now();
+    store.record(vec![gridweaver_core::wire::rejection_event(t, kind, actor, region, topic, why, payload)]);
+    publisher.error(topic, why, t);
+}
+
 /// Largest MQTT packet the gateway sends or accepts.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 

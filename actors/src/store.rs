@@ -177,6 +177,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
     }
 }
 
+/// Appends `events` on `conn` directly, in one transaction: for the start-up recovery,
+/// before the writer thread owns the connection.
+pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> anyhow::Result<()> {
+    let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+    write_batch(conn, &[Request::Append { events, reply: None }], u64::try_from(next).unwrap_or(1))?;
+    Ok(())
+}
+
 /// Writes every append of `batch` in one transaction. Returns the next seq and, per
 /// request, its rows rendered as JSON.
 fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow::Result<(u64, Vec<Vec<String>>)> {

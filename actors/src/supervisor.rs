@@ -17,12 +17,11 @@ use actix::prelude::*;
 use gridweaver_core::engine::{Dispatch, DispatchBook, FallbackRequest, Step};
 use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Ack, Order, Vehicle, VehicleId};
-use gridweaver_core::wire::rejection_event;
 
 use crate::dispatcher::{Answers, DispatcherActor, FleetUpdate};
 use crate::fallback::{FallbackActor, Reallocate};
 use crate::guard::guarded;
-use crate::publish::{now, Publisher};
+use crate::publish::{now, reject, Publisher};
 use crate::store::StoreHandle;
 use crate::tuner::{Learn, TunerActor};
 use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
@@ -163,19 +162,10 @@ impl Supervisor {
     }
 
     fn reject_ack(&self, vehicle: &VehicleId, ack: &Ack, why: &str) {
-        let t = now();
         let topic = self.publisher.topics().vehicle_ack(vehicle);
         let raw = serde_json::to_vec(ack).unwrap_or_default();
-        self.store.record(vec![rejection_event(
-            t,
-            EventKind::InputRejected,
-            format!("vehicle/{vehicle}"),
-            &self.region,
-            &topic,
-            why,
-            &raw,
-        )]);
-        self.publisher.error(&topic, why, t);
+        let actor = format!("vehicle/{vehicle}");
+        reject(&self.store, &self.publisher, &self.region, EventKind::InputRejected, actor, &topic, why, &raw);
     }
 }
 

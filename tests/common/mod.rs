@@ -146,6 +146,14 @@ impl Gateway {
         self.child = Some(child);
     }
 
+    /// Kills the process at once (SIGKILL), as a power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts the process again (after [`Gateway::terminate`]), same config and log.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
