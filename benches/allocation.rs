@@ -68,6 +68,8 @@ fn signal() -> Signal {
         duration_s: 900,
         region: None,
         leader_term: None,
+        replaces: None,
+        program: None,
     }
 }
 

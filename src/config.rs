@@ -154,6 +154,12 @@ pub struct RawDispatch {
     /// LP solver bounds.
     #[serde(default)]
     pub lp: RawLp,
+    /// Dispatches waiting for ACKs or a fallback at once; beyond it signals are refused (32).
+    pub max_in_flight: Option<usize>,
+    /// How far ahead a signal may start, seconds (86400).
+    pub max_start_ahead_s: Option<u64>,
+    /// Longest signal window, seconds (86400).
+    pub max_duration_s: Option<u64>,
 }
 
 /// `dispatch.lp:` bounds on each LP solve; a solve that hits one fails and Smart runs.
@@ -280,6 +286,12 @@ pub struct DispatchConfig {
     pub limits: Limits,
     /// LP solver settings.
     pub lp: crate::lp::LpSettings,
+    /// Admission: dispatches in flight at once.
+    pub max_in_flight: usize,
+    /// How far ahead a signal may start, seconds.
+    pub max_start_ahead_s: u64,
+    /// Longest signal window, seconds.
+    pub max_duration_s: u64,
 }
 
 /// A validated segment.
@@ -531,7 +543,28 @@ impl RawConfig {
             }
             lp.time_limit_s = ms as f64 / 1000.0;
         }
+        let max_in_flight = d.max_in_flight.unwrap_or(32);
+        if !(1..=10_000).contains(&max_in_flight) {
+            return Err(err("dispatch.max_in_flight", format!("must be within 1..=10000, got {max_in_flight}")));
+        }
+        let max_start_ahead_s = d.max_start_ahead_s.unwrap_or(86_400);
+        if max_start_ahead_s > 366 * 86_400 {
+            return Err(err(
+                "dispatch.max_start_ahead_s",
+                format!("must be at most 31622400 (a year), got {max_start_ahead_s}"),
+            ));
+        }
+        let max_duration_s = d.max_duration_s.unwrap_or(86_400);
+        if !(1..=366 * 86_400).contains(&max_duration_s) {
+            return Err(err(
+                "dispatch.max_duration_s",
+                format!("must be within 1..=31622400 (a year), got {max_duration_s}"),
+            ));
+        }
         let dispatch = DispatchConfig {
+            max_in_flight,
+            max_start_ahead_s,
+            max_duration_s,
             ack_timeout_ms: (ack_timeout * 1000.0).round() as i64,
             strategy,
             fallback,

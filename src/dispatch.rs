@@ -439,6 +439,8 @@ mod tests {
             duration_s: 900,
             region: None,
             leader_term: None,
+            replaces: None,
+            program: None,
         }
     }
 

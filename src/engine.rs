@@ -16,6 +16,8 @@
 //!     AwaitingFallback ──apply_fallback──► Waiting(attempt 2, deadline) ──► settle ──► Done
 //! ```
 
+pub mod ledger;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
@@ -28,11 +30,12 @@ use crate::fallback::{FallbackCandidate, Reallocation};
 use crate::filter::{Exclusion, VehicleFilter};
 use crate::limits::LimitSet;
 use crate::model::{
-    Ack, AckStatus, Direction, DispatchOutcome, FallbackKind, Order, Signal, StrategyKind, Vehicle, VehicleCounts,
-    VehicleId,
+    Ack, AckStatus, Direction, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle,
+    VehicleCounts, VehicleId,
 };
 use crate::prediction::PredictionEngine;
 use crate::time::Timestamp;
+use ledger::{Commitment, Ledger};
 
 /// Settings of the planner and its dispatches.
 #[derive(Clone, Debug)]
@@ -54,6 +57,12 @@ pub struct EngineConfig {
     /// Segments whose vehicles are never asked twice (`dispatch.segments.<name>.fallback:
     /// false`); vehicles of other segments, or of none, may be asked in the fallback round.
     pub no_fallback_segments: BTreeSet<String>,
+    /// Dispatches waiting for ACKs or a fallback at once; beyond it new signals are refused.
+    pub max_in_flight: usize,
+    /// How far ahead a signal may start, ms.
+    pub max_start_ahead_ms: i64,
+    /// Longest signal window, seconds.
+    pub max_duration_s: u64,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +76,9 @@ impl Default for EngineConfig {
             remembered_signals: 100_000,
             limits: Limits::default(),
             no_fallback_segments: BTreeSet::new(),
+            max_in_flight: 32,
+            max_start_ahead_ms: 86_400_000,
+            max_duration_s: 86_400,
         }
     }
 }
@@ -77,6 +89,8 @@ impl Default for EngineConfig {
 pub struct Step {
     /// Events to append, in order.
     pub events: Vec<Event>,
+    /// Orders to withdraw once the events are durable, published before `orders`.
+    pub cancels: Vec<OrderCancel>,
     /// Orders to publish once the events are durable.
     pub orders: Vec<Order>,
     /// When the dispatch next needs [`DispatchBook::on_timeout`], if it waits for ACKs.
@@ -86,18 +100,30 @@ pub struct Step {
     /// Once settled: each order's vehicle, when, and whether it accepted (for the
     /// availability prediction).
     pub answers: Vec<(VehicleId, Timestamp, bool)>,
-    /// The final result, once settled.
-    pub outcome: Option<DispatchOutcome>,
+    /// The results of the dispatches this step settled (a replacement settles the
+    /// dispatch it replaces in the same step as it plans its own).
+    pub outcomes: Vec<DispatchOutcome>,
 }
 
 impl Step {
     fn merge(&mut self, other: Step) {
         self.events.extend(other.events);
+        self.cancels.extend(other.cancels);
         self.orders.extend(other.orders);
         self.deadline = other.deadline.or(self.deadline);
         self.fallback = other.fallback.or(self.fallback.take());
-        self.outcome = other.outcome.or(self.outcome.take());
+        self.outcomes.extend(other.outcomes);
         self.answers.extend(other.answers);
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.cancels.is_empty()
+            && self.orders.is_empty()
+            && self.fallback.is_none()
+            && self.outcomes.is_empty()
+            && self.answers.is_empty()
     }
 }
 
@@ -145,6 +171,36 @@ pub enum SignalRefused {
         /// The highest seen.
         highest: u64,
     },
+    /// Its window `[start, start + duration_s)` ended before it arrived.
+    #[error("fields `start` and `duration_s` give a window that ended at {end}, before the signal arrived ({now})")]
+    WindowOver {
+        /// The window's end.
+        end: Timestamp,
+        /// When it arrived.
+        now: Timestamp,
+    },
+    /// It starts further ahead than `dispatch.max_start_ahead_s`.
+    #[error("field `start` is {start}, more than {max_s} s ahead (dispatch.max_start_ahead_s)")]
+    TooFarAhead {
+        /// The signal's start.
+        start: Timestamp,
+        /// The limit, seconds.
+        max_s: i64,
+    },
+    /// Its window is longer than `dispatch.max_duration_s`.
+    #[error("field `duration_s` is {got}, more than the {max} allowed (dispatch.max_duration_s)")]
+    TooLong {
+        /// The signal's duration.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// `dispatch.max_in_flight` dispatches are already waiting for their vehicles.
+    #[error("{0} dispatches are already in flight (dispatch.max_in_flight); signal refused, send it again later")]
+    Busy(usize),
+    /// `replaces` names no dispatch in force.
+    #[error("field `replaces` names `{0}`, which is no signal with a dispatch in force (unknown, already replaced, or its window is over)")]
+    UnknownReplacement(String),
 }
 
 /// What happened to a vehicle's state update.
@@ -271,6 +327,12 @@ impl Planner {
             .collect()
     }
 
+    /// Continues dispatch numbering after `n` (the last dispatch before a restart), so that
+    /// dispatch ids stay unique across restarts.
+    pub fn remember_dispatches(&mut self, n: u64) {
+        self.dispatches = self.dispatches.max(n);
+    }
+
     /// Remembers the highest leader term seen before a restart.
     pub fn remember_term(&mut self, term: u64) {
         self.highest_term = self.highest_term.max(Some(term));
@@ -317,8 +379,10 @@ impl Planner {
         }
     }
 
-    /// The flexibility the fleet offers now for a signal of [`CAPACITY_HORIZON_S`] seconds.
-    pub fn capacity(&self, now: Timestamp) -> Capacity {
+    /// The flexibility the fleet still offers now, after `ledger`'s commitments, for a
+    /// signal of [`CAPACITY_HORIZON_S`] seconds: per direction, what an allocation of
+    /// everything that is free would place within the free room of the shared limits.
+    pub fn capacity(&self, now: Timestamp, ledger: &Ledger) -> Capacity {
         let probe = |direction| Signal {
             id: String::new(),
             kind: crate::model::SignalType::Afrr,
@@ -328,39 +392,75 @@ impl Planner {
             duration_s: CAPACITY_HORIZON_S,
             region: None,
             leader_term: None,
+            replaces: None,
+            program: None,
         };
-        let (up, down) = (probe(Direction::Up), probe(Direction::Down));
         let mut cap = Capacity { up_kw: 0.0, down_kw: 0.0, vehicles: 0, at: now };
         let predicted = self.predicted(now);
-        for v in self.fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
-            let mut eligible = false;
-            for (sig, total) in [(&up, &mut cap.up_kw), (&down, &mut cap.down_kw)] {
-                if self.filter.check(v, sig).is_ok() {
-                    let c = v.effective_capacity(sig.direction, 0.0, sig.duration_s as f64);
-                    *total += c;
-                    eligible |= c > 0.0;
-                }
+        let mut eligible: BTreeSet<&VehicleId> = BTreeSet::new();
+        for direction in [Direction::Up, Direction::Down] {
+            let sig = probe(direction);
+            let (candidates, _) = self.candidates(&sig, ledger, &predicted);
+            let caps: Vec<f64> = candidates.iter().map(|c| c.capacity_kw).collect();
+            let limits = self.limits(&sig, &candidates, ledger);
+            let total: f64 = caps.iter().sum();
+            let free: f64 = crate::dispatch::greedy_fill(&vec![1.0; caps.len()], &caps, total, &limits).iter().sum();
+            match direction {
+                Direction::Up => cap.up_kw = free,
+                Direction::Down => cap.down_kw = free,
             }
-            cap.vehicles += usize::from(eligible);
+            eligible.extend(candidates.iter().map(|c| &c.vehicle.id));
         }
+        cap.vehicles = eligible.len();
         cap
     }
 
-    /// Plans a dispatch for `signal`. On success returns the dispatch (to hand to the
-    /// [`DispatchBook`]) and its first step; a refused signal changes nothing but the
-    /// memory of ids (a duplicate stays a duplicate).
-    pub fn plan(&mut self, now: Timestamp, signal: Signal) -> Result<(Dispatch, Step), SignalRefused> {
+    /// The candidates for `signal` (each with the capacity `ledger` leaves it) and the
+    /// vehicles excluded, with why.
+    fn candidates<'a>(
+        &'a self,
+        signal: &Signal,
+        ledger: &Ledger,
+        predicted: &'a HashMap<VehicleId, Vehicle>,
+    ) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
+        candidates(&self.fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
+    }
+
+    /// The shared limits over `candidates` for `signal`, less what `ledger` has committed.
+    fn limits(&self, signal: &Signal, candidates: &[Candidate<'_>], ledger: &Ledger) -> LimitSet {
+        let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, candidates);
+        ledger.reduce(&mut limits, &self.fleet, signal.direction, signal.start, signal.end());
+        limits
+    }
+
+    /// Checks a signal without changing anything: region, duplicate, leader term, window.
+    pub fn admit(&self, now: Timestamp, signal: &Signal) -> Result<(), SignalRefused> {
         if let Some(region) = signal.region.as_ref().filter(|r| **r != self.cfg.region) {
             return Err(SignalRefused::OtherRegion { got: region.clone(), ours: self.cfg.region.clone() });
         }
         if self.seen.set.contains(&signal.id) {
-            return Err(SignalRefused::Duplicate(signal.id));
+            return Err(SignalRefused::Duplicate(signal.id.clone()));
         }
         if let (Some(got), Some(highest)) = (signal.leader_term, self.highest_term) {
             if got < highest {
                 return Err(SignalRefused::StaleTerm { got, highest });
             }
         }
+        if signal.duration_s > self.cfg.max_duration_s {
+            return Err(SignalRefused::TooLong { got: signal.duration_s, max: self.cfg.max_duration_s });
+        }
+        if signal.start > now.plus_millis(self.cfg.max_start_ahead_ms) {
+            return Err(SignalRefused::TooFarAhead { start: signal.start, max_s: self.cfg.max_start_ahead_ms / 1000 });
+        }
+        if signal.end() <= now {
+            return Err(SignalRefused::WindowOver { end: signal.end(), now });
+        }
+        Ok(())
+    }
+
+    /// Plans a dispatch for an admitted `signal` against what `ledger` leaves free. Returns
+    /// the dispatch (to hand to the [`DispatchBook`]) and its first step.
+    fn plan(&mut self, now: Timestamp, signal: Signal, ledger: &Ledger) -> (Dispatch, Step) {
         self.seen.insert(&signal.id);
         if let Some(term) = signal.leader_term {
             self.remember_term(term);
@@ -370,24 +470,13 @@ impl Planner {
         let region = Some(self.cfg.region.as_str());
         let ev = |kind| Event::new(now, kind, "dispatcher").correlation(&dispatch_id).region(region);
 
-        let mut excluded: Vec<(&VehicleId, Exclusion)> = Vec::new();
-        let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(self.fleet.len());
         let predicted = self.predicted(now);
-        for v in self.fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
-            let capacity_kw = v.effective_capacity(signal.direction, 0.0, signal.duration_s as f64);
-            match self.filter.check(v, &signal) {
-                Err(why) => excluded.push((&v.id, why)),
-                Ok(()) if capacity_kw <= 0.0 => excluded.push((&v.id, Exclusion::NoCapacity)),
-                Ok(()) => candidates.push(Candidate {
-                    vehicle: v,
-                    capacity_kw,
-                    participation: self.participation.get(&v.id).copied().unwrap_or(0.0),
-                }),
-            }
-        }
+        let (candidates, excluded) =
+            candidates(&self.fleet, self.filter.as_ref(), &self.participation, &signal, ledger, &predicted);
         let capacity_kw: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
         let target_kw = signal.power_kw;
-        let limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
+        let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
+        ledger.reduce(&mut limits, &self.fleet, signal.direction, signal.start, signal.end());
         let req = AllocationRequest { signal: &signal, now, target_kw, candidates: &candidates, limits: &limits };
         let allocation = self.strategy.allocate(&req);
 
@@ -473,7 +562,6 @@ impl Planner {
             signal,
             strategy: allocation.strategy,
             fallback: self.cfg.fallback,
-            limits: self.cfg.limits.clone(),
             no_fallback_segments: self.cfg.no_fallback_segments.clone(),
             region: self.cfg.region.clone(),
             ack_timeout_ms: self.cfg.ack_timeout_ms,
@@ -490,8 +578,42 @@ impl Planner {
         };
         let mut step = Step { events, ..Step::default() };
         step.merge(dispatch.send(now, orders));
-        Ok((dispatch, step))
+        (dispatch, step)
     }
+}
+
+/// The candidates for `signal` among `fleet` (predicted availability applied), each with
+/// the capacity `ledger` leaves it, and the vehicles excluded, with why.
+fn candidates<'a>(
+    fleet: &'a BTreeMap<VehicleId, Vehicle>,
+    filter: &dyn VehicleFilter,
+    participation: &HashMap<VehicleId, f64>,
+    signal: &Signal,
+    ledger: &Ledger,
+    predicted: &'a HashMap<VehicleId, Vehicle>,
+) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
+    let (from, to) = (signal.start, signal.end());
+    let mut excluded = Vec::new();
+    let mut out = Vec::with_capacity(fleet.len());
+    for v in fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
+        if let Err(why) = filter.check(v, signal) {
+            excluded.push((&v.id, why));
+            continue;
+        }
+        if ledger.committed_other_way(&v.id, signal.direction, from, to) {
+            excluded.push((&v.id, Exclusion::CommittedOtherWay));
+            continue;
+        }
+        let committed = ledger.committed_kw(&v.id, signal.direction, from, to);
+        let capacity_kw = v.effective_capacity(signal.direction, committed, signal.duration_s as f64);
+        if capacity_kw <= 0.0 {
+            excluded.push((&v.id, Exclusion::NoCapacity));
+            continue;
+        }
+        let participation = participation.get(&v.id).copied().unwrap_or(0.0);
+        out.push(Candidate { vehicle: v, capacity_kw, participation });
+    }
+    (out, excluded)
 }
 
 /// One candidate in `DispatchPlanCreated`.
@@ -592,7 +714,6 @@ pub struct Dispatch {
     signal: Signal,
     strategy: StrategyKind,
     fallback: FallbackKind,
-    limits: Limits,
     no_fallback_segments: BTreeSet<String>,
     region: String,
     ack_timeout_ms: i64,
@@ -707,74 +828,75 @@ impl Dispatch {
         Ok(step)
     }
 
-    /// The deadline passed: pending orders time out and the attempt settles.
+    /// The deadline passed: pending orders time out, are cancelled, and the attempt settles.
     pub fn on_deadline(&mut self, now: Timestamp) -> Step {
-        let mut step = Step::default();
         if !matches!(self.state, State::Waiting { .. }) {
-            return step;
+            return Step::default();
         }
-        for i in 0..self.orders.len() {
-            if self.orders[i].1 == Answer::Pending {
-                self.orders[i].1 = Answer::TimedOut;
-                self.counts.timed_out += 1;
-                let o = &self.orders[i].0;
-                let e = self.event(now, EventKind::AckTimedOut, "supervisor").payload(json!({
-                    "order_id": o.order_id, "vehicle_id": o.vehicle_id, "power_kw": o.power_kw, "attempt": o.attempt,
-                }));
-                step.events.push(e);
-            }
-        }
+        let mut step = self.cancel_pending(now, "no answer by the ACK deadline");
         step.merge(self.settle(now));
         step
+    }
+
+    /// Every pending order times out and is withdrawn (`OrderCancelled`, with `reason`).
+    fn cancel_pending(&mut self, now: Timestamp, reason: &str) -> Step {
+        let mut step = Step::default();
+        for i in 0..self.orders.len() {
+            if self.orders[i].1 != Answer::Pending {
+                continue;
+            }
+            self.orders[i].1 = Answer::TimedOut;
+            self.counts.timed_out += 1;
+            let o = &self.orders[i].0;
+            step.events.push(self.event(now, EventKind::AckTimedOut, "supervisor").payload(json!({
+                "order_id": o.order_id, "vehicle_id": o.vehicle_id, "power_kw": o.power_kw, "attempt": o.attempt,
+            })));
+            let cancel = OrderCancel::of(&o.order_id, &self.id, &o.vehicle_id, reason, now);
+            step.events.push(self.event(now, EventKind::OrderCancelled, "supervisor").payload(&cancel));
+            step.cancels.push(cancel);
+        }
+        step
+    }
+
+    /// The orders of the current attempt were published at `now`: their ACK window starts.
+    pub fn published(&mut self, now: Timestamp) {
+        if let State::Waiting { deadline } = &mut self.state {
+            *deadline = (*deadline).max(now.plus_millis(self.ack_timeout_ms));
+        }
     }
 
     fn residual_kw(&self) -> f64 {
         (self.signal.power_kw - self.acknowledged_kw).max(0.0)
     }
 
-    /// The current attempt is over: ask for a fallback or complete.
+    /// The current attempt is over: ask for a fallback or complete. The request names the
+    /// vehicles that accepted (outside `fallback: false` segments); the [`Engine`] fills in
+    /// what each still has free and the room of the shared limits.
     fn settle(&mut self, now: Timestamp) -> Step {
         let residual_kw = self.residual_kw();
         let wants_fallback =
             residual_kw >= MIN_ORDER_KW && self.attempt < self.max_attempts && self.fallback != FallbackKind::Noop;
         if wants_fallback {
-            let duration = self.signal.duration_s as f64;
-            let direction = self.signal.direction;
             let mut candidates: Vec<(Vehicle, f64)> = self
                 .slots
                 .values()
                 .filter(|s| s.accepted_kw > 0.0)
                 .filter(|s| s.vehicle.segment.as_ref().is_none_or(|seg| !self.no_fallback_segments.contains(seg)))
-                .map(|s| (s.vehicle.clone(), s.vehicle.effective_capacity(direction, s.accepted_kw, duration)))
-                .filter(|(_, remaining)| *remaining >= MIN_ORDER_KW)
+                .map(|s| (s.vehicle.clone(), 0.0))
                 .collect();
             candidates.sort_by(|a, b| a.0.id.cmp(&b.0.id));
             if !candidates.is_empty() {
                 self.state = State::AwaitingFallback;
-                let limits = self.fallback_room(&candidates);
-                let request = FallbackRequest { dispatch_id: self.id.clone(), residual_kw, candidates, limits };
+                let request = FallbackRequest {
+                    dispatch_id: self.id.clone(),
+                    residual_kw,
+                    candidates,
+                    limits: LimitSet::default(),
+                };
                 return Step { fallback: Some(request), ..Step::default() };
             }
         }
         self.complete(now)
-    }
-
-    /// The shared rows over the fallback candidates, less the load of everything accepted.
-    fn fallback_room(&self, candidates: &[(Vehicle, f64)]) -> LimitSet {
-        let direction = self.signal.direction;
-        let candidate = |v, kw| Candidate { vehicle: v, capacity_kw: kw, participation: 0.0 };
-        let accepted: Vec<Candidate<'_>> = self.slots.values().map(|s| candidate(&s.vehicle, s.accepted_kw)).collect();
-        let accepted_kw: Vec<f64> = accepted.iter().map(|c| c.capacity_kw).collect();
-        let used = LimitSet::new(&self.limits, direction, &accepted);
-        let used_load = used.loads(&accepted_kw);
-        let asked: Vec<Candidate<'_>> = candidates.iter().map(|(v, r)| candidate(v, *r)).collect();
-        let mut room = LimitSet::new(&self.limits, direction, &asked);
-        for row in &mut room.rows {
-            if let Some(r) = used.rows.iter().position(|u| u.name == row.name) {
-                row.cap_kw = (row.cap_kw - used_load[r]).max(0.0);
-            }
-        }
-        room
     }
 
     /// The fallback's answer to this dispatch's [`FallbackRequest`].
@@ -818,17 +940,16 @@ impl Dispatch {
         step
     }
 
-    /// Settles at once (shutdown): pending orders count as timed out, no fallback.
+    /// Settles at once, without fallback (shutdown, replacement): pending orders time out
+    /// and are cancelled with `why` as the reason.
     pub fn interrupt(&mut self, now: Timestamp, why: &str) -> Step {
         if self.state == State::Done {
             return Step::default();
         }
         self.max_attempts = self.attempt;
         self.interrupted = Some(why.to_owned());
-        let mut step = self.on_deadline(now);
-        if self.state != State::Done {
-            step.merge(self.complete(now));
-        }
+        let mut step = self.cancel_pending(now, why);
+        step.merge(self.complete(now));
         step
     }
 
@@ -858,7 +979,7 @@ impl Dispatch {
             Some(_) => Vec::new(),
             None => self.orders.iter().map(|(o, a)| (o.vehicle_id.clone(), now, *a == Answer::Accepted)).collect(),
         };
-        Step { events: vec![event], outcome: Some(outcome), answers, ..Step::default() }
+        Step { events: vec![event], outcomes: vec![outcome], answers, ..Step::default() }
     }
 }
 
@@ -941,8 +1062,9 @@ impl DispatchBook {
 
     /// Settles every dispatch whose deadline is at or before `now`.
     pub fn on_timeout(&mut self, now: Timestamp) -> Vec<Step> {
-        let due: Vec<String> =
+        let mut due: Vec<String> =
             self.live.values().filter(|d| d.deadline().is_some_and(|t| t <= now)).map(|d| d.id.clone()).collect();
+        due.sort();
         let mut steps = Vec::new();
         for id in due {
             if let Some(d) = self.live.get_mut(&id) {
@@ -964,17 +1086,30 @@ impl DispatchBook {
         step
     }
 
+    /// Whether `dispatch_id` is in flight.
+    pub fn contains(&self, dispatch_id: &str) -> bool {
+        self.live.contains_key(dispatch_id)
+    }
+
+    /// The orders of `dispatch_id`'s current attempt were published at `now`.
+    pub fn published(&mut self, dispatch_id: &str, now: Timestamp) {
+        if let Some(d) = self.live.get_mut(dispatch_id) {
+            d.published(now);
+        }
+    }
+
+    /// Settles one dispatch now, without fallback (it was replaced).
+    pub fn interrupt(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Option<Step> {
+        let step = self.live.get_mut(dispatch_id)?.interrupt(now, why);
+        self.after(dispatch_id);
+        Some(step)
+    }
+
     /// Settles everything in flight now, without fallback (graceful shutdown).
     pub fn shutdown(&mut self, now: Timestamp, why: &str) -> Vec<Step> {
-        let ids: Vec<String> = self.live.keys().cloned().collect();
-        let mut steps = Vec::new();
-        for id in ids {
-            if let Some(d) = self.live.get_mut(&id) {
-                steps.push(d.interrupt(now, why));
-            }
-            self.after(&id);
-        }
-        steps
+        let mut ids: Vec<String> = self.live.keys().cloned().collect();
+        ids.sort();
+        ids.iter().filter_map(|id| self.interrupt(now, id, why)).collect()
     }
 
     /// Drops a settled dispatch, remembering its orders as settled.
@@ -993,6 +1128,239 @@ impl DispatchBook {
                 self.settled.remove(&old);
             }
         }
+    }
+}
+
+/// The dispatch core: the one owner of the fleet view, the dispatches in flight and the
+/// commitment ledger. Every input (a signal, a vehicle state, an ACK, a deadline, a
+/// fallback's answer, shutdown) goes through it, so that what is committed is always what
+/// was ordered and not yet released, and every plan sees it.
+pub struct Engine {
+    planner: Planner,
+    book: DispatchBook,
+    ledger: Ledger,
+    /// Signal id -> dispatch id, for signals that may still be replaced (in flight or with
+    /// commitments in force).
+    streams: BTreeMap<String, String>,
+}
+
+impl Engine {
+    /// An engine around `planner`, with nothing in flight or committed.
+    pub fn new(planner: Planner) -> Self {
+        Self { planner, book: DispatchBook::new(), ledger: Ledger::new(), streams: BTreeMap::new() }
+    }
+
+    /// The planner (fleet view, strategy, memory of signals).
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// The planner, to restore what the log remembers or to set weights.
+    pub fn planner_mut(&mut self) -> &mut Planner {
+        &mut self.planner
+    }
+
+    /// The commitments in force.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The dispatches in flight.
+    pub fn book(&self) -> &DispatchBook {
+        &self.book
+    }
+
+    /// The earliest ACK deadline in flight.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.book.next_deadline()
+    }
+
+    /// The flexibility still free now.
+    pub fn capacity(&mut self, now: Timestamp) -> Capacity {
+        self.ledger.expire(now);
+        self.planner.capacity(now, &self.ledger)
+    }
+
+    /// Restores a commitment the log says is in force (an accepted order whose window has
+    /// not ended), so that new plans respect it after a restart.
+    pub fn restore(&mut self, signal_id: &str, order: &Order, accepted: bool) {
+        let mut c = Commitment::of(order);
+        c.accepted = accepted;
+        self.streams.insert(signal_id.to_owned(), order.dispatch_id.clone());
+        self.ledger.commit(c);
+    }
+
+    /// Plans `signal` against what is free. A replacement (`replaces`) first settles the
+    /// dispatch it replaces and withdraws that dispatch's orders, in the same step. A
+    /// refused signal changes nothing.
+    pub fn on_signal(&mut self, now: Timestamp, signal: Signal) -> Result<Step, SignalRefused> {
+        self.ledger.expire(now);
+        let (book, ledger) = (&self.book, &self.ledger);
+        self.streams.retain(|_, d| book.contains(d) || ledger.has_dispatch(d));
+        self.planner.admit(now, &signal)?;
+        let replaced = match &signal.replaces {
+            None => None,
+            Some(old) => Some(self.replaceable(old).ok_or_else(|| SignalRefused::UnknownReplacement(old.clone()))?),
+        };
+        if self.book.len() >= self.planner.cfg.max_in_flight {
+            return Err(SignalRefused::Busy(self.book.len()));
+        }
+        let mut step = Step::default();
+        if let (Some(dispatch_id), Some(old)) = (replaced, signal.replaces.as_ref()) {
+            step.merge(self.withdraw(now, &dispatch_id, &format!("replaced by signal {}", signal.id)));
+            self.streams.remove(old);
+        }
+        let signal_id = signal.id.clone();
+        let (dispatch, first) = self.planner.plan(now, signal, &self.ledger);
+        self.streams.insert(signal_id, dispatch.id().to_owned());
+        self.book.insert(dispatch);
+        step.merge(first);
+        self.commit(&step.orders);
+        Ok(step)
+    }
+
+    /// The dispatch of signal `signal_id`, if it can still be replaced.
+    fn replaceable(&self, signal_id: &str) -> Option<String> {
+        let d = self.streams.get(signal_id)?;
+        (self.book.contains(d) || self.ledger.has_dispatch(d)).then(|| d.clone())
+    }
+
+    /// Settles `dispatch_id` if it is in flight and withdraws every order of it still
+    /// committed: pending ones through the dispatch (they count as not answered), accepted
+    /// ones here.
+    fn withdraw(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Step {
+        let mut step = self.book.interrupt(now, dispatch_id, why).unwrap_or_default();
+        self.release(&step.cancels);
+        for order_id in self.ledger.orders_of(dispatch_id) {
+            if let Some(c) = self.ledger.release(&order_id) {
+                let cancel = OrderCancel::of(&c.order_id, &c.dispatch_id, &c.vehicle_id, why, now);
+                step.events.push(self.cancel_event(now, &cancel));
+                step.cancels.push(cancel);
+            }
+        }
+        step
+    }
+
+    /// Closes `dispatch_id` as failed (its step could not be recorded): it settles now and
+    /// everything it committed is released. `None` when nothing of it is left.
+    pub fn abort(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Option<Step> {
+        if !self.book.contains(dispatch_id) && !self.ledger.has_dispatch(dispatch_id) {
+            return None;
+        }
+        Some(self.withdraw(now, dispatch_id, why))
+    }
+
+    fn cancel_event(&self, now: Timestamp, cancel: &OrderCancel) -> Event {
+        Event::new(now, EventKind::OrderCancelled, "dispatcher")
+            .correlation(&cancel.dispatch_id)
+            .region(Some(&self.planner.cfg.region))
+            .payload(cancel)
+    }
+
+    fn commit(&mut self, orders: &[Order]) {
+        for o in orders {
+            self.ledger.commit(Commitment::of(o));
+        }
+    }
+
+    fn release(&mut self, cancels: &[OrderCancel]) {
+        for c in cancels {
+            self.ledger.release(&c.order_id);
+        }
+    }
+
+    /// Applies a vehicle's state (`None` = it left). A vehicle that leaves releases what it
+    /// had committed (the `VehicleLost` event lists those orders).
+    pub fn on_state(&mut self, now: Timestamp, id: VehicleId, state: Option<Vehicle>) -> (FleetChange, Option<Event>) {
+        let lost = state.is_none();
+        let (change, event) = self.planner.apply_state(now, id.clone(), state);
+        if !lost || change != FleetChange::Lost {
+            return (change, event);
+        }
+        let released: Vec<String> = self.ledger.release_vehicle(&id).into_iter().map(|c| c.order_id).collect();
+        let event = Event::new(now, EventKind::VehicleLost, format!("vehicle/{id}"))
+            .region(Some(&self.planner.cfg.region))
+            .payload(json!({ "vehicle_id": id, "released_orders": released }));
+        (change, Some(event))
+    }
+
+    /// Takes an ACK from `from` (the vehicle whose topic it came on).
+    pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
+        let mut step = self.book.on_ack(now, from, ack)?;
+        match ack.status {
+            AckStatus::Accepted => {
+                self.ledger.accept(&ack.order_id);
+            }
+            AckStatus::Rejected => {
+                self.ledger.release(&ack.order_id);
+            }
+        }
+        self.settled(now, &mut step);
+        Ok(step)
+    }
+
+    /// Settles every attempt whose deadline is at or before `now`: unanswered orders are
+    /// cancelled (and released) before any fallback runs.
+    pub fn on_timeout(&mut self, now: Timestamp) -> Vec<Step> {
+        self.ledger.expire(now);
+        let mut steps = self.book.on_timeout(now);
+        for step in &mut steps {
+            self.release(&step.cancels);
+            self.settled(now, step);
+        }
+        steps
+    }
+
+    /// The orders of `dispatch_id`'s current attempt were published at `now`: its ACK
+    /// window starts now.
+    pub fn published(&mut self, dispatch_id: &str, now: Timestamp) {
+        self.book.published(dispatch_id, now);
+    }
+
+    /// Fills in a fallback request with what each candidate still has free (its current
+    /// state less everything committed on it) and the free room of the shared limits.
+    fn settled(&mut self, now: Timestamp, step: &mut Step) {
+        let Some(req) = step.fallback.as_mut() else { return };
+        let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
+        let signal = d.signal();
+        let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
+        let candidates: Vec<(Vehicle, f64)> = std::mem::take(&mut req.candidates)
+            .into_iter()
+            .filter_map(|(planned, _)| {
+                let v = self.planner.fleet.get(&planned.id)?;
+                let committed = self.ledger.committed_kw(&v.id, direction, from, to);
+                let free = v.effective_capacity(direction, committed, duration);
+                (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
+            })
+            .collect();
+        let cands: Vec<Candidate<'_>> = candidates
+            .iter()
+            .map(|(v, free)| Candidate { vehicle: v, capacity_kw: *free, participation: 0.0 })
+            .collect();
+        let mut limits = LimitSet::new(&self.planner.cfg.limits, direction, &cands);
+        self.ledger.reduce(&mut limits, &self.planner.fleet, direction, from, to);
+        drop(cands);
+        req.candidates = candidates;
+        req.limits = limits;
+        let _ = now;
+    }
+
+    /// The fallback's answer for `request`; its orders are committed.
+    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
+        let step = self.book.apply_fallback(now, request, realloc);
+        self.commit(&step.orders);
+        step
+    }
+
+    /// Graceful shutdown: every dispatch in flight settles now; its unanswered orders are
+    /// cancelled. Accepted orders stay in force until their window ends (the vehicles were
+    /// told to deliver until then); a restart restores them as commitments.
+    pub fn shutdown(&mut self, now: Timestamp, why: &str) -> Vec<Step> {
+        let steps = self.book.shutdown(now, why);
+        for step in &steps {
+            self.release(&step.cancels);
+        }
+        steps
     }
 }
 

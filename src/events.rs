@@ -78,6 +78,8 @@ event_kinds! {
     LeaderElected,
     /// A dispatch was found unfinished at start-up.
     DispatchInterrupted,
+    /// An order was withdrawn (no answer by its deadline, replaced, shutdown).
+    OrderCancelled,
 }
 
 impl EventKind {
@@ -235,7 +237,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 22);
+        assert_eq!(EventKind::ALL.len(), 23);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 

@@ -18,6 +18,8 @@ pub enum Exclusion {
     Unavailable,
     /// Has no effective capacity left for this signal.
     NoCapacity,
+    /// Is committed in the other direction over part of the signal's window.
+    CommittedOtherWay,
 }
 
 /// Decides whether a vehicle may be ordered for a signal.
@@ -69,6 +71,8 @@ mod tests {
             duration_s: 900,
             region: None,
             leader_term: None,
+            replaces: None,
+            program: None,
         }
     }
 

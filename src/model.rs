@@ -163,6 +163,12 @@ pub struct Signal {
     /// The cluster leader's term, for `transfer` signals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader_term: Option<u64>,
+    /// The id of an earlier signal this one supersedes (a setpoint stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+    /// For `dr`: the demand-response program whose accepted bids this activates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
 }
 
 impl Signal {
@@ -299,6 +305,44 @@ pub struct Order {
     pub until: Timestamp,
     /// 1 = first allocation, 2+ = fallback.
     pub attempt: u32,
+}
+
+/// Withdraws an order: the vehicle stops delivering it. Published on the vehicle's
+/// `order` topic; a vehicle tells it from an [`Order`] by the `cancel` field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrderCancel {
+    /// The order withdrawn.
+    pub order_id: String,
+    /// Its dispatch.
+    pub dispatch_id: String,
+    /// Its vehicle.
+    pub vehicle_id: VehicleId,
+    /// Always `true`.
+    pub cancel: bool,
+    /// Why (`no answer by the ACK deadline`, `replaced by signal s2`, `gateway shutdown`).
+    pub reason: String,
+    /// When it was withdrawn.
+    pub at: Timestamp,
+}
+
+impl OrderCancel {
+    /// The cancel of `order`.
+    pub fn of(
+        order_id: &str,
+        dispatch_id: &str,
+        vehicle_id: &VehicleId,
+        reason: impl Into<String>,
+        at: Timestamp,
+    ) -> Self {
+        Self {
+            order_id: order_id.to_owned(),
+            dispatch_id: dispatch_id.to_owned(),
+            vehicle_id: vehicle_id.clone(),
+            cancel: true,
+            reason: reason.into(),
+            at,
+        }
+    }
 }
 
 /// A vehicle's answer to an order.

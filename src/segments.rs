@@ -203,6 +203,8 @@ mod tests {
             duration_s: 900,
             region: None,
             leader_term: None,
+            replaces: None,
+            program: None,
         };
         let cands: Vec<Candidate<'_>> = fleet
             .iter()

@@ -15,8 +15,24 @@ use crate::time::Timestamp;
 /// Inbound payloads larger than this are rejected unread.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
-/// Longest id (signal, vehicle, order) accepted.
+/// Longest id (signal, vehicle, order, ...) accepted, bytes.
 pub const MAX_ID_LEN: usize = 128;
+
+/// Longest other text field (a reason, a region) accepted, bytes.
+pub const MAX_TEXT_LEN: usize = 512;
+
+/// Largest power rating a vehicle may state, kW (10 MW): anything above is a lie or a typo,
+/// and refusing it keeps every sum of ratings finite.
+pub const MAX_VEHICLE_KW: f64 = 10_000.0;
+
+/// Largest battery a vehicle may state, kWh (10 MWh).
+pub const MAX_VEHICLE_KWH: f64 = 10_000.0;
+
+/// Largest power a signal may request, kW (1 GW).
+pub const MAX_SIGNAL_KW: f64 = 1_000_000.0;
+
+/// Largest energy price a vehicle may state, per kWh.
+pub const MAX_PRICE_PER_KWH: f64 = 1_000_000.0;
 
 /// Why an inbound message was rejected. The `Display` text is published on `<p>/errors`.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -303,26 +319,33 @@ impl Obj {
         self.0.get(f).filter(|v| !v.is_null())
     }
 
-    fn opt_str(&self, f: &'static str) -> Result<Option<&str>, InputError> {
+    /// A string of at most `max` bytes.
+    fn opt_str_max(&self, f: &'static str, max: usize) -> Result<Option<&str>, InputError> {
         match self.get(f) {
             None => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Err(invalid(f, "must not be empty")),
-            Some(Value::String(s)) if s.len() > MAX_ID_LEN * 4 => Err(invalid(f, "is too long (over 512 bytes)")),
+            Some(Value::String(s)) if s.len() > max => {
+                Err(invalid(f, format!("is {} bytes long, more than the {max} allowed", s.len())))
+            }
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(invalid(f, format!("must be a string, got {}", type_name(v)))),
         }
+    }
+
+    fn opt_str(&self, f: &'static str) -> Result<Option<&str>, InputError> {
+        self.opt_str_max(f, MAX_TEXT_LEN)
     }
 
     fn str(&self, f: &'static str) -> Result<&str, InputError> {
         self.opt_str(f)?.ok_or(InputError::Missing(f))
     }
 
+    fn opt_id(&self, f: &'static str) -> Result<Option<String>, InputError> {
+        Ok(self.opt_str_max(f, MAX_ID_LEN)?.map(str::to_owned))
+    }
+
     fn id(&self, f: &'static str) -> Result<String, InputError> {
-        let s = self.str(f)?;
-        if s.len() > MAX_ID_LEN {
-            return Err(invalid(f, "is longer than 128 bytes"));
-        }
-        Ok(s.to_owned())
+        self.opt_id(f)?.ok_or(InputError::Missing(f))
     }
 
     fn opt_num(&self, f: &'static str) -> Result<Option<f64>, InputError> {
@@ -388,12 +411,31 @@ fn check(f: &'static str, x: f64, ok: bool, rule: &str) -> Result<f64, InputErro
     if ok {
         Ok(x)
     } else {
-        Err(invalid(f, format!("must be {rule}, got {x}")))
+        Err(invalid(f, format!("must be {rule}, got {}", compact(x))))
+    }
+}
+
+/// `x` as a person writes it: `1e308` rather than 309 digits.
+fn compact(x: f64) -> String {
+    if x != 0.0 && !(1e-6..1e15).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
     }
 }
 
 fn positive(f: &'static str, x: f64) -> Result<f64, InputError> {
     check(f, x, x > 0.0, "a number > 0")
+}
+
+/// A number > 0 and at most `max` (a plausibility bound, named in the error).
+fn within(f: &'static str, x: f64, max: f64) -> Result<f64, InputError> {
+    check(f, x, x > 0.0 && x <= max, &format!("a number > 0 and at most {max}"))
+}
+
+/// A vehicle's power rating: 0..=[`MAX_VEHICLE_KW`].
+fn rating(f: &'static str, x: f64) -> Result<f64, InputError> {
+    check(f, x, (0.0..=MAX_VEHICLE_KW).contains(&x), &format!("within 0..={MAX_VEHICLE_KW} kW"))
 }
 
 fn non_negative(f: &'static str, x: f64) -> Result<f64, InputError> {
@@ -422,26 +464,31 @@ fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputError> {
         "down" => Direction::Down,
         other => return Err(invalid("direction", format!("must be `up` or `down`, got `{other}`"))),
     };
-    let power_kw = positive("power_kw", o.num("power_kw")?)?;
+    let power_kw = within("power_kw", o.num("power_kw")?, MAX_SIGNAL_KW)?;
     let start = o.opt_time("start")?.unwrap_or(now);
     let duration_s = match o.opt_uint("duration_s")? {
         None => 900,
         Some(0) => return Err(invalid("duration_s", "must be a whole number of seconds > 0, got 0")),
         Some(d) => d,
     };
-    let region = o.opt_str("region")?.map(str::to_owned);
+    let region = o.opt_id("region")?;
     let leader_term = o.opt_uint("leader_term")?;
     if kind == SignalType::Transfer && leader_term.is_none() {
         return Err(InputError::Missing("leader_term"));
     }
-    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term })
+    let replaces = o.opt_id("replaces")?;
+    if replaces.as_deref() == Some(id.as_str()) {
+        return Err(invalid("replaces", "names the signal itself; it must name an earlier signal"));
+    }
+    let program = o.opt_id("program")?;
+    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term, replaces, program })
 }
 
 fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputError> {
     let soc = fraction("soc", o.num("soc")?)?;
-    let capacity_kwh = positive("capacity_kwh", o.num("capacity_kwh")?)?;
-    let max_charge_kw = non_negative("max_charge_kw", o.num("max_charge_kw")?)?;
-    let max_discharge_kw = non_negative("max_discharge_kw", o.num("max_discharge_kw")?)?;
+    let capacity_kwh = within("capacity_kwh", o.num("capacity_kwh")?, MAX_VEHICLE_KWH)?;
+    let max_charge_kw = rating("max_charge_kw", o.num("max_charge_kw")?)?;
+    let max_discharge_kw = rating("max_discharge_kw", o.num("max_discharge_kw")?)?;
     let plugged_in = o.opt_bool("plugged_in")?.ok_or(InputError::Missing("plugged_in"))?;
     let min_soc = opt_fraction(o, "min_soc", 0.2)?;
     let max_soc = opt_fraction(o, "max_soc", 1.0)?;
@@ -469,13 +516,15 @@ fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputError> {
         departure: o.opt_time("departure")?,
         min_soc,
         max_soc,
-        segment: o.opt_str("segment")?.map(str::to_owned),
+        segment: o.opt_id("segment")?,
         availability: opt_fraction(o, "availability", 1.0)?,
         availability_stated: o.get("availability").is_some(),
         degradation: opt_fraction(o, "degradation", 0.0)?,
         priority: opt_fraction(o, "priority", 0.5)?,
-        price_per_kwh: o.opt_num("price_per_kwh")?.map_or(Ok(0.0), |x| non_negative("price_per_kwh", x))?,
-        group: o.opt_str("group")?.map(str::to_owned),
+        price_per_kwh: o.opt_num("price_per_kwh")?.map_or(Ok(0.0), |x| {
+            check("price_per_kwh", x, (0.0..=MAX_PRICE_PER_KWH).contains(&x), "within 0..=1000000")
+        })?,
+        group: o.opt_id("group")?,
         wiring,
     })
 }
@@ -565,7 +614,19 @@ mod tests {
             (r#"{"id":"s","type":"fcr","direction":"sideways","power_kw":1}"#, "field `direction`"),
             (
                 r#"{"id":"s","type":"fcr","direction":"up","power_kw":-3}"#,
-                "field `power_kw` must be a number > 0, got -3",
+                "field `power_kw` must be a number > 0 and at most 1000000, got -3",
+            ),
+            (
+                r#"{"id":"s","type":"fcr","direction":"up","power_kw":1e308}"#,
+                "field `power_kw` must be a number > 0 and at most 1000000, got 1e308",
+            ),
+            (
+                r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"replaces":"s"}"#,
+                "field `replaces` names the signal itself",
+            ),
+            (
+                &format!(r#"{{"id":"{}","type":"fcr","direction":"up","power_kw":1}}"#, "x".repeat(129)),
+                "field `id` is 129 bytes long, more than the 128 allowed",
             ),
             (
                 r#"{"id":"s","type":"fcr","direction":"up","power_kw":"3"}"#,
@@ -623,6 +684,15 @@ mod tests {
                 r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":"yes"}"#.into(),
                 "field `plugged_in`",
             ),
+            (
+                r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":1e308,"plugged_in":true}"#.into(),
+                "field `max_discharge_kw` must be within 0..=10000 kW, got 1e308",
+            ),
+            (
+                r#"{"soc":0.5,"capacity_kwh":2e4,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true}"#.into(),
+                "field `capacity_kwh` must be a number > 0 and at most 10000, got 20000",
+            ),
+            (format!(r#"{{"soc":0.5,{base},"price_per_kwh":1e9}}"#), "field `price_per_kwh` must be within"),
         ];
         for (payload, want) in cases {
             let got = err("vehicles/v1/state", &payload);

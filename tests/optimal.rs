@@ -137,7 +137,7 @@ fn tuned_weights_are_recorded_and_survive_a_restart() {
             &format!("{}/signals", g.prefix),
             json!({"id": id, "type": "mfrr", "direction": "up", "power_kw": 30}).to_string(),
         );
-        op.wait_json(WAIT, "", "signal_id", &id).expect("an outcome");
+        op.wait_json(WAIT, "", "signal_id", id.as_str()).expect("an outcome");
     }
     std::thread::sleep(Duration::from_millis(300));
     let tuned = g.events(Some("WeightsTuned"));

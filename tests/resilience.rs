@@ -75,12 +75,18 @@ fn sigterm_settles_in_flight_dispatches_publishes_offline_and_exits_zero() {
 
     let status = g.terminate();
     assert!(status.success(), "{status:?}\n{}", g.log());
+    let cancel =
+        op.wait_json(Duration::from_secs(5), "/order", "cancel", true).expect("the unanswered order is cancelled");
+    assert_eq!(cancel["reason"], "gateway shutdown");
     let out = op.wait_json(Duration::from_secs(5), "", "signal_id", "long").expect("the in-flight outcome");
     assert_eq!(out["vehicles"]["timed_out"], 1);
     assert!(status_is(&mut op, "offline"));
     let done = g.events(Some("DispatchCompleted"));
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0]["payload"]["interrupted"], "shutdown");
+    assert_eq!(done[0]["payload"]["interrupted"], "gateway shutdown");
+    let cancelled = g.events(Some("OrderCancelled"));
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0]["payload"]["order_id"], cancel["order_id"]);
 }
 
 #[test]
@@ -101,5 +107,9 @@ fn a_dispatch_cut_off_by_a_crash_is_recorded_as_interrupted_at_the_next_start() 
     let interrupted = g.events(Some("DispatchInterrupted"));
     assert_eq!(interrupted.len(), 1, "{}", g.log());
     assert_eq!(interrupted[0]["payload"]["signal_id"], "cut");
+    let cancel =
+        op.wait_json(Duration::from_secs(5), "/order", "cancel", true).expect("the order cut off is cancelled");
+    assert_eq!(cancel["reason"], "unanswered when the gateway stopped");
+    assert_eq!(g.events(Some("OrderCancelled")).len(), 1);
     assert!(g.terminate().success());
 }

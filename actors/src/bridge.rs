@@ -1,12 +1,16 @@
 //! MqttBridge: the one rumqttc connection. It runs on its own arbiter (thread), polls the
-//! event loop, decodes every inbound publish once with the core's [`decode`], and routes
-//! the typed value: signals to the dispatcher, vehicle states and ACKs to the supervisor.
-//! Rejected input is answered on `<p>/errors` and recorded (`SignalRejected` /
-//! `InputRejected`) here, and changes nothing else.
+//! event loop, takes the time each inbound publish arrived, decodes it once with the core's
+//! [`decode`], and routes the typed value with that time: signals and ACKs to the
+//! dispatcher, vehicle states to the supervisor (fleet membership). Rejected input is
+//! answered on `<p>/errors` and recorded (`SignalRejected` / `InputRejected`) here, and
+//! changes nothing else. While an actor's mailbox is full the bridge stops reading the
+//! socket, so a flood is held back by MQTT flow control rather than queued.
 //!
-//! On every (re)connection it publishes `status` online (retained; the last will says
-//! offline) and, when the broker did not keep the session, subscribes again. A lost
-//! connection is retried with exponential backoff up to `mqtt.reconnect_max_s`.
+//! On every (re)connection it subscribes to its inbound topics, whether or not the broker
+//! kept the session (a resumed session does not re-send retained vehicle states; a new
+//! SUBSCRIBE does, and a changed `mqtt.prefix` needs it), and publishes `status` online
+//! (retained; the last will says offline). A lost connection is retried with exponential
+//! backoff up to `mqtt.reconnect_max_s`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,17 +20,17 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
-use crate::dispatcher::{DispatcherActor, Reconnected, SignalIn};
+use crate::dispatcher::{AckIn, DispatcherActor, Reconnected, SignalIn};
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
-use crate::supervisor::{AckIn, Supervisor, VehicleStateIn};
+use crate::supervisor::{Supervisor, VehicleStateIn};
 
 /// Where decoded messages go.
 #[derive(Clone)]
 pub struct Routes {
-    /// Signals.
+    /// Signals and ACKs.
     pub dispatcher: Addr<DispatcherActor>,
-    /// Vehicle states and ACKs.
+    /// Vehicle states.
     pub supervisor: Addr<Supervisor>,
     /// Rejection events.
     pub store: StoreHandle,
@@ -50,31 +54,39 @@ where
 
 /// Decodes and routes one publish.
 async fn route(routes: &Routes, topics: &Topics, topic: &str, payload: &[u8]) {
-    let t = now();
-    match decode(topics, topic, payload, t) {
+    let at = now();
+    match decode(topics, topic, payload, at) {
         None => {}
-        Some(Ok(Inbound::Signal(signal))) => deliver(&routes.dispatcher, SignalIn(signal)).await,
+        Some(Ok(Inbound::Signal(signal))) => deliver(&routes.dispatcher, SignalIn { signal, at }).await,
         Some(Ok(Inbound::VehicleState(id, state))) => {
-            deliver(&routes.supervisor, VehicleStateIn { id, state: state.map(|b| *b) }).await
+            deliver(&routes.supervisor, VehicleStateIn { id, state: state.map(|b| *b), at }).await
         }
-        Some(Ok(Inbound::Ack(vehicle, ack))) => deliver(&routes.supervisor, AckIn { vehicle, ack }).await,
+        Some(Ok(Inbound::Ack(vehicle, ack))) => deliver(&routes.dispatcher, AckIn { vehicle, ack, at }).await,
         Some(Ok(Inbound::Bid(bid))) => {
             let why = format!(
                 "bid `{}` is valid, but this gateway does not run a demand-response bid book yet; it was not recorded as a bid",
                 bid.request_id
             );
-            reject(routes, topic, &why, payload, EventKind::InputRejected, "mqtt".into());
+            reject(routes, topic, &why, payload, EventKind::InputRejected, "mqtt".into(), at);
         }
         Some(Err(rejection)) => {
             let why = rejection.error.to_string();
             tracing::info!(%topic, error = %why, "inbound message rejected");
-            reject(routes, topic, &why, payload, rejection.event_kind(), rejection.actor());
+            reject(routes, topic, &why, payload, rejection.event_kind(), rejection.actor(), at);
         }
     }
 }
 
-fn reject(routes: &Routes, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String) {
-    crate::publish::reject(&routes.store, &routes.publisher, &routes.region, kind, actor, topic, why, payload);
+fn reject(
+    routes: &Routes,
+    topic: &str,
+    why: &str,
+    payload: &[u8],
+    kind: EventKind,
+    actor: String,
+    at: gridweaver_core::time::Timestamp,
+) {
+    crate::publish::reject(&routes.store, &routes.publisher, &routes.region, kind, actor, topic, why, payload, at);
 }
 
 /// The connection actor.
@@ -110,14 +122,17 @@ impl Actor for MqttBridge {
                         tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
                         connected = true;
                         backoff = Duration::from_millis(100);
-                        if !ack.session_present {
-                            let filters = topics.subscriptions().map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce));
-                            if let Err(e) = routes.publisher.client().try_subscribe_many(filters) {
+                        let filters = topics.subscriptions().map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce));
+                        // Through the request channel; a task, because this loop must keep
+                        // polling the event loop for a full channel to drain.
+                        let client = routes.publisher.client().clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = client.subscribe_many(filters).await {
                                 tracing::error!(error = %e, "cannot subscribe");
                             }
-                        }
+                        });
                         routes.publisher.status(true);
-                        routes.dispatcher.do_send(Reconnected);
+                        deliver(&routes.dispatcher, Reconnected).await;
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                         tracing::info!("disconnected from the MQTT broker");

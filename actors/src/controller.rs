@@ -11,24 +11,25 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::SmartDispatcher;
-use gridweaver_core::engine::{EngineConfig, Planner};
+use gridweaver_core::engine::{Engine, EngineConfig, Planner, Step};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::fallback;
 use gridweaver_core::filter::SimpleVehicleFilter;
-use gridweaver_core::model::StrategyKind;
+use gridweaver_core::model::{OrderCancel, StrategyKind};
 use gridweaver_core::policy::Strategies;
 use gridweaver_core::prediction::PredictionEngine;
 use gridweaver_core::segments::SegmentedSmartDispatcher;
+use gridweaver_core::time::Timestamp;
 use gridweaver_core::tuning::{AckBasedTuner, LearningTuner};
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
 use crate::bridge::{Disconnect, MqttBridge, Routes};
-use crate::dispatcher::{DispatcherActor, PlannerFactory};
+use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Shutdown};
 use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreHandle};
-use crate::supervisor::{SetTuner, Shutdown, Supervisor};
+use crate::supervisor::Supervisor;
 use crate::tuner::TunerActor;
 
 /// The rumqttc options for `cfg`: TCP_NODELAY, a request channel and inflight window
@@ -57,28 +58,19 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions
     Ok(opts)
 }
 
-/// Opens the log and records, for each dispatch a previous run left unfinished, a
-/// `DispatchInterrupted` event. Returns the writer and the planner's memory.
-fn open_log(cfg: &Config) -> anyhow::Result<(rusqlite::Connection, store::Recovery)> {
-    let mut conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
-    let recovery = store::recover(&conn, 100_000)?;
-    if !recovery.unfinished.is_empty() {
-        let t = now();
-        let events = recovery
-            .unfinished
-            .iter()
-            .map(|(dispatch_id, signal_id)| {
-                Event::new(t, EventKind::DispatchInterrupted, "supervisor")
-                    .correlation(dispatch_id)
-                    .region(Some(&cfg.site))
-                    .payload(serde_json::json!({"dispatch_id": dispatch_id, "signal_id": signal_id,
-                        "reason": "found unfinished at start-up: the gateway stopped before it settled"}))
-            })
-            .collect();
-        store::append_direct(&mut conn, events)?;
-        tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop were recorded");
+/// How far back the log is read for orders that may still be committed: the longest a
+/// signal may start ahead plus the longest window.
+fn horizon_ms(cfg: &Config) -> i64 {
+    let s = cfg.dispatch.max_start_ahead_s.saturating_add(cfg.dispatch.max_duration_s);
+    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// Reads what a restart needs from the log at `cfg.store.path`.
+fn read_recovery(cfg: &Config, conn: Option<&rusqlite::Connection>) -> anyhow::Result<store::Recovery> {
+    match conn {
+        Some(conn) => store::recover(conn, 100_000, now(), horizon_ms(cfg)),
+        None => store::recover_path(Path::new(&cfg.store.path), 100_000, now(), horizon_ms(cfg)),
     }
-    Ok((conn, recovery))
 }
 
 /// The planner for `cfg`, remembering what `recovery` read from the log.
@@ -90,6 +82,9 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         fallback: d.fallback,
         limits: d.limits.clone(),
         no_fallback_segments: d.segments.iter().filter(|(_, s)| !s.fallback).map(|(n, _)| n.clone()).collect(),
+        max_in_flight: d.max_in_flight,
+        max_start_ahead_ms: i64::try_from(d.max_start_ahead_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+        max_duration_s: d.max_duration_s,
         ..EngineConfig::default()
     };
     let smart = SmartDispatcher {
@@ -111,6 +106,7 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
     if let Some(term) = recovery.highest_term {
         planner.remember_term(term);
     }
+    planner.remember_dispatches(recovery.dispatches);
     for (kind, weights) in &recovery.tuned {
         planner.set_weights(*kind, *weights);
     }
@@ -119,6 +115,36 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         planner.observe_answers(&recovery.answers);
     }
     planner
+}
+
+/// The engine for `cfg` as the log leaves it, and the step that closes what the last run
+/// left unfinished: each unfinished dispatch is recorded as `DispatchInterrupted` and its
+/// unanswered orders are cancelled; accepted orders whose window is still open are
+/// committed again.
+pub fn build_engine(cfg: &Config, recovery: &store::Recovery, t: Timestamp) -> (Engine, Step) {
+    let mut engine = Engine::new(build_planner(cfg, recovery));
+    let mut step = Step::default();
+    let event =
+        |kind, dispatch_id: &str| Event::new(t, kind, "supervisor").correlation(dispatch_id).region(Some(&cfg.site));
+    for (dispatch_id, signal_id) in &recovery.unfinished {
+        step.events.push(event(EventKind::DispatchInterrupted, dispatch_id).payload(serde_json::json!({
+            "dispatch_id": dispatch_id, "signal_id": signal_id,
+            "reason": "found unfinished at start-up: the gateway stopped before it settled"})));
+    }
+    for (signal_id, order, accepted) in &recovery.commitments {
+        if *accepted {
+            engine.restore(signal_id, order, true);
+        } else {
+            let why = "unanswered when the gateway stopped";
+            let cancel = OrderCancel::of(&order.order_id, &order.dispatch_id, &order.vehicle_id, why, t);
+            step.events.push(event(EventKind::OrderCancelled, &order.dispatch_id).payload(&cancel));
+            step.cancels.push(cancel);
+        }
+    }
+    if !recovery.unfinished.is_empty() {
+        tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop are recorded");
+    }
+    (engine, step)
 }
 
 /// The tuner for `cfg`, with the weights the log says it had tuned.
@@ -140,7 +166,7 @@ pub fn build_tuner(cfg: &Config, recovery: &store::Recovery) -> Option<Box<dyn L
 
 /// The running gateway.
 pub struct Controller {
-    supervisor: Addr<Supervisor>,
+    dispatcher: Addr<DispatcherActor>,
     bridge: Addr<MqttBridge>,
     publisher: Publisher,
     store: StoreHandle,
@@ -151,7 +177,8 @@ pub struct Controller {
 impl Controller {
     /// Starts every actor for `cfg`. Call inside an actix `System`.
     pub fn start(cfg: &Config) -> anyhow::Result<Controller> {
-        let (conn, recovery) = open_log(cfg)?;
+        let conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
+        let recovery = read_recovery(cfg, Some(&conn))?;
         let (store, store_thread) = StoreHandle::start(conn)?;
 
         let topics = Arc::new(Topics::new(cfg.mqtt.prefix.clone()));
@@ -163,39 +190,33 @@ impl Controller {
         eventloop.set_network_options(net);
         let publisher = Publisher::new(client, topics.clone());
 
-        let d = &cfg.dispatch;
         let tuner = build_tuner(cfg, &recovery);
         let first = std::cell::Cell::new(Some(recovery));
-        let (planner_cfg, db) = (cfg.clone(), cfg.store.path.clone());
-        let rebuild: PlannerFactory = Box::new(move || {
-            // The first planner uses the recovery read at start; a restarted one reads the log again.
+        let engine_cfg = cfg.clone();
+        let rebuild: EngineFactory = Box::new(move || {
+            // The first engine uses the recovery read at start; a restarted one reads the log again.
             let recovery = first.take().unwrap_or_else(|| {
-                store::recover_path(Path::new(&db), 100_000).unwrap_or_else(|e| {
+                read_recovery(&engine_cfg, None).unwrap_or_else(|e| {
                     tracing::error!(error = %format!("{e:#}"), "cannot read the event log: duplicates may be dispatched again");
                     store::Recovery::default()
                 })
             });
-            build_planner(&planner_cfg, &recovery)
+            build_engine(&engine_cfg, &recovery, now())
         });
 
-        let kind = d.fallback;
+        let kind = cfg.dispatch.fallback;
         let fallback = actix::Supervisor::start(move |_| FallbackActor::new(fallback::by_kind(kind)));
-        let (st, pb, region) = (store.clone(), publisher.clone(), cfg.site.clone());
-        let mut dispatcher = None;
-        let supervisor = Supervisor::create(|ctx| {
-            let (sup, st2, pb2) = (ctx.address(), st.clone(), pb.clone());
-            let addr = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, sup, st2, pb2));
-            dispatcher = Some(addr.clone());
-            Supervisor::new(addr, fallback, st, pb, region)
-        });
-        let dispatcher = dispatcher.context("the dispatcher did not start")?;
-        if let Some(tuner) = tuner {
-            let tuner = TunerActor::new(tuner, dispatcher.clone(), store.clone(), cfg.site.clone()).start();
-            supervisor.do_send(SetTuner(tuner));
-        }
+        let (st, pb) = (store.clone(), publisher.clone());
+        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
+        let supervisor =
+            Supervisor::new(dispatcher.clone(), store.clone(), publisher.clone(), cfg.site.clone()).start();
+        let tuner = tuner.map(|t| TunerActor::new(t, dispatcher.clone(), store.clone(), cfg.site.clone()).start());
+        dispatcher
+            .try_send(Connect { tuner, resync: supervisor.clone().recipient() })
+            .map_err(|_| anyhow::anyhow!("the dispatcher did not start"))?;
         let routes = Routes {
-            dispatcher,
-            supervisor: supervisor.clone(),
+            dispatcher: dispatcher.clone(),
+            supervisor,
             store: store.clone(),
             publisher: publisher.clone(),
             region: cfg.site.clone(),
@@ -205,20 +226,21 @@ impl Controller {
         let bridge = MqttBridge::start_in_arbiter(&bridge_arbiter.handle(), move |_| {
             MqttBridge::new(eventloop, routes, topics, reconnect_max)
         });
-        Ok(Controller { supervisor, bridge, publisher, store, store_thread: Some(store_thread), bridge_arbiter })
+        Ok(Controller { dispatcher, bridge, publisher, store, store_thread: Some(store_thread), bridge_arbiter })
     }
 
-    /// The supervisor, for tests and the demo.
-    pub fn supervisor(&self) -> &Addr<Supervisor> {
-        &self.supervisor
+    /// The dispatcher, for tests and the demo.
+    pub fn dispatcher(&self) -> &Addr<DispatcherActor> {
+        &self.dispatcher
     }
 
     /// Settles what is in flight, publishes `status` offline, disconnects, and waits for
     /// the log to be written.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        let settled = self.supervisor.send(Shutdown).await.context("the supervisor did not answer")?;
+        let settled = self.dispatcher.send(Shutdown).await.context("the dispatcher did not answer")?;
         tracing::info!(settled, "in-flight dispatches settled");
         self.publisher.status(false);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.publisher.flush()).await;
         let _ = tokio::time::timeout(Duration::from_secs(3), self.bridge.send(Disconnect)).await;
         // Give the event loop a moment to write what is queued and the DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
@@ -282,6 +304,8 @@ mod tests {
             duration_s: 900,
             region: None,
             leader_term: None,
+            replaces: None,
+            program: None,
         }
     }
 
@@ -295,32 +319,28 @@ mod tests {
         let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
         let builds = Rc::new(Cell::new(0));
         let counter = builds.clone();
-        let rebuild: PlannerFactory = Box::new(move || {
+        let rebuild: EngineFactory = Box::new(move || {
             counter.set(counter.get() + 1);
             let strategy: Box<dyn Dispatcher> =
                 if counter.get() == 1 { Box::new(Explodes) } else { Box::new(SmartDispatcher::default()) };
-            Planner::new(EngineConfig::default(), Box::new(SimpleVehicleFilter), strategy)
+            let planner = Planner::new(EngineConfig::default(), Box::new(SimpleVehicleFilter), strategy);
+            (Engine::new(planner), Step::default())
         });
         let fallback = actix::Supervisor::start(|_| {
             FallbackActor::new(fallback::by_kind(gridweaver_core::model::FallbackKind::Balanced))
         });
-        let mut dispatcher = None;
         let (st, pb) = (store.clone(), publisher.clone());
-        let supervisor = Supervisor::create(|ctx| {
-            let (sup, st2, pb2) = (ctx.address(), st.clone(), pb.clone());
-            let addr = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, sup, st2, pb2));
-            dispatcher = Some(addr.clone());
-            Supervisor::new(addr, fallback, st, pb, "default".into())
-        });
-        let dispatcher = dispatcher.unwrap();
+        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
+        let supervisor = Supervisor::new(dispatcher.clone(), store.clone(), publisher, "default".into()).start();
+        dispatcher.send(Connect { tuner: None, resync: supervisor.clone().recipient() }).await.unwrap();
         let v = Vehicle::new("ev1", 0.8, 60.0, 11.0);
-        supervisor.send(VehicleStateIn { id: v.id.clone(), state: Some(v) }).await.unwrap();
+        supervisor.send(VehicleStateIn { id: v.id.clone(), state: Some(v), at: now() }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
 
-        dispatcher.send(SignalIn(signal("boom"))).await.unwrap();
+        dispatcher.send(SignalIn { signal: signal("boom"), at: now() }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(builds.get(), 2, "the planner was rebuilt once");
-        dispatcher.send(SignalIn(signal("fine"))).await.unwrap();
+        assert_eq!(builds.get(), 2, "the engine was rebuilt once");
+        dispatcher.send(SignalIn { signal: signal("fine"), at: now() }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         store.flush().await.unwrap();
 

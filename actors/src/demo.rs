@@ -24,18 +24,21 @@ use crate::sim::{generate_fleet, FleetMix, SimConfig, Simulator};
 /// How long vehicles have to answer in the demo, seconds.
 const ACK_TIMEOUT_S: f64 = 1.5;
 
-/// The scripted signals: (type, direction, kW, duration s).
+/// The scripted signals: (type, direction, kW, duration s). Each window is short enough to
+/// end before the next signal, so every signal finds the fleet free; power the gateway has
+/// ordered stays committed until its window ends, and a signal overlapping it gets only
+/// what is left.
 const SCRIPT: &[(&str, &str, f64, u64)] = &[
-    ("fcr", "up", 80.0, 300),
-    ("fcr", "down", 60.0, 300),
-    ("afrr", "up", 150.0, 900),
-    ("afrr", "down", 120.0, 900),
-    ("mfrr", "up", 250.0, 900),
-    ("mfrr", "down", 200.0, 900),
-    ("dr", "up", 100.0, 1800),
-    ("dr", "down", 90.0, 1800),
-    ("afrr", "up", 3000.0, 900),
-    ("fcr", "up", 40.0, 300),
+    ("fcr", "up", 80.0, 1),
+    ("fcr", "down", 60.0, 1),
+    ("afrr", "up", 150.0, 1),
+    ("afrr", "down", 120.0, 1),
+    ("mfrr", "up", 250.0, 1),
+    ("mfrr", "down", 200.0, 1),
+    ("dr", "up", 100.0, 1),
+    ("dr", "down", 90.0, 1),
+    ("afrr", "up", 3000.0, 1),
+    ("fcr", "up", 40.0, 1),
 ];
 
 /// Runs the demo; `db` is replaced.

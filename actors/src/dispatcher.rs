@@ -1,51 +1,233 @@
-//! DispatcherActor: owns the core [`Planner`] (fleet view, filter, strategy, fairness,
-//! duplicate memory). Turns each signal into a planned dispatch handed to the supervisor,
-//! records fleet discoveries and losses, and keeps the retained `<p>/capacity` fresh.
+//! DispatcherActor: owns the core [`Engine`], the one writer of all dispatch state (the
+//! fleet view, the dispatches in flight, the commitment ledger, the memory of signals).
+//!
+//! Signals and ACKs come straight from the bridge, vehicle states from the vehicle actors,
+//! fallback answers from the FallbackActor. Every [`Step`] the engine returns is carried out
+//! here in the contract's order: its events go to the store, and only once they are durable
+//! are its cancels and orders published (the ACK window of those orders starts then), its
+//! outcomes published and its fallback request sent. One timer is armed for the engine's
+//! earliest deadline. When the store cannot commit a step, nothing of it is published, its
+//! dispatches are closed as failed, and new signals are refused until the store works again.
+//!
+//! Supervised: a panic in a core call stops the actor, and actix restarts it with an engine
+//! rebuilt from the event log (what was in flight is recorded as interrupted and its
+//! unanswered orders cancelled); the vehicle actors then report the fleet again.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::engine::Planner;
+use gridweaver_core::engine::{Capacity, Engine, FallbackRequest, Step};
 use gridweaver_core::events::EventKind;
-use gridweaver_core::model::{Signal, Vehicle, VehicleId};
+use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
+use gridweaver_core::time::Timestamp;
 
+use crate::fallback::{FallbackActor, Reallocate};
 use crate::guard::guarded;
 use crate::publish::{now, reject, Publisher};
 use crate::store::StoreHandle;
-use crate::supervisor::{Begin, Resync, Supervisor};
+use crate::tuner::{Learn, TunerActor};
 
-/// How often a changed capacity is republished, at most.
+/// How often the retained `<p>/capacity` is refreshed when it changed, at most.
 const CAPACITY_EVERY: Duration = Duration::from_millis(250);
 
-/// Builds a fresh planner (config plus what the event log remembers) after a restart.
-pub type PlannerFactory = Box<dyn Fn() -> Planner>;
+/// Builds the engine from the config and the event log, with the step that records and
+/// withdraws what a previous run (or a crashed actor) left unfinished.
+pub type EngineFactory = Box<dyn Fn() -> (Engine, Step)>;
 
-/// Plans dispatches. Supervised: if a core call panics the actor stops, and actix restarts
-/// it with a planner rebuilt by its factory and the fleet re-reported by the supervisor.
+/// Asks the fleet's owner (the supervisor) to report every vehicle again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resync;
+
+/// Plans and follows dispatches.
 pub struct DispatcherActor {
-    planner: Planner,
-    rebuild: PlannerFactory,
-    supervisor: Addr<Supervisor>,
+    engine: Engine,
+    rebuild: EngineFactory,
+    /// Carried out once the actor runs: the recovery step of the engine just built.
+    recovery: Option<Step>,
+    fallback: Addr<FallbackActor>,
+    tuner: Option<Addr<TunerActor>>,
+    resync: Option<Recipient<Resync>>,
     store: StoreHandle,
     publisher: Publisher,
+    timer: Option<(Timestamp, SpawnHandle)>,
     capacity_dirty: bool,
+    last_capacity: Option<(f64, f64, usize)>,
+    completed: u64,
+    /// Why the store failed the last step, while it does.
+    store_failing: Option<String>,
 }
 
 impl DispatcherActor {
-    /// An actor around a planner made by `rebuild` (which it calls again on restart).
+    /// An actor around an engine made by `rebuild` (which it calls again on restart).
     pub fn new(
-        rebuild: PlannerFactory,
-        supervisor: Addr<Supervisor>,
+        rebuild: EngineFactory,
+        fallback: Addr<FallbackActor>,
         store: StoreHandle,
         publisher: Publisher,
     ) -> Self {
-        Self { planner: rebuild(), rebuild, supervisor, store, publisher, capacity_dirty: true }
+        let (engine, recovery) = rebuild();
+        Self {
+            engine,
+            rebuild,
+            recovery: Some(recovery),
+            fallback,
+            tuner: None,
+            resync: None,
+            store,
+            publisher,
+            timer: None,
+            capacity_dirty: true,
+            last_capacity: None,
+            completed: 0,
+            store_failing: None,
+        }
     }
 
+    fn region(&self) -> String {
+        self.engine.planner().config().region.clone()
+    }
+
+    /// Publishes the capacity when it changed (commitments, fleet, or windows ending).
     fn publish_capacity(&mut self) {
-        if std::mem::take(&mut self.capacity_dirty) {
-            self.publisher.capacity(&self.planner.capacity(now()));
+        if !std::mem::take(&mut self.capacity_dirty) && self.engine.ledger().is_empty() {
+            return;
         }
+        let engine = &mut self.engine;
+        let Some(cap) = guarded("computing the capacity", || engine.capacity(now())) else { return };
+        let key = (cap.up_kw, cap.down_kw, cap.vehicles);
+        if self.last_capacity != Some(key) {
+            self.last_capacity = Some(key);
+            self.publisher.capacity(&cap);
+        }
+    }
+
+    /// Carries out a step: events durable first, then cancels, orders, outcomes and the
+    /// live tail; a fallback request goes to the FallbackActor; the timer is re-armed.
+    fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
+        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers } = step;
+        if !answers.is_empty() {
+            self.engine.planner_mut().observe_answers(&answers);
+        }
+        self.capacity_dirty |= !orders.is_empty() || !cancels.is_empty() || !outcomes.is_empty();
+        if events.is_empty() {
+            if let Some(request) = fallback {
+                self.run_fallback(request, ctx);
+            }
+            self.arm_timer(ctx);
+            return;
+        }
+        let (queued, rows) = (std::time::Instant::now(), events.len());
+        let durable = self.store.append(events);
+        let after = durable.into_actor(self).map(move |res, act, ctx| {
+            let appended = match res {
+                Ok(Ok(appended)) => appended,
+                Ok(Err(e)) => return act.step_failed(e, &orders, ctx),
+                Err(_) => return act.step_failed("the store thread is gone".into(), &orders, ctx),
+            };
+            if act.store_failing.take().is_some() {
+                tracing::info!("the event log is writable again; signals are accepted");
+            }
+            tracing::debug!(
+                rows,
+                orders = orders.len(),
+                durable_us = queued.elapsed().as_micros() as u64,
+                "step durable"
+            );
+            for c in &cancels {
+                act.publisher.cancel(c);
+            }
+            for o in &orders {
+                act.publisher.order(o);
+            }
+            // The ACK window of these orders starts now that they are on their way.
+            let published = now();
+            let dispatches: BTreeSet<&str> = orders.iter().map(|o| o.dispatch_id.as_str()).collect();
+            for d in dispatches {
+                act.engine.published(d, published);
+            }
+            for outcome in outcomes {
+                act.publisher.outcome(&outcome);
+                act.completed += 1;
+                if let Some(tuner) = &act.tuner {
+                    if tuner.try_send(Learn(outcome)).is_err() {
+                        tracing::warn!("the tuner is busy; one outcome is not learned from");
+                    }
+                }
+            }
+            act.publisher.tail(appended.rows);
+            if let Some(request) = fallback {
+                act.run_fallback(request, ctx);
+            }
+            act.arm_timer(ctx);
+        });
+        ctx.spawn(after);
+        self.arm_timer(ctx);
+    }
+
+    /// The store could not commit a step: nothing of it is published; the dispatches whose
+    /// orders it held are closed as failed (recorded if the store recovers), and signals are
+    /// refused until a write succeeds.
+    fn step_failed(&mut self, why: String, orders: &[gridweaver_core::model::Order], ctx: &mut Context<Self>) {
+        tracing::error!(error = %why, "a decision was not durable: nothing of it is published");
+        self.store_failing = Some(why.clone());
+        let dispatches: BTreeSet<String> = orders.iter().map(|o| o.dispatch_id.clone()).collect();
+        let t = now();
+        for d in dispatches {
+            let engine = &mut self.engine;
+            let reason = format!("event log write failed: {why}");
+            if let Some(Some(mut step)) = guarded("closing a failed dispatch", || engine.abort(t, &d, &reason)) {
+                // Its orders never went out: nothing to withdraw on the wire.
+                step.cancels.clear();
+                self.carry_out(step, ctx);
+            }
+        }
+    }
+
+    fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
+        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(|res, act, ctx| match res {
+            Ok((request, realloc)) => {
+                let engine = &mut act.engine;
+                if let Some(step) = guarded("applying a fallback", || engine.apply_fallback(now(), &request, &realloc))
+                {
+                    act.carry_out(step, ctx);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the fallback actor did not answer"),
+        });
+        ctx.spawn(answer);
+    }
+
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let next = self.engine.next_deadline();
+        if self.timer.as_ref().map(|(t, _)| *t) == next {
+            return;
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let Some(deadline) = next else { return };
+        let wait = u64::try_from(deadline.as_millis() - now().as_millis()).unwrap_or(0);
+        let handle = ctx.run_later(Duration::from_millis(wait), |act, ctx| {
+            act.timer = None;
+            let engine = &mut act.engine;
+            match guarded("settling deadlines", || engine.on_timeout(now())) {
+                Some(steps) => {
+                    for step in steps {
+                        act.carry_out(step, ctx);
+                    }
+                    act.arm_timer(ctx);
+                }
+                None => ctx.stop(),
+            }
+        });
+        self.timer = Some((deadline, handle));
+    }
+
+    fn refuse(&self, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String, at: Timestamp) {
+        tracing::info!(%topic, reason = %why, "input refused");
+        reject(&self.store, &self.publisher, &self.region(), kind, actor, topic, why, payload, at);
     }
 }
 
@@ -55,50 +237,127 @@ impl Actor for DispatcherActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(crate::MAILBOX);
         ctx.run_interval(CAPACITY_EVERY, |act, _| act.publish_capacity());
+        if let Some(step) = self.recovery.take() {
+            self.carry_out(step, ctx);
+        }
     }
 }
 
 impl Supervised for DispatcherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        tracing::warn!("dispatcher restarting: planner rebuilt from the event log, fleet re-reported");
-        self.planner = (self.rebuild)();
+        tracing::warn!("dispatcher restarting: engine rebuilt from the event log, fleet re-reported");
+        let (engine, recovery) = (self.rebuild)();
+        self.engine = engine;
+        self.recovery = Some(recovery);
+        self.timer = None;
         self.capacity_dirty = true;
-        self.supervisor.do_send(Resync);
+        if let Some(r) = &self.resync {
+            let _ = r.try_send(Resync);
+        }
     }
 }
 
-/// A decoded signal from `<p>/signals`.
+/// Connects the tuner and the fleet's owner (both started after the dispatcher).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SignalIn(pub Signal);
+pub struct Connect {
+    /// Learns from outcomes.
+    pub tuner: Option<Addr<TunerActor>>,
+    /// Re-reports the fleet after a restart.
+    pub resync: Recipient<Resync>,
+}
+
+impl Handler<Connect> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connect, _ctx: &mut Context<Self>) {
+        self.tuner = msg.tuner;
+        self.resync = Some(msg.resync);
+    }
+}
+
+/// A decoded signal from `<p>/signals`, with the time the bridge received it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SignalIn {
+    /// The signal.
+    pub signal: Signal,
+    /// When it arrived.
+    pub at: Timestamp,
+}
 
 impl Handler<SignalIn> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
-        let t = now();
+        let topic = self.publisher.topics().signals();
+        if let Some(why) = &self.store_failing {
+            let why = format!("the event log cannot be written ({why}); signals are refused until it can");
+            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
+            // Recorded with a reply: the first write that succeeds lifts the refusal.
+            let event = gridweaver_core::wire::rejection_event(
+                msg.at,
+                EventKind::SignalRejected,
+                "dispatcher",
+                &self.region(),
+                &topic,
+                &why,
+                &raw,
+            );
+            let probe = self.store.append(vec![event]).into_actor(self).map(|res, act, _| {
+                if matches!(res, Ok(Ok(_))) && act.store_failing.take().is_some() {
+                    tracing::info!("the event log is writable again; signals are accepted");
+                }
+            });
+            ctx.spawn(probe);
+            self.publisher.error(&topic, &why, msg.at);
+            return;
+        }
         let started = std::time::Instant::now();
-        let signal = msg.0.clone();
-        let planner = &mut self.planner;
-        let Some(planned) = guarded("planning a dispatch", || planner.plan(t, msg.0)) else {
+        let engine = &mut self.engine;
+        let signal = msg.signal;
+        let Some(planned) = guarded("planning a dispatch", || engine.on_signal(msg.at, signal.clone())) else {
             ctx.stop();
             return;
         };
         tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
-            Ok((dispatch, step)) => {
-                self.capacity_dirty = true;
-                self.supervisor.do_send(Begin { dispatch, step });
-            }
+            Ok(step) => self.carry_out(step, ctx),
             Err(refused) => {
-                let reason = refused.to_string();
-                tracing::info!(%reason, "signal refused");
-                let topic = self.publisher.topics().signals();
                 let raw = serde_json::to_vec(&signal).unwrap_or_default();
-                let region = &self.planner.config().region;
-                let kind = EventKind::SignalRejected;
-                reject(&self.store, &self.publisher, region, kind, "dispatcher".into(), &topic, &reason, &raw);
+                let actor = "dispatcher".to_owned();
+                self.refuse(&topic, &refused.to_string(), &raw, EventKind::SignalRejected, actor, msg.at);
             }
+        }
+    }
+}
+
+/// An ACK from a vehicle's `ack` topic, with the time the bridge received it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AckIn {
+    /// The vehicle whose topic it came on.
+    pub vehicle: VehicleId,
+    /// The ACK.
+    pub ack: Ack,
+    /// When it arrived.
+    pub at: Timestamp,
+}
+
+impl Handler<AckIn> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
+        let engine = &mut self.engine;
+        match guarded("taking an ACK", || engine.on_ack(msg.at, &msg.vehicle, &msg.ack)) {
+            Some(Ok(step)) => self.carry_out(step, ctx),
+            Some(Err(ignored)) => {
+                let topic = self.publisher.topics().vehicle_ack(&msg.vehicle);
+                let raw = serde_json::to_vec(&msg.ack).unwrap_or_default();
+                let actor = format!("vehicle/{}", msg.vehicle);
+                self.refuse(&topic, &ignored.to_string(), &raw, EventKind::InputRejected, actor, msg.at);
+            }
+            None => ctx.stop(),
         }
     }
 }
@@ -117,8 +376,8 @@ impl Handler<FleetUpdate> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: FleetUpdate, ctx: &mut Context<Self>) {
-        let planner = &mut self.planner;
-        let Some((_, event)) = guarded("updating the fleet", || planner.apply_state(now(), msg.id, msg.state)) else {
+        let engine = &mut self.engine;
+        let Some((_, event)) = guarded("updating the fleet", || engine.on_state(now(), msg.id, msg.state)) else {
             ctx.stop();
             return;
         };
@@ -143,21 +402,7 @@ impl Handler<SetWeights> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetWeights, _ctx: &mut Context<Self>) {
-        self.planner.set_weights(msg.kind, msg.weights);
-    }
-}
-
-/// How vehicles answered a settled dispatch, for the availability prediction.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Answers(pub Vec<(VehicleId, gridweaver_core::time::Timestamp, bool)>);
-
-impl Handler<Answers> for DispatcherActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Answers, _ctx: &mut Context<Self>) {
-        self.planner.observe_answers(&msg.0);
-        self.capacity_dirty = true;
+        self.engine.planner_mut().set_weights(msg.kind, msg.weights);
     }
 }
 
@@ -170,7 +415,69 @@ impl Handler<Reconnected> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, _: Reconnected, _ctx: &mut Context<Self>) {
+        self.last_capacity = None;
         self.capacity_dirty = true;
         self.publish_capacity();
+    }
+}
+
+/// The capacity now (for tests and the demo).
+#[derive(Message)]
+#[rtype(result = "Capacity")]
+pub struct GetCapacity;
+
+impl Handler<GetCapacity> for DispatcherActor {
+    type Result = MessageResult<GetCapacity>;
+
+    fn handle(&mut self, _: GetCapacity, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.engine.capacity(now()))
+    }
+}
+
+/// Graceful shutdown: settle everything in flight (unanswered orders cancelled), then wait
+/// until the log is durable and the cancels are with the MQTT client. Answers with the
+/// number of dispatches it settled.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for DispatcherActor {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        let engine = &mut self.engine;
+        let steps = guarded("shutting down", || engine.shutdown(now(), "gateway shutdown")).unwrap_or_default();
+        let settled = steps.len();
+        for step in steps {
+            self.carry_out(step, ctx);
+        }
+        let flushed = self.store.flush();
+        Box::pin(
+            async move {
+                let _ = flushed.await;
+                tokio::task::yield_now().await;
+            }
+            .into_actor(self)
+            .then(|_, act, _| {
+                // The futures that publish after durability have run by now (the store
+                // answers in order); wait until what they queued is with the client.
+                let publisher = act.publisher.clone();
+                async move { publisher.flush().await }.into_actor(act)
+            })
+            .map(move |_, _, _| settled),
+        )
+    }
+}
+
+/// How many dispatches have completed (their outcome published).
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct Completed;
+
+impl Handler<Completed> for DispatcherActor {
+    type Result = u64;
+
+    fn handle(&mut self, _: Completed, _ctx: &mut Context<Self>) -> u64 {
+        self.completed
     }
 }

@@ -1,17 +1,22 @@
-//! Outbound MQTT: a cheap, cloneable handle to the one client's request channel.
+//! Outbound MQTT and the controller's clock.
 //!
-//! Every actor that publishes holds a [`Publisher`]. `try_publish` puts the message on
-//! rumqttc's bounded request channel without waiting; when the channel is full the
-//! message is handed to a task that waits for room, so an order is never dropped by the
-//! gateway itself (a broker outage may still lose it: the ACK deadline covers that).
+//! Every actor that publishes holds a [`Publisher`]: a cheap, cloneable handle to one
+//! bounded, first-in-first-out queue that a single task drains into the rumqttc client.
+//! One queue and one task keep every vehicle's messages in the order they were queued (a
+//! cancel before the order that follows it); when the queue is full a message is dropped
+//! with an error log rather than held in a growing pile of tasks (the ACK deadline covers a
+//! lost order, and its cancel follows it).
+//!
+//! [`now`] is the only clock read of the controller (see its docs).
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use gridweaver_core::model::{DispatchOutcome, Order};
+use gridweaver_core::model::{DispatchOutcome, Order, OrderCancel};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{ErrorReport, Topics};
-use rumqttc::{AsyncClient, ClientError, QoS, Request};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
 
 /// Refuses an inbound message the contract's way: records a `SignalRejected` or
 /// `InputRejected` event (`kind`) naming `actor`, and answers on `<p>/errors`. Nothing else
@@ -26,32 +31,82 @@ pub fn reject(
     topic: &str,
     why: &str,
     payload: &[u8],
+    received_at: Timestamp,
 ) {
-    let t = now();
-    store.record(vec![gridweaver_core::wire::rejection_event(t, kind, actor, region, topic, why, payload)]);
-    publisher.error(topic, why, t);
+    let event = gridweaver_core::wire::rejection_event(received_at, kind, actor, region, topic, why, payload);
+    store.record(vec![event]);
+    publisher.error(topic, why, received_at);
 }
 
 /// Largest MQTT packet the gateway sends or accepts.
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 
-/// The wall clock, as the core's time type. The only clock read of the controller.
+/// Messages waiting to be handed to the MQTT client, at most.
+pub const OUTBOUND_QUEUE: usize = 32_768;
+
+/// The controller's clock: wall time that never goes backwards.
+///
+/// It follows the wall clock forwards (so a gateway whose clock is set by NTP after boot
+/// stamps its events with the real time from then on) and ignores a step backwards: from
+/// such a step on, time runs on the monotonic clock from the last reading. ACK deadlines
+/// are therefore never stretched by a clock step (their timers run on tokio's monotonic
+/// clock, and the time they are compared with never goes back), and dispatch ids, which
+/// contain the time, never repeat.
 pub fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    Timestamp::from_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+    // One small lock per reading; nothing else is ever done under it.
+    static ANCHOR: Mutex<Option<(i64, Instant)>> = Mutex::new(None);
+    let wall =
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut anchor = ANCHOR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (at, mono) = anchor.get_or_insert((wall, Instant::now()));
+    let running = at.saturating_add(i64::try_from(mono.elapsed().as_millis()).unwrap_or(i64::MAX));
+    if wall > running {
+        *anchor = Some((wall, Instant::now()));
+        return Timestamp::from_millis(wall);
+    }
+    Timestamp::from_millis(running)
 }
 
-/// Publishes the contract's outbound messages.
+enum Outbound {
+    Publish {
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+    /// Answered once everything queued before it is with the client.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Publishes the contract's outbound messages through one ordered, bounded queue.
 #[derive(Clone)]
 pub struct Publisher {
     client: AsyncClient,
     topics: Arc<Topics>,
+    queue: mpsc::Sender<Outbound>,
 }
 
 impl Publisher {
-    /// A publisher on `client` under `topics`.
+    /// A publisher on `client` under `topics`. Starts the task that drains its queue, so
+    /// call it inside a tokio runtime.
     pub fn new(client: AsyncClient, topics: Arc<Topics>) -> Self {
-        Self { client, topics }
+        let (queue, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+        let drain = client.clone();
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                match m {
+                    Outbound::Publish { topic, qos, retain, payload } => {
+                        if let Err(e) = drain.publish(topic.clone(), qos, retain, payload).await {
+                            tracing::error!(%topic, error = %e, "publish failed: the MQTT client has stopped");
+                        }
+                    }
+                    Outbound::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Self { client, topics, queue }
     }
 
     /// The topic layout.
@@ -64,28 +119,37 @@ impl Publisher {
         &self.client
     }
 
-    /// Publishes `payload` on `topic`; waits for room in a task when the channel is full.
-    /// A message larger than the client's packet limit is dropped with an error log: rumqttc
-    /// would otherwise fail the whole connection over it.
+    /// Messages queued and not yet handed to the client.
+    pub fn queued(&self) -> usize {
+        OUTBOUND_QUEUE - self.queue.capacity()
+    }
+
+    /// Queues `payload` for `topic`. A message larger than the packet limit, or one that
+    /// finds the queue full, is dropped with an error log (rumqttc would otherwise fail the
+    /// whole connection over an oversized packet). The live tail (QoS 0) is dropped quietly.
     pub fn raw(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
         if payload.len() + topic.len() + 16 > MAX_PACKET_BYTES {
             tracing::error!(%topic, bytes = payload.len(), "message larger than the MQTT packet limit; not published");
             return;
         }
-        match self.client.try_publish(topic, qos, retain, payload) {
+        let quiet = qos == QoS::AtMostOnce;
+        match self.queue.try_send(Outbound::Publish { topic, qos, retain, payload }) {
             Ok(()) => {}
-            Err(ClientError::TryRequest(Request::Publish(p)) | ClientError::Request(Request::Publish(p))) => {
-                if qos == QoS::AtMostOnce {
-                    return; // live tail: dropped under load by design
-                }
-                let client = self.client.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = client.publish(p.topic.clone(), p.qos, p.retain, p.payload.to_vec()).await {
-                        tracing::error!(topic = %p.topic, error = %e, "publish failed: the MQTT client has stopped");
-                    }
-                });
+            Err(mpsc::error::TrySendError::Full(_)) if quiet => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::error!(queued = OUTBOUND_QUEUE, "outbound queue full; message dropped");
             }
-            Err(e) => tracing::error!(error = %e, "publish failed"),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("the outbound queue has stopped; message dropped");
+            }
+        }
+    }
+
+    /// Resolves once everything queued before it has been handed to the MQTT client.
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.queue.send(Outbound::Flush(done)).await.is_ok() {
+            let _ = wait.await;
         }
     }
 
@@ -100,6 +164,11 @@ impl Publisher {
     /// `<p>/vehicles/<id>/order`, QoS 1.
     pub fn order(&self, order: &Order) {
         self.json(self.topics.vehicle_order(&order.vehicle_id), QoS::AtLeastOnce, false, order);
+    }
+
+    /// `<p>/vehicles/<id>/order`, QoS 1: the order's withdrawal.
+    pub fn cancel(&self, cancel: &OrderCancel) {
+        self.json(self.topics.vehicle_order(&cancel.vehicle_id), QoS::AtLeastOnce, false, cancel);
     }
 
     /// `<p>/dispatches/<id>`, QoS 1.
@@ -130,5 +199,20 @@ impl Publisher {
     pub fn status(&self, online: bool) {
         let state = if online { "online" } else { "offline" };
         self.json(self.topics.status(), QoS::AtLeastOnce, true, &serde_json::json!({ "state": state }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_never_goes_backwards() {
+        let mut last = now();
+        for _ in 0..1000 {
+            let t = now();
+            assert!(t >= last);
+            last = t;
+        }
     }
 }

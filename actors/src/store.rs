@@ -10,6 +10,7 @@
 //! The table is the contract's `events` table. Triggers refuse UPDATE and DELETE, so the
 //! log is append-only even against a careless `sqlite3` session.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -17,7 +18,7 @@ use std::thread;
 use anyhow::Context;
 use gridweaver_core::dispatch::Weights;
 use gridweaver_core::events::{Event, EventKind, StoredEvent};
-use gridweaver_core::model::{SignalType, VehicleId};
+use gridweaver_core::model::{Order, SignalType, VehicleId};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::tuning::WeightsChange;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -338,17 +339,79 @@ pub struct Recovery {
     pub tuned: Vec<(SignalType, Weights)>,
     /// Answers to orders of the last 30 days (vehicle, when, accepted?), oldest first.
     pub answers: Vec<(VehicleId, Timestamp, bool)>,
+    /// Orders still committed (not rejected, timed out or cancelled, window not over), with
+    /// their signal id and whether they were accepted, in the order they were sent.
+    pub commitments: Vec<(String, Order, bool)>,
+    /// The dispatch counter of the last dispatch planned (`d<ms>-<n>`), so that ids stay
+    /// unique across restarts and clock steps.
+    pub dispatches: u64,
+}
+
+/// The orders that `conn` says are still committed at `now`: sent within `horizon_ms`
+/// before `now`, never rejected, timed out or cancelled, with a window ending after `now`.
+fn committed_orders(conn: &Connection, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Vec<(String, Order, bool)>> {
+    let since = now.as_millis().saturating_sub(horizon_ms);
+    let mut signal_of: HashMap<String, String> = HashMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT correlation_id, json_extract(payload, '$.signal_id') FROM events
+         WHERE kind = 'DispatchPlanCreated' AND ts_ms >= ?1",
+    )?;
+    let mut rows = stmt.query([since])?;
+    while let Some(r) = rows.next()? {
+        if let (Some(d), Some(sig)) = (r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?) {
+            signal_of.insert(d, sig);
+        }
+    }
+    let mut orders: Vec<(Order, bool)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut released: HashSet<String> = HashSet::new();
+    let mut stmt = conn.prepare(
+        "SELECT kind, payload, json_extract(payload, '$.order_id'), json_extract(payload, '$.status') FROM events
+         WHERE kind IN ('OrderSent', 'AckReceived', 'AckTimedOut', 'OrderCancelled') AND ts_ms >= ?1 ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([since])?;
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(0)?;
+        let Some(order_id) = r.get::<_, Option<String>>(2)? else { continue };
+        match kind.as_str() {
+            "OrderSent" => {
+                let payload: String = r.get(1)?;
+                match serde_json::from_str::<Order>(&payload) {
+                    Ok(o) if o.until > now => {
+                        index.insert(order_id, orders.len());
+                        orders.push((o, false));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "an OrderSent event could not be read; skipped"),
+                }
+            }
+            "AckReceived" if r.get::<_, Option<String>>(3)?.as_deref() == Some("accepted") => {
+                if let Some(i) = index.get(&order_id) {
+                    orders[*i].1 = true;
+                }
+            }
+            _ => {
+                released.insert(order_id);
+            }
+        }
+    }
+    Ok(orders
+        .into_iter()
+        .filter(|(o, _)| !released.contains(&o.order_id))
+        .map(|(o, accepted)| (signal_of.get(&o.dispatch_id).cloned().unwrap_or_default(), o, accepted))
+        .collect())
 }
 
 /// [`recover`] from a read-only connection to the log at `path`.
-pub fn recover_path(path: &Path, remembered: usize) -> anyhow::Result<Recovery> {
+pub fn recover_path(path: &Path, remembered: usize, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Recovery> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    recover(&conn, remembered)
+    recover(&conn, remembered, now, horizon_ms)
 }
 
-/// Reads what a restart needs, from the writer's connection.
-pub fn recover(conn: &Connection, remembered: usize) -> anyhow::Result<Recovery> {
+/// Reads what a restart needs, from the writer's connection: `remembered` signal ids, and
+/// the orders still committed at `now` among those sent in the `horizon_ms` before it.
+pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Recovery> {
     let mut rec = Recovery::default();
     let mut stmt = conn.prepare(
         "SELECT json_extract(payload, '$.id'), json_extract(payload, '$.leader_term') FROM events
@@ -405,6 +468,16 @@ pub fn recover(conn: &Connection, remembered: usize) -> anyhow::Result<Recovery>
         }
     }
     rec.answers.reverse();
+    rec.commitments = committed_orders(conn, now, horizon_ms)?;
+    let last: Option<String> = conn
+        .query_row(
+            "SELECT correlation_id FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    rec.dispatches = last.and_then(|id| id.rsplit('-').next().and_then(|n| n.parse().ok())).unwrap_or(0);
     Ok(rec)
 }
 
@@ -439,7 +512,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         assert!(conn.execute("UPDATE events SET kind = 'x'", []).is_err());
         assert!(conn.execute("DELETE FROM events", []).is_err());
-        let rec = recover(&conn, 100).unwrap();
+        let rec = recover(&conn, 100, Timestamp::from_millis(2_000), 86_400_000).unwrap();
         assert_eq!(rec.signal_ids, vec!["s1".to_owned()]);
         assert_eq!(rec.unfinished, vec![("d1".to_owned(), "s1".to_owned())]);
 

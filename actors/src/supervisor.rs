@@ -1,171 +1,52 @@
-//! Supervisor: owns the dispatches in flight (the core [`DispatchBook`]) and their ACK
-//! deadlines, and the vehicle actors.
+//! Supervisor: owns fleet membership, the vehicle actors.
 //!
-//! Every [`Step`] the core produces is carried out here in the contract's order: its events
-//! go to the store, and only once they are durable are its orders handed to the vehicle
-//! actors (which publish them) and its outcome published. One timer is armed for the
-//! book's earliest deadline. A residual goes to the FallbackActor and its answer back into
-//! the book. Vehicle actors are created on a vehicle's first state and stopped when it
-//! leaves. The dispatcher, the fallback and the vehicle actors run under actix's
-//! supervision: one that stops after a panic in a core call is restarted (see
-//! [`crate::guard`]), and a restarted dispatcher gets the fleet again from here ([`Resync`]).
+//! A vehicle's first retained state starts its [`VehicleActor`]; later states go to that
+//! actor, which forwards changes to the dispatcher; an empty retained state stops it and
+//! tells the dispatcher the vehicle left. When a restarted dispatcher asks ([`Resync`]),
+//! every vehicle actor reports its state again. The supervisor keeps only the actors'
+//! addresses: the vehicle's state lives in its actor (as reported) and in the dispatcher's
+//! engine (as planned with). It refuses new vehicles beyond [`MAX_VEHICLES`].
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use actix::prelude::*;
-use gridweaver_core::engine::{Dispatch, DispatchBook, FallbackRequest, Step};
 use gridweaver_core::events::EventKind;
-use gridweaver_core::model::{Ack, Order, Vehicle, VehicleId};
+use gridweaver_core::model::{Vehicle, VehicleId};
+use gridweaver_core::time::Timestamp;
 
-use crate::dispatcher::{Answers, DispatcherActor, FleetUpdate};
-use crate::fallback::{FallbackActor, Reallocate};
-use crate::guard::guarded;
-use crate::publish::{now, reject, Publisher};
+use crate::dispatcher::{DispatcherActor, FleetUpdate, Resync};
+use crate::publish::{reject, Publisher};
 use crate::store::StoreHandle;
-use crate::tuner::{Learn, TunerActor};
-use crate::vehicle::{NewState, SendOrder, VehicleAck, VehicleActor};
+use crate::vehicle::{NewState, Report, VehicleActor};
 
-/// Owns deadlines and vehicle actors.
+/// Vehicles one gateway follows at most; a state from one more is refused.
+pub const MAX_VEHICLES: usize = 20_000;
+
+/// Owns the vehicle actors.
 pub struct Supervisor {
-    book: DispatchBook,
-    /// Each vehicle's latest state (to re-report after a dispatcher restart) and actor.
-    vehicles: HashMap<VehicleId, (Vehicle, Addr<VehicleActor>)>,
+    vehicles: BTreeMap<VehicleId, Addr<VehicleActor>>,
     dispatcher: Addr<DispatcherActor>,
-    fallback: Addr<FallbackActor>,
-    tuner: Option<Addr<TunerActor>>,
     store: StoreHandle,
     publisher: Publisher,
     region: String,
-    timer: Option<(gridweaver_core::time::Timestamp, SpawnHandle)>,
-    completed: u64,
 }
 
 impl Supervisor {
-    /// A supervisor; `dispatcher` is made from its address (the two know each other).
-    pub fn new(
-        dispatcher: Addr<DispatcherActor>,
-        fallback: Addr<FallbackActor>,
-        store: StoreHandle,
-        publisher: Publisher,
-        region: String,
-    ) -> Self {
-        Self {
-            book: DispatchBook::new(),
-            vehicles: HashMap::new(),
-            dispatcher,
-            fallback,
-            tuner: None,
-            store,
-            publisher,
-            region,
-            timer: None,
-            completed: 0,
-        }
+    /// A supervisor reporting the fleet to `dispatcher`.
+    pub fn new(dispatcher: Addr<DispatcherActor>, store: StoreHandle, publisher: Publisher, region: String) -> Self {
+        Self { vehicles: BTreeMap::new(), dispatcher, store, publisher, region }
     }
 
-    /// Carries out a step: events durable first, then orders, outcome and the live tail;
-    /// a fallback request goes to the FallbackActor; the deadline timer is re-armed.
-    fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
-        let Step { events, orders, deadline: _, fallback, outcome, answers } = step;
-        if !answers.is_empty() {
-            self.dispatcher.do_send(Answers(answers));
+    /// Sends `msg` to `addr` now if its mailbox has room, else waits for room before this
+    /// actor handles anything else (back-pressure onto the bridge, and so onto the broker).
+    fn deliver<A, M>(&self, addr: &Addr<A>, msg: M, ctx: &mut Context<Self>)
+    where
+        A: Actor<Context = Context<A>> + Handler<M>,
+        M: Message<Result = ()> + Send + 'static,
+    {
+        if let Err(SendError::Full(msg)) = addr.try_send(msg) {
+            ctx.wait(addr.send(msg).into_actor(self).map(|_, _, _| ()));
         }
-        if !events.is_empty() {
-            let (queued, rows) = (std::time::Instant::now(), events.len());
-            let durable = self.store.append(events);
-            let after = durable.into_actor(self).map(move |res, act, ctx| {
-                match res {
-                    Ok(Ok(appended)) => {
-                        let n = orders.len();
-                        tracing::debug!(
-                            rows,
-                            orders = n,
-                            durable_us = queued.elapsed().as_micros() as u64,
-                            "step durable"
-                        );
-                        for order in orders {
-                            act.send_order(order);
-                        }
-                        if let Some(outcome) = outcome {
-                            act.publisher.outcome(&outcome);
-                            act.completed += 1;
-                            if let Some(tuner) = &act.tuner {
-                                tuner.do_send(Learn(outcome));
-                            }
-                        }
-                        // The live tail waits a tick, so that the orders (queued to the vehicle
-                        // actors just now) reach the MQTT client ahead of it.
-                        let rows = appended.rows;
-                        if n == 0 {
-                            act.publisher.tail(rows);
-                        } else {
-                            ctx.run_later(std::time::Duration::from_millis(1), move |act, _| act.publisher.tail(rows));
-                        }
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "decision not durable: its orders are not published"),
-                    Err(_) => tracing::error!("the store thread is gone: orders are not published"),
-                }
-                if let Some(request) = fallback {
-                    act.run_fallback(request, ctx);
-                }
-            });
-            ctx.spawn(after);
-        } else if let Some(request) = fallback {
-            self.run_fallback(request, ctx);
-        }
-        self.arm_timer(ctx);
-    }
-
-    fn send_order(&self, order: Order) {
-        match self.vehicles.get(&order.vehicle_id) {
-            Some((_, addr)) => addr.do_send(SendOrder(order)),
-            // The vehicle left between planning and now: the order still goes out, so the
-            // log and the wire agree; its ACK deadline settles it.
-            None => self.publisher.order(&order),
-        }
-    }
-
-    fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
-        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(|res, act, ctx| match res {
-            Ok((request, realloc)) => {
-                let book = &mut act.book;
-                if let Some(step) = guarded("applying a fallback", || book.apply_fallback(now(), &request, &realloc)) {
-                    act.carry_out(step, ctx);
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "the fallback actor did not answer"),
-        });
-        ctx.spawn(answer);
-    }
-
-    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let next = self.book.next_deadline();
-        if self.timer.as_ref().map(|(t, _)| *t) == next {
-            return;
-        }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(deadline) = next {
-            let wait = u64::try_from(deadline.as_millis() - now().as_millis()).unwrap_or(0);
-            let handle = ctx.run_later(Duration::from_millis(wait), |act, ctx| {
-                act.timer = None;
-                let book = &mut act.book;
-                for step in guarded("settling deadlines", || book.on_timeout(now())).unwrap_or_default() {
-                    act.carry_out(step, ctx);
-                }
-                act.arm_timer(ctx);
-            });
-            self.timer = Some((deadline, handle));
-        }
-    }
-
-    fn reject_ack(&self, vehicle: &VehicleId, ack: &Ack, why: &str) {
-        let topic = self.publisher.topics().vehicle_ack(vehicle);
-        let raw = serde_json::to_vec(ack).unwrap_or_default();
-        let actor = format!("vehicle/{vehicle}");
-        reject(&self.store, &self.publisher, &self.region, EventKind::InputRejected, actor, &topic, why, &raw);
     }
 }
 
@@ -177,38 +58,6 @@ impl Actor for Supervisor {
     }
 }
 
-/// Connects the tuner (started after the supervisor, since it needs the dispatcher).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetTuner(pub Addr<TunerActor>);
-
-impl Handler<SetTuner> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetTuner, _ctx: &mut Context<Self>) {
-        self.tuner = Some(msg.0);
-    }
-}
-
-/// A planned dispatch and its first step, from the dispatcher.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Begin {
-    /// The dispatch.
-    pub dispatch: Dispatch,
-    /// Its first step.
-    pub step: Step,
-}
-
-impl Handler<Begin> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Begin, ctx: &mut Context<Self>) {
-        self.book.insert(msg.dispatch);
-        self.carry_out(msg.step, ctx);
-    }
-}
-
 /// A vehicle's retained state (`None` = empty payload: it left).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -217,131 +66,60 @@ pub struct VehicleStateIn {
     pub id: VehicleId,
     /// Its state.
     pub state: Option<Vehicle>,
+    /// When it arrived.
+    pub at: Timestamp,
 }
 
 impl Handler<VehicleStateIn> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: VehicleStateIn, ctx: &mut Context<Self>) {
-        match (msg.state, self.vehicles.get_mut(&msg.id)) {
-            (Some(state), Some((known, addr))) => {
-                known.clone_from(&state);
-                addr.do_send(NewState(state));
+        match (msg.state, self.vehicles.get(&msg.id)) {
+            (Some(state), Some(addr)) => {
+                let addr = addr.clone();
+                self.deliver(&addr, NewState(state), ctx);
+            }
+            (Some(_), None) if self.vehicles.len() >= MAX_VEHICLES => {
+                let topic = self.publisher.topics().vehicle_state(&msg.id);
+                let why = format!("this gateway already follows {MAX_VEHICLES} vehicles, its most; state not taken");
+                let actor = format!("vehicle/{}", msg.id);
+                reject(
+                    &self.store,
+                    &self.publisher,
+                    &self.region,
+                    EventKind::InputRejected,
+                    actor,
+                    &topic,
+                    &why,
+                    b"",
+                    msg.at,
+                );
             }
             (Some(state), None) => {
-                let (dispatcher, supervisor, publisher) =
-                    (self.dispatcher.clone(), ctx.address(), self.publisher.clone());
-                let first = state.clone();
-                let addr =
-                    actix::Supervisor::start(move |_| VehicleActor::new(first, dispatcher, supervisor, publisher));
-                self.vehicles.insert(msg.id, (state, addr));
+                let dispatcher = self.dispatcher.clone();
+                let addr = actix::Supervisor::start(move |_| VehicleActor::new(state, dispatcher));
+                self.vehicles.insert(msg.id, addr);
             }
-            (None, _) => {
+            (None, known) => {
                 // Dropping the last address stops the actor for good.
-                self.vehicles.remove(&msg.id);
-                self.dispatcher.do_send(FleetUpdate { id: msg.id, state: None });
+                if known.is_some() {
+                    self.vehicles.remove(&msg.id);
+                }
+                let dispatcher = self.dispatcher.clone();
+                self.deliver(&dispatcher, FleetUpdate { id: msg.id, state: None }, ctx);
             }
         }
     }
 }
-
-/// An ACK from a vehicle's `ack` topic, as the bridge decoded it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AckIn {
-    /// The vehicle whose topic it came on.
-    pub vehicle: VehicleId,
-    /// The ACK.
-    pub ack: Ack,
-}
-
-impl Handler<AckIn> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
-        match self.vehicles.get(&msg.vehicle) {
-            Some((_, addr)) => addr.do_send(VehicleAck(msg.ack)),
-            None => self.handle(AckFromVehicle { vehicle: msg.vehicle, ack: msg.ack }, ctx),
-        }
-    }
-}
-
-/// An ACK routed by its vehicle actor.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AckFromVehicle {
-    /// The vehicle.
-    pub vehicle: VehicleId,
-    /// The ACK.
-    pub ack: Ack,
-}
-
-impl Handler<AckFromVehicle> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AckFromVehicle, ctx: &mut Context<Self>) {
-        let book = &mut self.book;
-        match guarded("taking an ACK", || book.on_ack(now(), &msg.vehicle, &msg.ack)) {
-            Some(Ok(step)) => self.carry_out(step, ctx),
-            Some(Err(ignored)) => self.reject_ack(&msg.vehicle, &msg.ack, &ignored.to_string()),
-            None => {}
-        }
-    }
-}
-
-/// A restarted dispatcher asks for the fleet again.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Resync;
 
 impl Handler<Resync> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: Resync, _ctx: &mut Context<Self>) {
-        for (id, (state, _)) in &self.vehicles {
-            self.dispatcher.do_send(FleetUpdate { id: id.clone(), state: Some(state.clone()) });
-        }
-    }
-}
-
-/// Graceful shutdown: settle everything in flight, then wait until the log is durable.
-/// Answers with the number of dispatches it settled.
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct Shutdown;
-
-impl Handler<Shutdown> for Supervisor {
-    type Result = ResponseActFuture<Self, usize>;
-
-    fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
-        let book = &mut self.book;
-        let steps = guarded("shutting down", || book.shutdown(now(), "shutdown")).unwrap_or_default();
-        let settled = steps.len();
-        for step in steps {
-            self.carry_out(step, ctx);
-        }
-        let flushed = self.store.flush();
-        Box::pin(
-            async move {
-                let _ = flushed.await;
-                // Let the futures that publish after durability run before answering.
-                tokio::task::yield_now().await;
+        for (id, addr) in &self.vehicles {
+            if addr.try_send(Report).is_err() {
+                tracing::warn!(vehicle = %id, "a vehicle actor is busy; it reports when its queue drains");
             }
-            .into_actor(self)
-            .map(move |_, _, _| settled),
-        )
-    }
-}
-
-/// How many dispatches have completed (their outcome published).
-#[derive(Message)]
-#[rtype(result = "u64")]
-pub struct Completed;
-
-impl Handler<Completed> for Supervisor {
-    type Result = u64;
-
-    fn handle(&mut self, _: Completed, _ctx: &mut Context<Self>) -> u64 {
-        self.completed
+        }
     }
 }

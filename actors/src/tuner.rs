@@ -51,7 +51,12 @@ impl Handler<Learn> for TunerActor {
         ctx.spawn(
             async move {
                 match durable.await {
-                    Ok(Ok(_)) => dispatcher.do_send(SetWeights { kind: change.signal_type, weights: change.after }),
+                    Ok(Ok(_)) => {
+                        let set = SetWeights { kind: change.signal_type, weights: change.after };
+                        if dispatcher.send(set).await.is_err() {
+                            tracing::error!("the dispatcher is gone; a tuned weight was not applied");
+                        }
+                    }
                     _ => tracing::error!("a weights change was not recorded, so it is not applied"),
                 }
             }

@@ -1,50 +1,66 @@
-//! VehicleActor: one per discovered vehicle.
+//! VehicleActor: one per discovered vehicle, the vehicle's inbox for its state reports.
 //!
-//! Owns the vehicle's latest state and the ids of its orders not yet answered. It turns
-//! orders into MQTT publishes on its own `order` topic, reports its state to the
-//! dispatcher's fleet view, and routes the ACKs of its own topic to the supervisor. The
-//! supervisor creates it on the vehicle's first retained state and stops it when the
-//! vehicle clears its state.
+//! It keeps the latest state the vehicle reported and forwards it to the dispatcher only
+//! when it changed (a broker re-sending retained states after a new subscription changes
+//! nothing), and only one at a time: while the dispatcher's mailbox is full, newer reports
+//! replace the one waiting here, so a vehicle that floods its `state` topic costs one
+//! queued message, not thousands. The supervisor creates it on the vehicle's first
+//! retained state and stops it when the vehicle clears its state.
 
-use std::collections::HashSet;
+use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::model::{Ack, Order, Vehicle};
+use gridweaver_core::model::Vehicle;
 
 use crate::dispatcher::{DispatcherActor, FleetUpdate};
-use crate::publish::Publisher;
-use crate::supervisor::{AckFromVehicle, Supervisor};
+
+/// How soon a report that found the dispatcher busy is tried again.
+const RETRY: Duration = Duration::from_millis(20);
 
 /// One vehicle.
 pub struct VehicleActor {
-    state: Vehicle,
-    outstanding: HashSet<String>,
+    /// The latest state reported.
+    latest: Vehicle,
+    /// Whether `latest` still has to reach the dispatcher.
+    unsent: bool,
+    retry_armed: bool,
     dispatcher: Addr<DispatcherActor>,
-    supervisor: Addr<Supervisor>,
-    publisher: Publisher,
 }
 
 impl VehicleActor {
-    /// An actor for `state`'s vehicle.
-    pub fn new(
-        state: Vehicle,
-        dispatcher: Addr<DispatcherActor>,
-        supervisor: Addr<Supervisor>,
-        publisher: Publisher,
-    ) -> Self {
-        Self { state, outstanding: HashSet::new(), dispatcher, supervisor, publisher }
+    /// An actor for `state`'s vehicle, which it reports once started.
+    pub fn new(state: Vehicle, dispatcher: Addr<DispatcherActor>) -> Self {
+        Self { latest: state, unsent: true, retry_armed: false, dispatcher }
     }
 
-    fn report(&self) {
-        self.dispatcher.do_send(FleetUpdate { id: self.state.id.clone(), state: Some(self.state.clone()) });
+    /// Forwards the latest state if it has not reached the dispatcher yet.
+    fn forward(&mut self, ctx: &mut Context<Self>) {
+        if !self.unsent {
+            return;
+        }
+        let update = FleetUpdate { id: self.latest.id.clone(), state: Some(self.latest.clone()) };
+        match self.dispatcher.try_send(update) {
+            Ok(()) => self.unsent = false,
+            Err(SendError::Full(_)) if !self.retry_armed => {
+                self.retry_armed = true;
+                ctx.run_later(RETRY, |act, ctx| {
+                    act.retry_armed = false;
+                    act.forward(ctx);
+                });
+            }
+            Err(SendError::Full(_)) => {}
+            Err(SendError::Closed(_)) => {
+                // A restarting dispatcher asks for the fleet again (Report).
+            }
+        }
     }
 }
 
 impl Actor for VehicleActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _ctx: &mut Context<Self>) {
-        self.report();
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.forward(ctx);
     }
 }
 
@@ -52,7 +68,8 @@ impl Actor for VehicleActor {
 /// its address; it stops for good when the supervisor drops it (the vehicle left).
 impl Supervised for VehicleActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        tracing::warn!(vehicle = %self.state.id, "vehicle actor restarting");
+        tracing::warn!(vehicle = %self.latest.id, "vehicle actor restarting");
+        self.unsent = true;
     }
 }
 
@@ -64,38 +81,25 @@ pub struct NewState(pub Vehicle);
 impl Handler<NewState> for VehicleActor {
     type Result = ();
 
-    fn handle(&mut self, msg: NewState, _ctx: &mut Context<Self>) {
-        self.state = msg.0;
-        self.report();
+    fn handle(&mut self, msg: NewState, ctx: &mut Context<Self>) {
+        if msg.0 != self.latest {
+            self.latest = msg.0;
+            self.unsent = true;
+        }
+        self.forward(ctx);
     }
 }
 
-/// An order to publish, already durable in the event log.
+/// Report the latest state again (the dispatcher was rebuilt).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SendOrder(pub Order);
+pub struct Report;
 
-impl Handler<SendOrder> for VehicleActor {
+impl Handler<Report> for VehicleActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SendOrder, _ctx: &mut Context<Self>) {
-        self.publisher.order(&msg.0);
-        self.outstanding.insert(msg.0.order_id);
-    }
-}
-
-/// An ACK that arrived on this vehicle's `ack` topic.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct VehicleAck(pub Ack);
-
-impl Handler<VehicleAck> for VehicleActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: VehicleAck, _ctx: &mut Context<Self>) {
-        // The supervisor's book decides whether the ACK counts (deadline, ownership);
-        // here it only stops being outstanding.
-        self.outstanding.remove(&msg.0.order_id);
-        self.supervisor.do_send(AckFromVehicle { vehicle: self.state.id.clone(), ack: msg.0 });
+    fn handle(&mut self, _: Report, ctx: &mut Context<Self>) {
+        self.unsent = true;
+        self.forward(ctx);
     }
 }

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::dispatch::{EqualDispatcher, SmartDispatcher};
@@ -9,18 +9,18 @@ use proptest::prelude::*;
 
 const T0: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 
-fn planner(fallback: FallbackKind) -> Planner {
+fn planner(fallback: FallbackKind) -> Engine {
     planner_with(fallback, Box::new(SmartDispatcher::default()))
 }
 
-fn planner_with(fallback: FallbackKind, strategy: Box<dyn Dispatcher>) -> Planner {
+fn planner_with(fallback: FallbackKind, strategy: Box<dyn Dispatcher>) -> Engine {
     let cfg = EngineConfig { region: "north".into(), ack_timeout_ms: 2_000, fallback, ..EngineConfig::default() };
-    Planner::new(cfg, Box::new(SimpleVehicleFilter), strategy)
+    Engine::new(Planner::new(cfg, Box::new(SimpleVehicleFilter), strategy))
 }
 
-fn with_fleet(mut p: Planner, fleet: &[Vehicle]) -> Planner {
+fn with_fleet(mut p: Engine, fleet: &[Vehicle]) -> Engine {
     for v in fleet {
-        p.apply_state(T0, v.id.clone(), Some(v.clone()));
+        p.on_state(T0, v.id.clone(), Some(v.clone()));
     }
     p
 }
@@ -39,6 +39,8 @@ fn signal(id: &str, kw: f64) -> Signal {
         duration_s: 900,
         region: None,
         leader_term: None,
+        replaces: None,
+        program: None,
     }
 }
 
@@ -50,7 +52,7 @@ fn kinds(step: &Step) -> Vec<EventKind> {
     step.events.iter().map(|e| e.kind).collect()
 }
 
-fn run_fallback(book: &mut DispatchBook, now: Timestamp, step: &mut Step, f: &dyn Fallback) {
+fn run_fallback(book: &mut Engine, now: Timestamp, step: &mut Step, f: &dyn Fallback) {
     if let Some(req) = step.fallback.take() {
         let realloc = f.reallocate(req.residual_kw, &req.fallback_candidates(), &req.limits);
         let next = book.apply_fallback(now, &req, &realloc);
@@ -61,7 +63,7 @@ fn run_fallback(book: &mut DispatchBook, now: Timestamp, step: &mut Step, f: &dy
 #[test]
 fn all_vehicles_ack_and_the_dispatch_completes_without_fallback() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(4));
-    let (d, step) = p.plan(T0, signal("s1", 30.0)).unwrap();
+    let step = p.on_signal(T0, signal("s1", 30.0)).unwrap();
     assert_eq!(
         kinds(&step)[..3],
         [EventKind::SignalReceived, EventKind::ConstraintApplied, EventKind::DispatchPlanCreated]
@@ -72,40 +74,45 @@ fn all_vehicles_ack_and_the_dispatch_completes_without_fallback() {
     let total: f64 = step.orders.iter().map(|o| o.power_kw).sum();
     assert!((total - 30.0).abs() < 1e-9);
 
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let book = &mut p;
     let mut last = Step::default();
     for o in &step.orders {
         last = book.on_ack(T0.plus_millis(10), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
     }
-    let out = last.outcome.clone().expect("settles when the last ACK arrives");
+    let out = last.outcomes.first().cloned().expect("settles when the last ACK arrives");
     assert_eq!(kinds(&last), [EventKind::AckReceived, EventKind::DispatchCompleted]);
     assert!((out.acknowledged_kw - 30.0).abs() < 1e-9 && out.shortfall_kw < 1e-9);
     assert_eq!(out.vehicles, VehicleCounts { accepted: 4, rejected: 0, timed_out: 0 });
-    assert!(book.is_empty());
+    assert!(book.book().is_empty());
 }
 
 #[test]
 fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
     let mut p = with_fleet(planner_with(FallbackKind::Balanced, Box::new(EqualDispatcher)), &fleet(4));
-    let (d, step) = p.plan(T0, signal("s1", 24.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 24.0)).unwrap();
+    let book = &mut p;
     // Two answer, two stay silent.
     for o in &step.orders[..2] {
         let s = book.on_ack(T0.plus_millis(5), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
-        assert!(s.outcome.is_none() && s.fallback.is_none());
+        assert!(s.outcomes.is_empty() && s.fallback.is_none());
     }
     assert!(book.on_timeout(T0.plus_millis(1_999)).is_empty());
     let deadline = book.next_deadline().unwrap();
     let mut steps = book.on_timeout(deadline);
     assert_eq!(steps.len(), 1);
     let mut step2 = steps.remove(0);
-    assert_eq!(kinds(&step2), [EventKind::AckTimedOut, EventKind::AckTimedOut]);
+    assert_eq!(
+        kinds(&step2),
+        [EventKind::AckTimedOut, EventKind::OrderCancelled, EventKind::AckTimedOut, EventKind::OrderCancelled]
+    );
+    let silent: Vec<&str> = step.orders[2..].iter().map(|o| o.order_id.as_str()).collect();
+    let cancelled: Vec<&str> = step2.cancels.iter().map(|c| c.order_id.as_str()).collect();
+    assert_eq!(cancelled, silent, "the silent vehicles' orders are withdrawn before the fallback runs");
+    assert!(step2.cancels.iter().all(|c| c.cancel && c.reason.contains("deadline")));
     let req = step2.fallback.as_ref().expect("residual goes to the fallback");
     assert_eq!(req.candidates.len(), 2);
     assert!((req.residual_kw - 12.0).abs() < 1e-9);
-    run_fallback(&mut book, deadline, &mut step2, &BalancedFallback::default());
+    run_fallback(book, deadline, &mut step2, &BalancedFallback::default());
     assert_eq!(step2.events.last().map(|e| e.kind), Some(EventKind::OrderSent));
     assert!(step2.events.iter().any(|e| e.kind == EventKind::FallbackApplied));
     // Each accepted 6 kW of 10 kW: 4 kW left each, 8 kW in all.
@@ -117,7 +124,7 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
     for o in &step2.orders {
         last = book.on_ack(deadline.plus_millis(5), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
     }
-    let out = last.outcome.unwrap();
+    let out = last.outcomes.pop().unwrap();
     assert!((out.acknowledged_kw - 20.0).abs() < 1e-9);
     assert!((out.shortfall_kw - 4.0).abs() < 1e-9);
     assert_eq!(out.vehicles, VehicleCounts { accepted: 4, rejected: 0, timed_out: 2 });
@@ -134,13 +141,12 @@ fn segments_without_fallback_are_never_asked_twice() {
         no_fallback_segments: BTreeSet::from(["buses".to_owned()]),
         ..EngineConfig::default()
     };
-    let mut p = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(EqualDispatcher));
+    let mut p = Engine::new(Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(EqualDispatcher)));
     for v in &fleet {
-        p.apply_state(T0, v.id.clone(), Some(v.clone()));
+        p.on_state(T0, v.id.clone(), Some(v.clone()));
     }
-    let (d, step) = p.plan(T0, signal("s1", 24.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 24.0)).unwrap();
+    let book = &mut p;
     // All but the last accept: the residual goes to the fallback round.
     for o in &step.orders[..2] {
         book.on_ack(T0, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
@@ -154,15 +160,14 @@ fn segments_without_fallback_are_never_asked_twice() {
 #[test]
 fn rejections_count_and_noop_leaves_the_shortfall() {
     let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(3));
-    let (d, step) = p.plan(T0, signal("s1", 30.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 30.0)).unwrap();
+    let book = &mut p;
     let mut last = Step::default();
     for (i, o) in step.orders.iter().enumerate() {
         let status = if i == 0 { AckStatus::Rejected } else { AckStatus::Accepted };
         last = book.on_ack(T0, &o.vehicle_id, &ack(o, status)).unwrap();
     }
-    let out = last.outcome.unwrap();
+    let out = last.outcomes.pop().unwrap();
     assert_eq!(out.vehicles.rejected, 1);
     assert!((out.shortfall_kw - 10.0).abs() < 1e-9);
 }
@@ -170,27 +175,26 @@ fn rejections_count_and_noop_leaves_the_shortfall() {
 #[test]
 fn duplicates_other_regions_and_stale_terms_are_refused() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(2));
-    p.plan(T0, signal("s1", 5.0)).unwrap();
-    assert_eq!(p.plan(T0, signal("s1", 5.0)).unwrap_err(), SignalRefused::Duplicate("s1".into()));
+    p.on_signal(T0, signal("s1", 5.0)).unwrap();
+    assert_eq!(p.on_signal(T0, signal("s1", 5.0)).unwrap_err(), SignalRefused::Duplicate("s1".into()));
     let mut other = signal("s2", 5.0);
     other.region = Some("south".into());
-    assert!(matches!(p.plan(T0, other).unwrap_err(), SignalRefused::OtherRegion { .. }));
+    assert!(matches!(p.on_signal(T0, other).unwrap_err(), SignalRefused::OtherRegion { .. }));
     let mut own = signal("s2", 5.0);
     own.region = Some("north".into());
-    assert!(p.plan(T0, own).is_ok(), "a refused signal's id stays usable");
+    assert!(p.on_signal(T0, own).is_ok(), "a refused signal's id stays usable");
     let transfer = |id: &str, term| Signal { kind: SignalType::Transfer, leader_term: Some(term), ..signal(id, 1.0) };
-    p.plan(T0, transfer("t1", 7)).unwrap();
-    assert_eq!(p.plan(T0, transfer("t2", 6)).unwrap_err(), SignalRefused::StaleTerm { got: 6, highest: 7 });
-    p.remember_signal("old");
-    assert!(matches!(p.plan(T0, signal("old", 1.0)), Err(SignalRefused::Duplicate(_))));
+    p.on_signal(T0, transfer("t1", 7)).unwrap();
+    assert_eq!(p.on_signal(T0, transfer("t2", 6)).unwrap_err(), SignalRefused::StaleTerm { got: 6, highest: 7 });
+    p.planner_mut().remember_signal("old");
+    assert!(matches!(p.on_signal(T0, signal("old", 1.0)), Err(SignalRefused::Duplicate(_))));
 }
 
 #[test]
 fn acks_from_the_wrong_vehicle_unknown_late_or_repeated_are_ignored() {
     let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(2));
-    let (d, step) = p.plan(T0, signal("s1", 12.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 12.0)).unwrap();
+    let book = &mut p;
     let (a, b) = (&step.orders[0], &step.orders[1]);
     let wrong = book.on_ack(T0, &b.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap_err();
     assert!(matches!(wrong, AckIgnored::WrongVehicle { .. }));
@@ -201,7 +205,7 @@ fn acks_from_the_wrong_vehicle_unknown_late_or_repeated_are_ignored() {
     assert!(matches!(again, AckIgnored::AlreadyAnswered(_)));
     // After the deadline the dispatch has settled: b's ACK is late.
     let steps = book.on_timeout(T0.plus_millis(2_000));
-    assert!(steps[0].outcome.is_some());
+    assert!(!steps[0].outcomes.is_empty());
     assert!(matches!(
         book.on_ack(T0.plus_millis(2_001), &b.vehicle_id, &ack(b, AckStatus::Accepted)),
         Err(AckIgnored::Late(_))
@@ -213,9 +217,9 @@ fn a_signal_no_vehicle_can_serve_completes_at_once_with_a_full_shortfall() {
     let mut v = Vehicle::new("flat", 0.2, 60.0, 11.0);
     v.plugged_in = false;
     let mut p = with_fleet(planner(FallbackKind::Balanced), &[v]);
-    let (d, step) = p.plan(T0, signal("s1", 50.0)).unwrap();
-    assert!(d.is_done());
-    let out = step.outcome.clone().unwrap();
+    let step = p.on_signal(T0, signal("s1", 50.0)).unwrap();
+    assert!(p.book().is_empty());
+    let out = step.outcomes.first().cloned().unwrap();
     assert_eq!(out.shortfall_kw, 50.0);
     assert_eq!(*kinds(&step).last().unwrap(), EventKind::DispatchCompleted);
     let constraint = &step.events[1].payload_value();
@@ -225,32 +229,31 @@ fn a_signal_no_vehicle_can_serve_completes_at_once_with_a_full_shortfall() {
 #[test]
 fn shutdown_settles_what_is_in_flight() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(3));
-    let (d, step) = p.plan(T0, signal("s1", 15.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 15.0)).unwrap();
+    let book = &mut p;
     book.on_ack(T0, &step.orders[0].vehicle_id, &ack(&step.orders[0], AckStatus::Accepted)).unwrap();
     let steps = book.shutdown(T0.plus_millis(100), "shutdown");
     assert_eq!(steps.len(), 1);
-    let out = steps[0].outcome.as_ref().unwrap();
+    let out = steps[0].outcomes.first().unwrap();
     assert_eq!(out.vehicles.timed_out, 2);
     assert!(steps[0].fallback.is_none());
     let done = steps[0].events.last().unwrap();
     assert_eq!(done.payload_value()["interrupted"], "shutdown");
-    assert!(book.is_empty());
+    assert!(book.book().is_empty());
 }
 
 #[test]
 fn fleet_changes_produce_discovery_and_loss_events() {
     let mut p = planner(FallbackKind::Balanced);
     let v = Vehicle::new("v1", 0.5, 60.0, 11.0);
-    let (c, e) = p.apply_state(T0, v.id.clone(), Some(v.clone()));
+    let (c, e) = p.on_state(T0, v.id.clone(), Some(v.clone()));
     assert_eq!((c, e.map(|e| e.kind)), (FleetChange::Discovered, Some(EventKind::VehicleDiscovered)));
-    assert_eq!(p.apply_state(T0, v.id.clone(), Some(v.clone())).0, FleetChange::Updated);
+    assert_eq!(p.on_state(T0, v.id.clone(), Some(v.clone())).0, FleetChange::Updated);
     let cap = p.capacity(T0);
     assert_eq!((cap.up_kw, cap.down_kw, cap.vehicles), (11.0, 11.0, 1));
-    let (c, e) = p.apply_state(T0, v.id.clone(), None);
+    let (c, e) = p.on_state(T0, v.id.clone(), None);
     assert_eq!((c, e.map(|e| e.kind)), (FleetChange::Lost, Some(EventKind::VehicleLost)));
-    assert_eq!(p.apply_state(T0, v.id, None).0, FleetChange::Unchanged);
+    assert_eq!(p.on_state(T0, v.id, None).0, FleetChange::Unchanged);
 }
 
 /// A tiny deterministic generator for the simulation (the core has no rand dependency).
@@ -288,13 +291,12 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
         let strategy: Box<dyn Dispatcher> =
             if seed % 2 == 0 { Box::new(EqualDispatcher) } else { Box::new(SmartDispatcher::default()) };
         let cfg = EngineConfig { ack_timeout_ms: 1_000, fallback, ..EngineConfig::default() };
-        let mut p = Planner::new(cfg, Box::new(SimpleVehicleFilter), strategy);
+        let mut p = Engine::new(Planner::new(cfg, Box::new(SimpleVehicleFilter), strategy));
         for v in &fleet {
-            p.apply_state(T0, v.id.clone(), Some(v.clone()));
+            p.on_state(T0, v.id.clone(), Some(v.clone()));
         }
         let fb: Box<dyn Fallback> =
             if fallback == FallbackKind::Noop { Box::new(NoopFallback) } else { Box::new(BalancedFallback::default()) };
-        let mut book = DispatchBook::new();
         let mut now = T0;
         // Pending ACKs: (due, vehicle, ack).
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
@@ -313,16 +315,17 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
         };
         for k in 0..15 {
             let kw = 20.0 + 400.0 * rng.next();
-            let (d, mut step) = p.plan(now, Signal { id: format!("s{k}"), start: now, ..signal("", kw) }).unwrap();
+            let sig = Signal { id: format!("s{k}"), start: now, ..signal("", kw) };
+            let mut step = p.on_signal(now, sig.clone()).unwrap();
             for o in &step.orders {
-                let v = p.vehicle(&o.vehicle_id).unwrap();
-                assert!(SimpleVehicleFilter.check(v, d.signal()).is_ok(), "order to a filtered-out vehicle");
+                let v = p.planner().vehicle(&o.vehicle_id).unwrap();
+                assert!(SimpleVehicleFilter.check(v, &sig).is_ok(), "order to a filtered-out vehicle");
                 assert!(o.power_kw <= v.effective_capacity(Direction::Up, 0.0, 900.0) + 1e-9);
             }
-            book.insert(d);
+            let book = &mut p;
             schedule(&step.orders, now, &mut rng, &mut pending);
             events.append(&mut step.events);
-            outcomes.extend(step.outcome.take());
+            outcomes.append(&mut step.outcomes);
             // Drive the clock to the next event: an ACK or a deadline.
             loop {
                 pending.sort_by_key(|(t, _, _)| *t);
@@ -344,15 +347,15 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
                     steps = book.on_timeout(now);
                 }
                 for mut s in steps {
-                    run_fallback(&mut book, now, &mut s, fb.as_ref());
+                    run_fallback(book, now, &mut s, fb.as_ref());
                     schedule(&s.orders, now, &mut rng, &mut pending);
                     events.append(&mut s.events);
-                    outcomes.extend(s.outcome.take());
+                    outcomes.append(&mut s.outcomes);
                 }
             }
             now = now.plus_millis(5_000);
         }
-        assert!(book.is_empty(), "seed {seed}: every dispatch settles");
+        assert!(p.book().is_empty(), "seed {seed}: every dispatch settles");
         assert_eq!(outcomes.len(), 15, "seed {seed}");
         for o in &outcomes {
             assert!(o.acknowledged_kw <= o.requested_kw + 1e-6, "seed {seed}: {o:?}");
@@ -390,7 +393,7 @@ proptest! {
         let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet);
         let direction = if down { Direction::Down } else { Direction::Up };
         let sig = Signal { direction, ..signal("s", kw) };
-        let (_, step) = p.plan(T0, sig.clone()).unwrap();
+        let step = p.on_signal(T0, sig.clone()).unwrap();
         let mut total = 0.0;
         for o in &step.orders {
             let v = fleet.iter().find(|v| v.id == o.vehicle_id).unwrap();
@@ -408,13 +411,13 @@ fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
     flaky.availability_stated = false;
     let steady = Vehicle::new("steady", 0.8, 60.0, 10.0);
     let mut p = with_fleet(planner(FallbackKind::Noop), &[flaky.clone(), steady]);
-    p.set_prediction(crate::prediction::PredictionEngine::default());
+    p.planner_mut().set_prediction(crate::prediction::PredictionEngine::default());
     let misses: Vec<(VehicleId, Timestamp, bool)> =
         (0..30).map(|k| (flaky.id.clone(), T0.plus_millis(-k * 60_000), false)).collect();
-    p.observe_answers(&misses);
+    p.planner_mut().observe_answers(&misses);
     let cap = p.capacity(T0);
     assert!(cap.up_kw < 10.0 + 2.0, "the flaky vehicle's capacity is discounted: {cap:?}");
-    let (_, step) = p.plan(T0, signal("s1", 10.0)).unwrap();
+    let step = p.on_signal(T0, signal("s1", 10.0)).unwrap();
     let plan = &step.events[2].payload_value();
     assert_eq!(plan["predicted_availability"], serde_json::json!(["flaky"]));
     let power = |id: &str| step.orders.iter().find(|o| o.vehicle_id.0 == id).map_or(0.0, |o| o.power_kw);
@@ -424,9 +427,8 @@ fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
 #[test]
 fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_strategy() {
     let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(2));
-    let (d, step) = p.plan(T0, signal("s1", 12.0)).unwrap();
-    let mut book = DispatchBook::new();
-    book.insert(d);
+    let step = p.on_signal(T0, signal("s1", 12.0)).unwrap();
+    let book = &mut p;
     book.on_ack(T0, &step.orders[0].vehicle_id, &ack(&step.orders[0], AckStatus::Accepted)).unwrap();
     let done = book.on_timeout(T0.plus_millis(2_000)).remove(0);
     let mut answers: Vec<(String, bool)> = done.answers.iter().map(|(v, _, ok)| (v.0.clone(), *ok)).collect();
@@ -435,7 +437,290 @@ fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_st
 
     let tuned =
         crate::dispatch::Weights { availability: 0.123, ..crate::dispatch::Weights::default_for(SignalType::Afrr) };
-    p.set_weights(SignalType::Afrr, tuned);
-    let (_, step) = p.plan(T0, signal("s2", 5.0)).unwrap();
+    p.planner_mut().set_weights(SignalType::Afrr, tuned);
+    let step = p.on_signal(T0, signal("s2", 5.0)).unwrap();
     assert_eq!(step.events[2].payload_value()["weights"]["availability"], 0.123);
+}
+
+fn engine_with_limits(fallback: FallbackKind, limits: Limits, fleet: &[Vehicle]) -> Engine {
+    let cfg =
+        EngineConfig { region: "north".into(), ack_timeout_ms: 2_000, fallback, limits, ..EngineConfig::default() };
+    with_fleet(
+        Engine::new(Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()))),
+        fleet,
+    )
+}
+
+fn accept_all(e: &mut Engine, now: Timestamp, orders: &[Order]) -> Vec<Step> {
+    orders.iter().map(|o| e.on_ack(now, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap()).collect()
+}
+
+fn total(orders: &[Order]) -> f64 {
+    orders.iter().map(|o| o.power_kw).sum()
+}
+
+#[test]
+fn overlapping_signals_together_stay_within_the_site_limit() {
+    let fleet: Vec<Vehicle> = (0..4).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let limits = Limits { export_kw: Some(150.0), ..Limits::default() };
+    let mut e = engine_with_limits(FallbackKind::Noop, limits, &fleet);
+    let a = e.on_signal(T0, signal("a", 150.0)).unwrap();
+    assert!((total(&a.orders) - 150.0).abs() < 1e-6);
+    accept_all(&mut e, T0.plus_millis(10), &a.orders);
+    let cap = e.capacity(T0.plus_millis(20));
+    assert!(cap.up_kw.abs() < 1e-6, "nothing is free at the connection after A: {cap:?}");
+    let b = e.on_signal(T0.plus_millis(1_000), Signal { kind: SignalType::Fcr, ..signal("b", 150.0) }).unwrap();
+    assert!(b.orders.is_empty(), "B finds the export limit taken: {:?}", b.orders);
+    assert!((b.outcomes[0].shortfall_kw - 150.0).abs() < 1e-6);
+}
+
+#[test]
+fn overlapping_signals_never_exceed_a_vehicles_rating() {
+    let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    let a = e.on_signal(T0, signal("a", 150.0)).unwrap();
+    let b = e.on_signal(T0.plus_millis(500), signal("b", 150.0)).unwrap();
+    assert!((total(&b.orders) - 50.0).abs() < 1e-6, "only 50 kW of rating is left: {:?}", b.orders);
+    for v in &fleet {
+        let on = |s: &Step| s.orders.iter().filter(|o| o.vehicle_id == v.id).map(|o| o.power_kw).sum::<f64>();
+        assert!(on(&a) + on(&b) <= 100.0 + 1e-6, "{}: {} + {}", v.id, on(&a), on(&b));
+    }
+}
+
+#[test]
+fn releases_free_the_power_for_later_signals() {
+    let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    // A short window: 60 s.
+    let a = e.on_signal(T0, Signal { duration_s: 60, ..signal("a", 200.0) }).unwrap();
+    // v0 rejects, v1 stays silent.
+    let o0 = a.orders.iter().find(|o| o.vehicle_id.0 == "v0").unwrap();
+    e.on_ack(T0, &o0.vehicle_id, &ack(o0, AckStatus::Rejected)).unwrap();
+    assert!((e.capacity(T0).up_kw - 100.0).abs() < 1e-6, "the rejection released v0");
+    let steps = e.on_timeout(T0.plus_millis(2_000));
+    assert_eq!(steps[0].cancels.len(), 1, "the silent order is cancelled");
+    assert!((e.capacity(T0.plus_millis(2_000)).up_kw - 200.0).abs() < 1e-6, "the timeout released v1");
+    // Accepted, then the window ends.
+    let b = e
+        .on_signal(T0.plus_millis(3_000), Signal { start: T0.plus_millis(3_000), duration_s: 60, ..signal("b", 200.0) })
+        .unwrap();
+    accept_all(&mut e, T0.plus_millis(3_010), &b.orders);
+    assert!(e.capacity(T0.plus_millis(4_000)).up_kw < 1e-6);
+    assert!((e.capacity(T0.plus_millis(63_000)).up_kw - 200.0).abs() < 1e-6, "the window's end released both");
+    assert!(e.ledger().is_empty());
+}
+
+#[test]
+fn a_vehicle_leaving_releases_its_commitments_and_says_which() {
+    let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    let a = e.on_signal(T0, signal("a", 200.0)).unwrap();
+    accept_all(&mut e, T0, &a.orders);
+    let (change, event) = e.on_state(T0, "v0".into(), None);
+    assert_eq!(change, FleetChange::Lost);
+    let payload = event.unwrap().payload_value();
+    assert_eq!(payload["released_orders"].as_array().map(Vec::len), Some(1));
+    assert_eq!(e.ledger().len(), 1);
+}
+
+#[test]
+fn a_vehicle_committed_one_way_is_not_ordered_the_other_way() {
+    let fleet = [Vehicle::new("v0", 0.5, 400.0, 100.0), Vehicle::new("v1", 0.5, 400.0, 100.0)];
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    let a = e.on_signal(T0, signal("a", 50.0)).unwrap();
+    let up: BTreeSet<&VehicleId> = a.orders.iter().map(|o| &o.vehicle_id).collect();
+    let b = e.on_signal(T0, Signal { direction: Direction::Down, ..signal("b", 200.0) }).unwrap();
+    assert!(b.orders.iter().all(|o| !up.contains(&o.vehicle_id)), "{:?} vs {up:?}", b.orders);
+    let constraint = b.events[1].payload_value();
+    assert!(constraint["excluded"].to_string().contains("committed_other_way"), "{constraint}");
+}
+
+#[test]
+fn a_setpoint_stream_never_stacks() {
+    let fleet: Vec<Vehicle> = (0..3).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    let mut prev = "s0".to_owned();
+    let first = e.on_signal(T0, signal("s0", 120.0)).unwrap();
+    accept_all(&mut e, T0, &first.orders);
+    for k in 1..20 {
+        let now = T0.plus_millis(k * 4_000);
+        let kw = 60.0 + 10.0 * k as f64;
+        let id = format!("s{k}");
+        let sig = Signal { start: now, replaces: Some(prev.clone()), ..signal(&id, kw) };
+        let step = e.on_signal(now, sig).unwrap();
+        assert!(!step.cancels.is_empty(), "{id}: the replaced orders are withdrawn");
+        assert!((total(&step.orders) - kw).abs() < 1e-6, "{id}: the new setpoint is ordered in full");
+        accept_all(&mut e, now, &step.orders);
+        let committed: f64 = e.ledger().iter().map(|c| c.power_kw).sum();
+        assert!((committed - kw).abs() < 1e-6, "{id}: committed {committed}, not stacked on earlier setpoints");
+        prev = id;
+    }
+    let again = e.on_signal(T0.plus_millis(90_000), Signal { replaces: Some("s3".into()), ..signal("x", 1.0) });
+    assert!(matches!(again, Err(SignalRefused::UnknownReplacement(_))), "an already replaced signal");
+    let unknown = e.on_signal(T0.plus_millis(90_000), Signal { replaces: Some("nope".into()), ..signal("y", 1.0) });
+    assert!(matches!(unknown, Err(SignalRefused::UnknownReplacement(_))));
+}
+
+#[test]
+fn replacing_a_dispatch_in_flight_settles_it_with_what_it_had() {
+    let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Balanced, Limits::default(), &fleet);
+    let a = e.on_signal(T0, signal("a", 100.0)).unwrap();
+    let o = &a.orders[0];
+    e.on_ack(T0, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
+    let b = e.on_signal(T0.plus_millis(100), Signal { replaces: Some("a".into()), ..signal("b", 80.0) }).unwrap();
+    assert_eq!(b.outcomes.len(), 1, "A settles in B's step");
+    assert!((b.outcomes[0].acknowledged_kw - o.power_kw).abs() < 1e-9);
+    assert_eq!(b.cancels.len(), a.orders.len(), "A's accepted and pending orders are both withdrawn");
+    assert!((total(&b.orders) - 80.0).abs() < 1e-6);
+    assert_eq!(e.book().len(), 1);
+}
+
+#[test]
+fn windows_over_or_far_ahead_and_floods_are_refused() {
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet(2));
+    let old = Signal { start: T0.plus_millis(-1_000_000), duration_s: 60, ..signal("old", 5.0) };
+    assert!(matches!(e.on_signal(T0, old), Err(SignalRefused::WindowOver { .. })));
+    let far = Signal { start: T0.plus_millis(2 * 86_400_000), ..signal("far", 5.0) };
+    assert!(matches!(e.on_signal(T0, far), Err(SignalRefused::TooFarAhead { .. })));
+    let long = Signal { duration_s: 10 * 86_400, ..signal("long", 5.0) };
+    assert!(matches!(e.on_signal(T0, long), Err(SignalRefused::TooLong { .. })));
+    for k in 0..32 {
+        e.on_signal(T0, signal(&format!("s{k}"), 0.5)).unwrap();
+    }
+    assert_eq!(e.on_signal(T0, signal("one-more", 0.5)).unwrap_err(), SignalRefused::Busy(32));
+    let later = T0.plus_millis(2_000);
+    assert_eq!(e.on_timeout(later).len(), 32);
+    assert!(e.on_signal(later, Signal { start: later, ..signal("old", 5.0) }).is_ok(), "a refused id stays usable");
+}
+
+/// Overlapping dispatches on a seeded fleet: signals arrive before earlier ones settle,
+/// vehicles ACK, reject or stay silent at random, windows end. At every step the power
+/// committed per vehicle stays within its rating and per shared row within its limit.
+#[test]
+fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
+    for seed in 1..=30u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let fleet: Vec<Vehicle> = (0..24)
+            .map(|i| {
+                let mut v = Vehicle::new(
+                    format!("v{i:02}"),
+                    0.3 + 0.6 * rng.next(),
+                    60.0 + 100.0 * rng.next(),
+                    7.0 + 40.0 * rng.next(),
+                );
+                v.group = Some(format!("g{}", i % 3));
+                if i % 4 == 0 {
+                    v.wiring = crate::model::Wiring::SinglePhase(crate::model::Phase::L1);
+                }
+                v
+            })
+            .collect();
+        let limits = Limits {
+            export_kw: Some(150.0 + 300.0 * rng.next()),
+            import_kw: Some(150.0 + 300.0 * rng.next()),
+            groups: [("g0".to_owned(), 120.0), ("g1".to_owned(), 200.0)].into(),
+            phase_kw: Some(60.0 + 120.0 * rng.next()),
+        };
+        let fallback = if seed % 2 == 0 { FallbackKind::Balanced } else { FallbackKind::Noop };
+        let mut e = engine_with_limits(fallback, limits.clone(), &fleet);
+        let fb = BalancedFallback::default();
+        let mut now = T0;
+        let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
+        let mut streams: Vec<String> = Vec::new();
+        let schedule = |orders: &[Order], now: Timestamp, rng: &mut Rng, pending: &mut Vec<_>| {
+            for o in orders {
+                let r = rng.next();
+                if r < 0.2 {
+                    continue;
+                }
+                let status = if r < 0.3 { AckStatus::Rejected } else { AckStatus::Accepted };
+                pending.push((now.plus_millis((rng.next() * 2_500.0) as i64), o.vehicle_id.clone(), ack(o, status)));
+            }
+        };
+        for k in 0..60 {
+            // Signals every 0-1.5 s: most arrive before the previous one settles.
+            now = now.plus_millis((rng.next() * 1_500.0) as i64);
+            let direction = if rng.next() < 0.7 { Direction::Up } else { Direction::Down };
+            let replaces = if rng.next() < 0.3 { streams.last().cloned() } else { None };
+            let sig = Signal {
+                id: format!("s{k}"),
+                direction,
+                power_kw: 20.0 + 300.0 * rng.next(),
+                start: now,
+                duration_s: 5 + (rng.next() * 60.0) as u64,
+                replaces,
+                ..signal("", 1.0)
+            };
+            if let Ok(mut step) = e.on_signal(now, sig) {
+                run_fallback(&mut e, now, &mut step, &fb);
+                schedule(&step.orders, now, &mut rng, &mut pending);
+                streams.push(format!("s{k}"));
+            }
+            // Drive ACKs and deadlines up to the next signal.
+            let until = now.plus_millis(1_000);
+            loop {
+                pending.sort_by_key(|(t, _, _)| *t);
+                let next_ack = pending.first().map(|(t, _, _)| *t).filter(|t| *t <= until);
+                let next_deadline = e.next_deadline().filter(|t| *t <= until);
+                let (t, is_ack) = match (next_ack, next_deadline) {
+                    (Some(a), Some(d)) if a <= d => (a, true),
+                    (_, Some(d)) => (d, false),
+                    (Some(a), None) => (a, true),
+                    (None, None) => break,
+                };
+                let t = t.max(now);
+                let mut steps = Vec::new();
+                if is_ack {
+                    let (_, vid, a) = pending.remove(0);
+                    steps.extend(e.on_ack(t, &vid, &a).ok());
+                } else {
+                    steps = e.on_timeout(t);
+                }
+                for mut s in steps {
+                    run_fallback(&mut e, t, &mut s, &fb);
+                    schedule(&s.orders, t, &mut rng, &mut pending);
+                }
+                check_commitments(&e, &fleet, &limits, t, seed);
+            }
+            check_commitments(&e, &fleet, &limits, now, seed);
+        }
+    }
+}
+
+/// At `now`, per vehicle and direction the committed power is within the rating, and per
+/// shared row within its limit.
+fn check_commitments(e: &Engine, fleet: &[Vehicle], limits: &Limits, now: Timestamp, seed: u64) {
+    let live: Vec<&ledger::Commitment> = e.ledger().iter().filter(|c| c.start <= now && now < c.until).collect();
+    for direction in [Direction::Up, Direction::Down] {
+        let mut site = 0.0;
+        let mut phases = [0.0; 3];
+        let mut groups: BTreeMap<String, f64> = BTreeMap::new();
+        for v in fleet {
+            let kw: f64 =
+                live.iter().filter(|c| c.vehicle_id == v.id && c.direction == direction).map(|c| c.power_kw).sum();
+            assert!(kw <= v.rating_kw(direction) + 1e-6, "seed {seed}: {} {direction:?} {kw} > rating", v.id);
+            site += kw;
+            if let Some(g) = &v.group {
+                *groups.entry(g.clone()).or_default() += kw;
+            }
+            match v.wiring {
+                crate::model::Wiring::ThreePhase => phases.iter_mut().for_each(|p| *p += kw / 3.0),
+                crate::model::Wiring::SinglePhase(_) => phases[0] += kw,
+            }
+        }
+        let site_cap = if direction == Direction::Up { limits.export_kw } else { limits.import_kw };
+        assert!(site <= site_cap.unwrap_or(f64::INFINITY) + 1e-6, "seed {seed}: site {site} over {site_cap:?}");
+        for (g, kw) in &groups {
+            let cap = limits.groups.get(g).copied().unwrap_or(f64::INFINITY);
+            assert!(*kw <= cap + 1e-6, "seed {seed}: group {g} {kw} over {cap}");
+        }
+        for p in phases {
+            assert!(
+                p <= limits.phase_kw.unwrap_or(f64::INFINITY) + 1e-6,
+                "seed {seed}: phase {p} over {:?}",
+                limits.phase_kw
+            );
+        }
+    }
 }

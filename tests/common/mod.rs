@@ -264,13 +264,14 @@ impl Operator {
     }
 
     /// The next JSON message on a topic ending with `suffix` whose `field` equals `value`.
-    pub fn wait_json(&mut self, within: Duration, suffix: &str, field: &str, value: &str) -> Option<Value> {
+    pub fn wait_json(&mut self, within: Duration, suffix: &str, field: &str, value: impl Into<Value>) -> Option<Value> {
+        let want = value.into();
         self.wait_for(within, |t, p| {
             if !t.ends_with(suffix) {
                 return None;
             }
             let v: Value = serde_json::from_slice(p).ok()?;
-            (v[field] == value).then_some(v)
+            (v[field] == want).then_some(v)
         })
     }
 }
