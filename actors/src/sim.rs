@@ -7,7 +7,8 @@
 //! Accepts: orders on `<prefix>/vehicles/+/order` (QoS 1). An order is a JSON object with `order_id` (string or
 //! number, echoed back), `direction` (`charge`|`discharge`), `power_kw` (> 0), `start` and `until` (RFC 3339,
 //! `until >= start`); `vehicle_id`, if present, must equal the topic's vehicle id. Other fields are ignored.
-//! Anything else on an order topic is counted as malformed and ignored (never answered, never a panic).
+//! An OrderCancel (`"cancel": true`) is counted and not answered. Anything else on an order topic is counted
+//! as malformed and ignored (never answered, never a panic).
 //!
 //! Emits:
 //! - `<prefix>/vehicles/<id>/state`, retained, QoS 1: each present vehicle's VehicleState on every (re)connect,
@@ -255,6 +256,8 @@ pub struct SimStats {
     pub acks_rejected: u64,
     /// Orders that could not be parsed or failed validation (ignored).
     pub malformed: u64,
+    /// Order cancels (`"cancel": true`) received; a simulated vehicle just stops.
+    pub cancels: u64,
     /// Well-formed orders deliberately left unanswered by [`Behaviour::Silent`] vehicles.
     pub unanswered: u64,
     /// Well-formed orders for vehicles the simulator does not have or that have left (ignored).
@@ -271,6 +274,7 @@ struct Counters {
     acks_accepted: AtomicU64,
     acks_rejected: AtomicU64,
     malformed: AtomicU64,
+    cancels: AtomicU64,
     unanswered: AtomicU64,
     ignored: AtomicU64,
     states_published: AtomicU64,
@@ -289,6 +293,7 @@ impl Counters {
             acks_accepted: get(&self.acks_accepted),
             acks_rejected: get(&self.acks_rejected),
             malformed: get(&self.malformed),
+            cancels: get(&self.cancels),
             unanswered: get(&self.unanswered),
             ignored: get(&self.ignored),
             states_published: get(&self.states_published),
@@ -832,6 +837,10 @@ enum Reply {
 fn handle_order(sim: &Arc<SimContext>, rng: &mut SmallRng, topic: &str, payload: &[u8]) {
     let counters = &sim.shared.counters;
     Counters::bump(&counters.orders_received);
+    if serde_json::from_slice::<serde_json::Value>(payload).is_ok_and(|v| v["cancel"] == true) {
+        Counters::bump(&counters.cancels);
+        return;
+    }
     let order = match sim
         .order_vehicle(topic)
         .ok_or_else(|| format!("not an order topic: {topic}"))

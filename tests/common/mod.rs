@@ -112,22 +112,39 @@ impl Gateway {
     /// Starts `gridweaver run` against `broker` with `dispatch` appended to the config's
     /// dispatch section (YAML flow-map entries, e.g. `ack_timeout_seconds: 1`).
     pub fn start(broker: &Mosquitto, site: &str, dispatch: &str) -> Gateway {
+        Gateway::start_with(broker, site, "", dispatch)
+    }
+
+    /// [`Gateway::start`] with `mqtt` appended to the config's mqtt section (flow-map
+    /// entries, e.g. `client_id: gw, prefix: depot/a`).
+    pub fn start_with(broker: &Mosquitto, site: &str, mqtt: &str, dispatch: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("events.db");
         let config = dir.path().join("gateway.yaml");
+        let mut g = Gateway { child: None, dir, db, config, prefix: format!("gridweaver/{site}") };
+        g.configure(broker, site, mqtt, dispatch);
+        g.spawn();
+        g
+    }
+
+    /// Rewrites the config (takes effect at the next [`Gateway::restart`]); a `prefix:` in
+    /// `mqtt` becomes the gateway's prefix.
+    pub fn configure(&mut self, broker: &Mosquitto, site: &str, mqtt: &str, dispatch: &str) {
+        let sep = if mqtt.is_empty() { "" } else { ", " };
         std::fs::write(
-            &config,
+            &self.config,
             format!(
-                "site: {site}\nmqtt: {{ host: 127.0.0.1, port: {}, reconnect_max_s: 1 }}\nstore: {{ path: {:?} }}\n\
+                "site: {site}\nmqtt: {{ host: 127.0.0.1, port: {}, reconnect_max_s: 1{sep}{mqtt} }}\nstore: {{ path: {:?} }}\n\
                  dispatch: {{ {dispatch} }}\n",
                 broker.port,
-                db.display().to_string()
+                self.db.display().to_string()
             ),
         )
         .expect("write config");
-        let mut g = Gateway { child: None, dir, db, config, prefix: format!("gridweaver/{site}") };
-        g.spawn();
-        g
+        self.prefix = mqtt
+            .split(',')
+            .find_map(|kv| kv.trim().strip_prefix("prefix:").map(|p| p.trim().to_owned()))
+            .unwrap_or_else(|| format!("gridweaver/{site}"));
     }
 
     fn spawn(&mut self) {

@@ -1,0 +1,252 @@
+//! Dispatch integrity end to end: the real binary, a real Mosquitto, the simulated fleet.
+//! Overlapping signals share the site's limits and the vehicles' ratings, windows that end
+//! free their power, setpoint streams never stack, silent orders are cancelled, and a
+//! restart (graceful or not, with or without a changed prefix) keeps the fleet and what was
+//! committed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{await_fleet, fleet_of, operator, vehicle, Gateway, Mosquitto, Operator};
+use gridweaver_actors::sim::Behaviour;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn signal(id: &str, kind: &str, kw: f64, duration_s: u64) -> String {
+    json!({"id": id, "type": kind, "direction": "up", "power_kw": kw, "duration_s": duration_s}).to_string()
+}
+
+fn num(v: &Value, field: &str) -> f64 {
+    v[field].as_f64().unwrap_or_else(|| panic!("`{field}` in {v}"))
+}
+
+/// What each vehicle was last told and not told to stop: order id -> (vehicle, kW), from
+/// everything seen on the order topics so far.
+fn in_force(op: &mut Operator, within: Duration) -> BTreeMap<String, (String, f64)> {
+    let mut orders = BTreeMap::new();
+    // Drain what is already there and whatever arrives within `within`.
+    let _ = op.wait_for(within, |_, _| None::<()>);
+    for (topic, payload) in &op.seen {
+        if !topic.ends_with("/order") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else { continue };
+        let id = v["order_id"].as_str().unwrap_or_default().to_owned();
+        if v["cancel"] == true {
+            orders.remove(&id);
+        } else {
+            orders.insert(id, (v["vehicle_id"].as_str().unwrap_or_default().to_owned(), num(&v, "power_kw")));
+        }
+    }
+    orders
+}
+
+fn per_vehicle(orders: &BTreeMap<String, (String, f64)>) -> BTreeMap<String, f64> {
+    let mut kw = BTreeMap::new();
+    for (vehicle, p) in orders.values() {
+        *kw.entry(vehicle.clone()).or_insert(0.0) += p;
+    }
+    kw
+}
+
+#[test]
+fn two_signals_at_once_share_the_export_limit() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "site150", "ack_timeout_seconds: 2, limits: { export_kw: 150 }");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..4).map(|i| vehicle(&format!("ev{i}"), 0.9, 100.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 4);
+    let topic = format!("{}/signals", g.prefix);
+
+    op.publish(&topic, signal("a", "afrr", 150.0, 900));
+    let a = op.wait_json(WAIT, "", "signal_id", "a").expect("A's outcome");
+    assert!((num(&a, "acknowledged_kw") - 150.0).abs() < 1e-6, "{a}");
+    op.publish(&topic, signal("b", "fcr", 150.0, 900));
+    let b = op.wait_json(WAIT, "", "signal_id", "b").expect("B's outcome");
+    assert!(num(&b, "acknowledged_kw") < 1e-6, "the connection is full with A: {b}");
+    assert!((num(&b, "shortfall_kw") - 150.0).abs() < 1e-6, "{b}");
+
+    let orders = in_force(&mut op, Duration::from_millis(300));
+    let total: f64 = orders.values().map(|(_, kw)| kw).sum();
+    assert!(total <= 150.0 + 1e-6, "{total} kW ordered on a 150 kW connection: {orders:?}");
+    let cap = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/capacity") && v["up_kw"].as_f64()? < 1e-6).then_some(v)
+        })
+        .expect("the capacity says nothing is free upwards");
+    assert!(num(&cap, "down_kw") >= 0.0);
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn overlapping_signals_never_order_a_vehicle_beyond_its_rating_and_a_short_window_frees_it() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "ratings", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..2).map(|i| vehicle(&format!("ev{i}"), 0.9, 100.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 2);
+    let topic = format!("{}/signals", g.prefix);
+
+    // A: 150 kW for 4 s; B, while A runs: only 50 kW of rating is left.
+    op.publish(&topic, signal("a", "afrr", 150.0, 4));
+    let a = op.wait_json(WAIT, "", "signal_id", "a").expect("A's outcome");
+    assert!((num(&a, "acknowledged_kw") - 150.0).abs() < 1e-6, "{a}");
+    op.publish(&topic, signal("b", "fcr", 150.0, 900));
+    let b = op.wait_json(WAIT, "", "signal_id", "b").expect("B's outcome");
+    assert!((num(&b, "acknowledged_kw") - 50.0).abs() < 1e-6, "{b}");
+    let orders = in_force(&mut op, Duration::from_millis(300));
+    for (vehicle, kw) in per_vehicle(&orders) {
+        assert!(kw <= 100.0 + 1e-6, "{vehicle} ordered {kw} kW in all, above its 100 kW rating");
+    }
+
+    // A's window ends: its 150 kW are free again for C.
+    std::thread::sleep(Duration::from_secs(4));
+    op.publish(&topic, signal("c", "mfrr", 150.0, 900));
+    let c = op.wait_json(WAIT, "", "signal_id", "c").expect("C's outcome");
+    assert!((num(&c, "acknowledged_kw") - 150.0).abs() < 1e-6, "A's window has ended: {c}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn a_stream_of_twenty_setpoints_never_stacks() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "stream", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..3).map(|i| vehicle(&format!("ev{i}"), 0.9, 100.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 3);
+    let topic = format!("{}/signals", g.prefix);
+    let mut last = 0.0;
+    for k in 0..20 {
+        last = if k % 2 == 0 { 250.0 } else { 120.0 + k as f64 };
+        let mut s = json!({"id": format!("sp{k}"), "type": "afrr", "direction": "up", "power_kw": last});
+        if k > 0 {
+            s["replaces"] = json!(format!("sp{}", k - 1));
+        }
+        op.publish(&topic, s.to_string());
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    op.wait_json(WAIT, "", "signal_id", "sp19").expect("the last setpoint's outcome");
+    let orders = in_force(&mut op, Duration::from_millis(500));
+    let total: f64 = orders.values().map(|(_, kw)| kw).sum();
+    assert!((total - last).abs() < 1e-6, "in force: {total} kW, the last setpoint is {last} kW: {orders:?}");
+    for (vehicle, kw) in per_vehicle(&orders) {
+        assert!(kw <= 100.0 + 1e-6, "{vehicle}: {kw} kW");
+    }
+    assert!(g.events(Some("OrderCancelled")).len() >= 19, "each replacement withdraws the orders it replaces");
+    let err = json!({"id": "late", "type": "afrr", "direction": "up", "power_kw": 10, "replaces": "sp3"});
+    op.publish(&topic, err.to_string());
+    let e = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("replaces")).then_some(v)
+        })
+        .expect("replacing an already replaced signal is an error");
+    assert!(e["error"].as_str().unwrap().contains("sp3"), "{e}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn an_order_left_unanswered_is_cancelled_before_the_fallback_orders_go_out() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "cancel", "ack_timeout_seconds: 1, strategy: equal");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = vec![vehicle("ok", 0.9, 20.0, Behaviour::Prompt), vehicle("mute", 0.9, 20.0, Behaviour::Silent)];
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 2);
+    op.publish(&format!("{}/signals", g.prefix), signal("s", "afrr", 30.0, 900));
+    let out = op.wait_json(WAIT, "", "signal_id", "s").expect("an outcome");
+    assert_eq!(out["vehicles"]["timed_out"], 1, "{out}");
+    let order_msgs: Vec<Value> = op
+        .seen
+        .iter()
+        .filter(|(t, _)| t.ends_with("/order"))
+        .filter_map(|(_, p)| serde_json::from_slice(p).ok())
+        .collect();
+    let cancel = order_msgs.iter().position(|v| v["cancel"] == true).expect("a cancel on the order topic");
+    assert_eq!(order_msgs[cancel]["vehicle_id"], "mute");
+    assert!(order_msgs[cancel]["reason"].as_str().unwrap().contains("deadline"), "{}", order_msgs[cancel]);
+    let fallback = order_msgs.iter().position(|v| v["attempt"] == 2).expect("a fallback order");
+    assert!(cancel < fallback, "the cancel goes out before the fallback's order: {order_msgs:?}");
+    let cancelled = g.events(Some("OrderCancelled"));
+    assert_eq!(cancelled.len(), 1);
+    let fallback_seq = g.events(Some("FallbackApplied"))[0]["seq"].as_u64().unwrap();
+    assert!(cancelled[0]["seq"].as_u64().unwrap() < fallback_seq, "recorded before the fallback");
+    // The silent vehicle wakes up and accepts the cancelled order: recorded and ignored.
+    let late = json!({"order_id": order_msgs[cancel]["order_id"], "status": "accepted"});
+    op.publish(&format!("{}/vehicles/mute/ack", g.prefix), late.to_string());
+    op.wait_for(WAIT, |t, _| t.ends_with("/errors").then_some(())).expect("the late ACK is answered");
+    assert!(g.terminate().success());
+    assert_eq!(sim.stop().cancels, 1);
+}
+
+#[test]
+fn a_restart_keeps_the_fleet_and_the_power_already_committed() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "restart", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..2).map(|i| vehicle(&format!("ev{i}"), 0.9, 100.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 2);
+    let topic = format!("{}/signals", g.prefix);
+    op.publish(&topic, signal("a", "afrr", 120.0, 900));
+    op.wait_json(WAIT, "", "signal_id", "a").expect("A's outcome");
+
+    // SIGKILL: the accepted 120 kW stay committed across the restart.
+    g.kill();
+    g.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    op.publish(&topic, signal("b", "fcr", 150.0, 900));
+    let b = op.wait_json(WAIT, "", "signal_id", "b").expect("B's outcome after a crash");
+    assert!(
+        (num(&b, "acknowledged_kw") - 80.0).abs() < 1e-6,
+        "the fleet is known and A's power is still committed: {b}"
+    );
+
+    // SIGTERM: accepted orders stay in force too, and the fleet is there at once.
+    assert!(g.terminate().success());
+    g.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    op.publish(&topic, signal("c", "mfrr", 10.0, 900));
+    let c = op.wait_json(WAIT, "", "signal_id", "c").expect("C's outcome after a graceful restart");
+    assert!(num(&c, "acknowledged_kw") < 1e-6, "everything is committed to A and B: {c}");
+    let plans = g.events(Some("DispatchPlanCreated"));
+    let last = plans.last().unwrap();
+    assert_eq!(last["payload"]["candidates"].as_array().map(Vec::len), Some(0), "no capacity left on either vehicle");
+    let constraint = g.events(Some("ConstraintApplied"));
+    assert_eq!(constraint.last().unwrap()["payload"]["excluded"].as_array().map(Vec::len), Some(2), "both known");
+    let ids: Vec<&str> = plans.iter().filter_map(|e| e["correlation_id"].as_str()).collect();
+    let unique: std::collections::BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "dispatch ids stay unique across restarts: {ids:?}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn a_resumed_session_with_a_new_prefix_still_hears_its_fleet() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start_with(&broker, "moved", "client_id: gw-moved", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    await_fleet(&mut op, 0);
+    assert!(g.terminate().success());
+
+    g.configure(&broker, "moved", "client_id: gw-moved, prefix: depots/moved", "ack_timeout_seconds: 2");
+    g.restart();
+    let mut op = operator(&broker, &g.prefix);
+    let sim = fleet_of(&broker, &g.prefix, vec![vehicle("ev0", 0.9, 50.0, Behaviour::Prompt)]);
+    await_fleet(&mut op, 1);
+    op.publish(&format!("{}/signals", g.prefix), signal("s", "afrr", 20.0, 900));
+    let out = op.wait_json(WAIT, "", "signal_id", "s").expect("the gateway hears its new prefix");
+    assert!((num(&out, "acknowledged_kw") - 20.0).abs() < 1e-6, "{out}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
