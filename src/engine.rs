@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::config::Limits;
 use crate::dispatch::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
 use crate::events::{Event, EventKind};
-use crate::fallback::{FallbackCandidate, Reallocation};
+use crate::fallback::{Fallback, FallbackCandidate, Reallocation};
 use crate::filter::{Exclusion, VehicleFilter};
 use crate::limits::LimitSet;
 use crate::model::{
@@ -146,6 +146,23 @@ impl FallbackRequest {
     /// The candidates as the [`crate::fallback::Fallback`] trait takes them.
     pub fn fallback_candidates(&self) -> Vec<FallbackCandidate<'_>> {
         self.candidates.iter().map(|(v, r)| FallbackCandidate { vehicle: v, remaining_kw: *r }).collect()
+    }
+
+    /// Runs `fallback` on this request, then makes sure it places min(residual, the most
+    /// the candidates and limits allow) ([`crate::repair::fill_to_max`]; vehicles the
+    /// fallback skipped are used only when the others cannot carry it). Noop places nothing:
+    /// it is the choice not to reallocate.
+    pub fn reallocate(&self, fallback: &dyn Fallback, lp: &mut crate::lp::LpDispatcher) -> Reallocation {
+        let mut r = fallback.reallocate(self.residual_kw, &self.fallback_candidates(), &self.limits);
+        if fallback.kind() == FallbackKind::Noop {
+            return r;
+        }
+        let n = self.candidates.len();
+        r.power_kw.resize(n, 0.0);
+        let caps: Vec<f64> = self.candidates.iter().map(|(_, c)| *c).collect();
+        let scores: Vec<f64> = (0..n).map(|i| if r.skipped.contains(&i) { 0.0 } else { 1.0 }).collect();
+        crate::repair::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
+        r
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`lp`]: `LpDispatcher`, the LP over the same scores and limits, solved with clarabel.
 //! - [`segments`]: `SegmentedSmartDispatcher`, per-segment weights and strategy.
 //! - [`policy`]: which strategy runs per signal type (LP-first, falling back to Smart).
+//! - [`repair`]: the delivery guarantee (fill to the most the limits allow; LP polish).
 //! - [`fallback`]: reallocation of residuals (Noop, Balanced, Probabilistic) behind the `Fallback` trait.
 //! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
 //! - [`tuning`]: `LearningTuner`, `AckBasedTuner`: weights from ACK rates.
@@ -34,6 +35,7 @@ pub mod lp;
 pub mod model;
 pub mod policy;
 pub mod prediction;
+pub mod repair;
 pub mod segments;
 pub mod time;
 pub mod tuning;

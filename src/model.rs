@@ -381,6 +381,18 @@ pub enum StrategyKind {
     Segmented,
 }
 
+impl StrategyKind {
+    /// The contract's name: `equal`, `smart`, `lp` or `segmented`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::Equal => "equal",
+            StrategyKind::Smart => "smart",
+            StrategyKind::Lp => "lp",
+            StrategyKind::Segmented => "segmented",
+        }
+    }
+}
+
 /// The fallback that reallocates a dispatch's residual.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,6 +4,7 @@
 use crate::dispatch::{Allocation, AllocationRequest, Dispatcher, EqualDispatcher, SmartDispatcher};
 use crate::lp::LpDispatcher;
 use crate::model::StrategyKind;
+use crate::repair::fill_to_max;
 
 /// The configured strategies and the LP-first policy.
 pub struct Strategies {
@@ -56,7 +57,22 @@ impl Dispatcher for Strategies {
             (StrategyKind::Segmented, Some(seg)) => seg.allocate(req),
             _ => self.smart.allocate(req),
         };
-        a.note = Some(format!("LP skipped: dispatch.lp_first is not set for {kind}"));
+        let mut note = format!("LP skipped: dispatch.lp_first is not set for {kind}");
+        // The delivery guarantee: the strategy chose the vehicles; if it placed less than the
+        // limits allow, the LP over its own scores places the rest.
+        let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
+        let n = caps.len();
+        let scores = if a.scores.len() == n { a.scores.clone() } else { vec![1.0; n] };
+        a.power_kw.resize(n, 0.0);
+        if let Some(r) = fill_to_max(&mut self.lp, &mut a.power_kw, &caps, req.target_kw, req.limits, &scores) {
+            note.push_str(&format!(
+                "; repaired: {} placed {:.3} kW within the limits, the LP over its scores {:.3} kW",
+                a.strategy.name(),
+                r.before_kw,
+                r.after_kw
+            ));
+        }
+        a.note = Some(note);
         a
     }
 }

@@ -250,3 +250,39 @@ fn a_resumed_session_with_a_new_prefix_still_hears_its_fleet() {
     assert!(g.terminate().success());
     sim.stop();
 }
+
+#[test]
+fn smart_delivers_what_overlapping_phase_limits_allow() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "phases", "ack_timeout_seconds: 2, limits: { phase_kw: 20 }");
+    let mut op = operator(&broker, &g.prefix);
+    let mut fleet: Vec<_> = (0..6)
+        .map(|i| {
+            let mut v = vehicle(&format!("single{i}"), 0.9, 7.0, Behaviour::Prompt);
+            for (k, val) in [("phases", json!(1)), ("phase", json!("L1")), ("price_per_kwh", json!(0.01))] {
+                v.extra_state.insert(k.into(), val);
+            }
+            v
+        })
+        .collect();
+    fleet.extend((0..10).map(|i| {
+        let mut v = vehicle(&format!("three{i}"), 0.9, 11.0, Behaviour::Prompt);
+        v.extra_state.insert("price_per_kwh".into(), json!(0.5));
+        v
+    }));
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 16);
+    let s = json!({"id": "dr60", "type": "dr", "direction": "down", "power_kw": 60});
+    op.publish(&format!("{}/signals", g.prefix), s.to_string());
+    let out = op.wait_json(WAIT, "", "signal_id", "dr60").expect("an outcome");
+    assert!((num(&out, "acknowledged_kw") - 60.0).abs() < 1e-6, "60 kW fit through the three-phase vehicles: {out}");
+    assert_eq!(out["strategy"], "smart");
+    let plan = g.events(Some("DispatchPlanCreated"));
+    assert!(
+        plan[0]["payload"]["note"].as_str().unwrap_or_default().contains("repaired"),
+        "{}",
+        plan[0]["payload"]["note"]
+    );
+    assert!(g.terminate().success());
+    sim.stop();
+}

@@ -3,6 +3,7 @@
 use actix::prelude::*;
 use gridweaver_core::engine::FallbackRequest;
 use gridweaver_core::fallback::{Fallback, Reallocation};
+use gridweaver_core::lp::LpDispatcher;
 
 use crate::guard::guarded;
 
@@ -10,12 +11,14 @@ use crate::guard::guarded;
 /// reallocated" (the residual becomes the shortfall) and the actor restarts.
 pub struct FallbackActor {
     fallback: Box<dyn Fallback>,
+    /// Tops up a fallback that places less than the limits allow.
+    lp: LpDispatcher,
 }
 
 impl FallbackActor {
     /// An actor applying `fallback`.
     pub fn new(fallback: Box<dyn Fallback>) -> Self {
-        Self { fallback }
+        Self { fallback, lp: LpDispatcher::default() }
     }
 }
 
@@ -38,15 +41,13 @@ impl Handler<Reallocate> for FallbackActor {
     type Result = MessageResult<Reallocate>;
 
     fn handle(&mut self, msg: Reallocate, ctx: &mut Context<Self>) -> Self::Result {
-        let fallback = &self.fallback;
+        let (fallback, lp) = (&self.fallback, &mut self.lp);
         let request = &msg.0;
-        let realloc = guarded("reallocating a residual", || {
-            fallback.reallocate(request.residual_kw, &request.fallback_candidates(), &request.limits)
-        })
-        .unwrap_or_else(|| {
-            ctx.stop();
-            Reallocation { power_kw: vec![0.0; request.candidates.len()], skipped: Vec::new() }
-        });
+        let realloc =
+            guarded("reallocating a residual", || request.reallocate(fallback.as_ref(), lp)).unwrap_or_else(|| {
+                ctx.stop();
+                Reallocation { power_kw: vec![0.0; request.candidates.len()], skipped: Vec::new() }
+            });
         MessageResult((msg.0, realloc))
     }
 }

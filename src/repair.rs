@@ -1,0 +1,152 @@
+//! The delivery guarantee: every strategy and fallback orders min(requested, the most the
+//! free capacities and limits allow). Strategies choose which vehicles carry the power;
+//! this module makes sure they never decide how much.
+//!
+//! - [`fill_to_max`]: when a heuristic's fill falls short of the target under shared rows
+//!   (greedy and proportional fills can block a row with the wrong vehicles, e.g. a phase
+//!   filled by single-phase vehicles that three-phase ones could have shared), the LP is
+//!   solved with the heuristic's own scores and its answer replaces the heuristic's when it
+//!   delivers more. Without shared rows the heuristics already place min(target, sum of
+//!   capacities), so nothing is solved.
+//! - [`polish`]: amounts below [`MIN_ORDER_KW`] (which would be dropped, not ordered) are
+//!   moved to vehicles with room, and power left a hair under a bound is topped up to it, so
+//!   what is ordered is what was allocated.
+
+use std::cmp::Ordering;
+
+use crate::dispatch::{EPS_KW, MIN_ORDER_KW};
+use crate::limits::{LimitSet, Room};
+use crate::lp::LpDispatcher;
+
+/// What the repair did, for the plan's record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Repaired {
+    /// What the strategy placed, kW.
+    pub before_kw: f64,
+    /// What is placed after the repair, kW.
+    pub after_kw: f64,
+}
+
+/// Makes `power` deliver min(`target`, the most `caps` and `limits` allow): if it falls
+/// short under shared rows, the LP over `scores` is solved and taken when it places more.
+/// Returns what changed, if anything. A solver failure leaves `power` as it is.
+pub fn fill_to_max(
+    lp: &mut LpDispatcher,
+    power: &mut Vec<f64>,
+    caps: &[f64],
+    target: f64,
+    limits: &LimitSet,
+    scores: &[f64],
+) -> Option<Repaired> {
+    polish(power, caps, target, limits, scores);
+    let before_kw: f64 = power.iter().sum();
+    let ceiling = target.min(caps.iter().map(|c| c.max(0.0)).sum());
+    if before_kw >= ceiling - EPS_KW.max(1e-9 * ceiling) || limits.is_empty() {
+        return None;
+    }
+    let (lp_power, _) = lp.solve_for(target, caps, limits, scores).ok()?;
+    let after_kw: f64 = lp_power.iter().sum();
+    if after_kw <= before_kw + EPS_KW {
+        return None;
+    }
+    *power = lp_power;
+    Some(Repaired { before_kw, after_kw })
+}
+
+/// Moves amounts below the minimum order to candidates with room (best `scores` first) and
+/// tops up toward `target` wherever the rows and capacities leave room, so every candidate
+/// gets 0 or at least [`MIN_ORDER_KW`], none is left a hair under its bound, and nothing
+/// exceeds a capacity, a row or the target.
+pub fn polish(power: &mut [f64], caps: &[f64], target: f64, limits: &LimitSet, scores: &[f64]) {
+    let n = power.len();
+    for (p, c) in power.iter_mut().zip(caps) {
+        *p = p.clamp(0.0, c.max(0.0));
+    }
+    // Crumbs go back into the pool.
+    for p in power.iter_mut() {
+        if *p < MIN_ORDER_KW {
+            *p = 0.0;
+        }
+    }
+    let total: f64 = power.iter().sum();
+    let mut left = target - total;
+    if left <= 1e-12 {
+        return;
+    }
+    let mut room = Room::new(limits);
+    for (i, p) in power.iter().enumerate() {
+        room.take(i, *p);
+    }
+    let mut order: Vec<usize> = (0..n).filter(|&i| caps[i] - power[i] > 1e-12).collect();
+    let score = |i: usize| scores.get(i).copied().unwrap_or(0.0);
+    // Vehicles already ordered first (topping them up adds no order), then by score.
+    order.sort_by(|&a, &b| {
+        (power[b] > 0.0)
+            .cmp(&(power[a] > 0.0))
+            .then(score(b).partial_cmp(&score(a)).unwrap_or(Ordering::Equal))
+            .then(a.cmp(&b))
+    });
+    for i in order {
+        let give = room.allow(i, (caps[i] - power[i]).min(left)).max(0.0);
+        if give <= 0.0 || (power[i] == 0.0 && give < MIN_ORDER_KW) {
+            continue;
+        }
+        power[i] += give;
+        room.take(i, give);
+        left -= give;
+        if left <= 1e-12 {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::dispatch::{Candidate, SmartDispatcher};
+    use crate::model::{Direction, Phase, Vehicle, Wiring};
+
+    fn rows(fleet: &[Vehicle], limits: &Limits) -> (Vec<f64>, LimitSet) {
+        let cands: Vec<Candidate> = fleet
+            .iter()
+            .map(|v| Candidate { vehicle: v, capacity_kw: v.max_discharge_kw, participation: 0.0 })
+            .collect();
+        (fleet.iter().map(|v| v.max_discharge_kw).collect(), LimitSet::new(limits, Direction::Up, &cands))
+    }
+
+    #[test]
+    fn crumbs_move_to_vehicles_with_room_and_bounds_are_met() {
+        let fleet: Vec<Vehicle> = (0..3).map(|i| Vehicle::new(format!("v{i}"), 0.9, 60.0, 10.0)).collect();
+        let (caps, limits) = rows(&fleet, &Limits::default());
+        let mut p = vec![9.999_999_9, 0.004, 5.0];
+        polish(&mut p, &caps, 15.003_999_9, &limits, &[0.5, 0.9, 0.1]);
+        assert_eq!(p[1], 0.0, "the crumb is gone");
+        assert!((p.iter().sum::<f64>() - 15.003_999_9).abs() < 1e-9, "{p:?}");
+        assert!((p[0] - 10.0).abs() < 1e-9, "topped up to its bound: {p:?}");
+    }
+
+    #[test]
+    fn a_phase_blocked_by_single_phase_vehicles_is_repaired_to_the_maximum() {
+        // Six cheap single-phase vehicles on L1, ten three-phase 11 kW vehicles, 20 kW per
+        // phase: 60 kW is deliverable only through the three-phase vehicles.
+        let mut fleet: Vec<Vehicle> = (0..6)
+            .map(|i| {
+                let mut v = Vehicle::new(format!("s{i}"), 0.9, 60.0, 7.0);
+                v.wiring = Wiring::SinglePhase(Phase::L1);
+                v
+            })
+            .collect();
+        fleet.extend((0..10).map(|i| Vehicle::new(format!("t{i}"), 0.9, 60.0, 11.0)));
+        let limits = Limits { phase_kw: Some(20.0), ..Limits::default() };
+        let (caps, set) = rows(&fleet, &limits);
+        // What a greedy fill that prefers the single-phase vehicles does: L1 is full at 20 kW.
+        let scores: Vec<f64> = (0..16).map(|i| if i < 6 { 1.0 } else { 0.5 }).collect();
+        let mut p = crate::dispatch::greedy_fill(&scores, &caps, 60.0, &set);
+        assert!(p.iter().sum::<f64>() < 21.0);
+        let mut lp = LpDispatcher::new(SmartDispatcher::default(), Default::default());
+        let r = fill_to_max(&mut lp, &mut p, &caps, 60.0, &set, &scores).expect("a repair");
+        assert!((r.after_kw - 60.0).abs() < 1e-6, "{r:?}");
+        assert!(set.violations(&p, 1e-9).is_empty());
+    }
+}
