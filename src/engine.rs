@@ -320,11 +320,15 @@ impl Planner {
         self.prediction = Some(engine);
     }
 
-    /// Records what vehicles answered (a settled dispatch's [`Step::answers`]).
+    /// Records what vehicles answered (a settled dispatch's [`Step::answers`]); the
+    /// histories of vehicles not heard of for 30 days are dropped.
     pub fn observe_answers(&mut self, answers: &[(VehicleId, Timestamp, bool)]) {
         if let Some(p) = self.prediction.as_mut() {
             for (v, at, delivered) in answers {
                 p.observe(v, *at, *delivered);
+            }
+            if let Some(latest) = answers.iter().map(|(_, at, _)| *at).max() {
+                p.prune(latest.plus_millis(-30 * 86_400_000));
             }
         }
     }
@@ -342,6 +346,31 @@ impl Planner {
             .filter(|v| !v.availability_stated)
             .filter_map(|v| p.predict(&v.id, now).map(|a| (v.id.clone(), Vehicle { availability: a, ..v.clone() })))
             .collect()
+    }
+
+    /// One dispatch's effect on the fairness scores: every score decays, and each vehicle
+    /// ordered in its first attempt gains 1.
+    fn note_participation<'v>(&mut self, ordered: impl Iterator<Item = &'v VehicleId>) {
+        for p in self.participation.values_mut() {
+            *p *= self.cfg.participation_decay;
+        }
+        for v in ordered {
+            *self.participation.entry(v.clone()).or_insert(0.0) += 1.0;
+        }
+        self.participation.retain(|_, p| *p > 1e-3);
+    }
+
+    /// Replays the fairness scores from the vehicles each past dispatch ordered in its
+    /// first attempt (oldest first), as the live planner built them.
+    pub fn remember_participation(&mut self, dispatches: &[Vec<VehicleId>]) {
+        for ordered in dispatches {
+            self.note_participation(ordered.iter());
+        }
+    }
+
+    /// The fairness score of each vehicle used lately.
+    pub fn participation(&self) -> &HashMap<VehicleId, f64> {
+        &self.participation
     }
 
     /// Continues dispatch numbering after `n` (the last dispatch before a restart), so that
@@ -566,13 +595,7 @@ impl Planner {
             candidates: plan_rows,
         }));
 
-        for p in self.participation.values_mut() {
-            *p *= self.cfg.participation_decay;
-        }
-        for o in &orders {
-            *self.participation.entry(o.vehicle_id.clone()).or_insert(0.0) += 1.0;
-        }
-        self.participation.retain(|_, p| *p > 1e-3);
+        self.note_participation(orders.iter().map(|o| &o.vehicle_id));
 
         let mut dispatch = Dispatch {
             id: dispatch_id,
@@ -706,10 +729,11 @@ enum State {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AckIgnored {
     /// No order in flight or recently settled has this id.
-    #[error("field `order_id` names no order of this gateway (`{0}`)")]
+    #[error("field `order_id` names no order of this vehicle (`{0}`)")]
     UnknownOrder(String),
-    /// The order belongs to another vehicle.
-    #[error("order `{order_id}` was sent to vehicle `{owner}`, not to this one")]
+    /// The order belongs to another vehicle (the answer says no more than for an unknown
+    /// order: a sender learns nothing about other vehicles).
+    #[error("field `order_id` names no order of this vehicle (`{order_id}`)")]
     WrongVehicle {
         /// The order.
         order_id: String,

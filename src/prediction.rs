@@ -68,6 +68,12 @@ impl PredictionEngine {
         }
     }
 
+    /// Forgets every vehicle whose latest observation is before `before` (vehicles long
+    /// gone), so the histories do not grow with every vehicle ever seen.
+    pub fn prune(&mut self, before: Timestamp) {
+        self.history.retain(|_, h| h.back().is_some_and(|(at, _)| *at >= before));
+    }
+
     /// Forgets a vehicle.
     pub fn forget(&mut self, vehicle: &VehicleId) {
         self.history.remove(vehicle);
@@ -145,6 +151,16 @@ mod tests {
         }
         let p = e.predict(&id(), Timestamp::from_millis(63 * DAY)).unwrap();
         assert!(p > 0.9, "{p}");
+    }
+
+    #[test]
+    fn vehicles_not_heard_of_are_pruned() {
+        let mut e = PredictionEngine::default();
+        let (old, new) = (VehicleId::from("old"), VehicleId::from("new"));
+        e.observe(&old, Timestamp::from_millis(1_000), true);
+        e.observe(&new, Timestamp::from_millis(90_000), true);
+        e.prune(Timestamp::from_millis(50_000));
+        assert_eq!((e.observations(&old), e.observations(&new)), (0, 1));
     }
 
     #[test]

@@ -107,6 +107,7 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         planner.remember_term(term);
     }
     planner.remember_dispatches(recovery.dispatches);
+    planner.remember_participation(&recovery.participation);
     for (kind, weights) in &recovery.tuned {
         planner.set_weights(*kind, *weights);
     }
@@ -307,6 +308,61 @@ mod tests {
             replaces: None,
             program: None,
         }
+    }
+
+    /// What a live engine learned is what an engine rebuilt from its log knows: fairness
+    /// scores, commitments in force, seen signals, dispatch numbering.
+    #[test]
+    fn an_engine_rebuilt_from_the_log_knows_what_the_live_one_learned() {
+        use gridweaver_core::model::{Ack, AckStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let yaml = format!(
+            "site: a\nstore: {{ path: {:?} }}\ndispatch: {{ ack_timeout_seconds: 1, fallback: noop }}\n",
+            db.display().to_string()
+        );
+        let cfg = Config::from_yaml(&yaml).unwrap();
+        let t0 = now();
+        let (mut live, _) = build_engine(&cfg, &store::Recovery::default(), t0);
+        let mut events = Vec::new();
+        for i in 0..6 {
+            let v = Vehicle::new(format!("v{i}"), 0.8, 60.0, 10.0 + i as f64);
+            events.extend(live.on_state(t0, v.id.clone(), Some(v)).1);
+        }
+        for k in 0..5 {
+            let t = t0.plus_millis(k * 10);
+            let step = live.on_signal(t, Signal { start: t, ..signal(&format!("s{k}")) }).unwrap();
+            events.extend(step.events);
+            for (j, o) in step.orders.iter().enumerate() {
+                let status = if j % 3 == 0 { AckStatus::Rejected } else { AckStatus::Accepted };
+                let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
+                events.extend(live.on_ack(t, &o.vehicle_id, &ack).unwrap().events);
+            }
+            for step in live.on_timeout(t.plus_millis(1_000)) {
+                events.extend(step.events);
+            }
+        }
+        let mut conn = store::open_writer(&db, false).unwrap();
+        store::append_direct(&mut conn, events).unwrap();
+        let recovery = store::recover(&conn, 100, t0.plus_millis(2_000), horizon_ms(&cfg)).unwrap();
+        let (mut rebuilt, step) = build_engine(&cfg, &recovery, t0.plus_millis(2_000));
+        assert!(step.cancels.is_empty() && step.events.is_empty(), "nothing was left unfinished");
+
+        let scores = |e: &Engine| {
+            let mut p: Vec<(String, f64)> =
+                e.planner().participation().iter().map(|(v, s)| (v.0.clone(), *s)).collect();
+            p.sort_by(|a, b| a.0.cmp(&b.0));
+            p
+        };
+        assert_eq!(scores(&rebuilt), scores(&live));
+        let committed =
+            |e: &Engine| e.ledger().iter().map(|c| (c.order_id.clone(), c.power_kw, c.accepted)).collect::<Vec<_>>();
+        assert_eq!(committed(&rebuilt), committed(&live));
+        assert!(!committed(&live).is_empty());
+        let t = t0.plus_millis(3_000);
+        assert!(rebuilt.on_signal(t, Signal { start: t, ..signal("s2") }).is_err(), "a seen id stays a duplicate");
+        let next = rebuilt.on_signal(t, Signal { start: t, ..signal("new") }).unwrap();
+        assert!(next.events[2].correlation_id.as_deref().unwrap().ends_with("-6"), "numbering goes on");
     }
 
     #[actix_rt::test]

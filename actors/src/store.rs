@@ -342,6 +342,9 @@ pub struct Recovery {
     /// Orders still committed (not rejected, timed out or cancelled, window not over), with
     /// their signal id and whether they were accepted, in the order they were sent.
     pub commitments: Vec<(String, Order, bool)>,
+    /// The vehicles each of the last dispatches ordered in its first attempt, oldest
+    /// first (the fairness scores are replayed from them).
+    pub participation: Vec<Vec<VehicleId>>,
     /// The dispatch counter of the last dispatch planned (`d<ms>-<n>`), so that ids stay
     /// unique across restarts and clock steps.
     pub dispatches: u64,
@@ -400,6 +403,37 @@ fn committed_orders(conn: &Connection, now: Timestamp, horizon_ms: i64) -> anyho
         .filter(|(o, _)| !released.contains(&o.order_id))
         .map(|(o, accepted)| (signal_of.get(&o.dispatch_id).cloned().unwrap_or_default(), o, accepted))
         .collect())
+}
+
+/// Dispatches whose first-attempt orders are replayed into the fairness scores: after this
+/// many, a score has decayed below what the planner keeps (0.9^100 < 1e-3).
+const PARTICIPATION_DISPATCHES: i64 = 100;
+
+/// The vehicles each of the last `n` dispatches ordered in its first attempt, oldest first.
+fn first_attempts(conn: &Connection, n: i64) -> anyhow::Result<Vec<Vec<VehicleId>>> {
+    let since: i64 = conn.query_row(
+        "SELECT COALESCE(MIN(seq), 0) FROM (SELECT seq FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT ?1)",
+        [n],
+        |r| r.get(0),
+    )?;
+    // A plan opens a dispatch (even one that ordered nothing: the scores decay all the
+    // same); its first-attempt orders follow it in the same step.
+    let mut stmt = conn.prepare(
+        "SELECT kind, json_extract(payload, '$.vehicle_id') FROM events
+         WHERE seq >= ?1 AND (kind = 'DispatchPlanCreated'
+           OR (kind = 'OrderSent' AND json_extract(payload, '$.attempt') = 1)) ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([since])?;
+    let mut out: Vec<Vec<VehicleId>> = Vec::new();
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(0)?;
+        match (kind.as_str(), r.get::<_, Option<String>>(1)?, out.last_mut()) {
+            ("DispatchPlanCreated", _, _) => out.push(Vec::new()),
+            (_, Some(v), Some(last)) => last.push(VehicleId(v)),
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// [`recover`] from a read-only connection to the log at `path`.
@@ -469,6 +503,7 @@ pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms:
     }
     rec.answers.reverse();
     rec.commitments = committed_orders(conn, now, horizon_ms)?;
+    rec.participation = first_attempts(conn, PARTICIPATION_DISPATCHES)?;
     let last: Option<String> = conn
         .query_row(
             "SELECT correlation_id FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT 1",
