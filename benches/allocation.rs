@@ -13,14 +13,14 @@
 use std::collections::BTreeMap;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use gridweaver_core::config::{Limits, Segment};
-use gridweaver_core::dispatch::{
+use gridweaver_core::allocation::limits::LimitSet;
+use gridweaver_core::allocation::lp::{LpDispatcher, LpSettings};
+use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
+use gridweaver_core::allocation::{
     objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher, Weights,
 };
-use gridweaver_core::limits::LimitSet;
-use gridweaver_core::lp::{LpDispatcher, LpSettings};
+use gridweaver_core::config::{Limits, Segment};
 use gridweaver_core::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
-use gridweaver_core::segments::SegmentedSmartDispatcher;
 use gridweaver_core::time::Timestamp;
 
 /// A deterministic, varied fleet (no rand dependency: a fixed LCG).

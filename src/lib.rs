@@ -5,38 +5,25 @@
 //! (events to record, orders to send, the next deadline) for the runtime in `actors/` to
 //! carry out.
 //!
-//! # Layout
+//! # Layout (by concern)
 //! - [`time`]: [`time::Timestamp`], epoch milliseconds with RFC 3339 on the wire.
-//! - [`model`]: vehicles, signals, orders, ACKs, outcomes; `Vehicle::effective_capacity`.
+//! - [`model`]: vehicles, signals, orders, cancels, ACKs, outcomes; `Vehicle::effective_capacity`.
 //! - [`wire`]: the MQTT topic layout and the one decoder of inbound payloads.
-//! - [`filter`]: which vehicles may take part in a dispatch.
-//! - [`dispatch`]: allocation strategies (Equal, Smart) behind the `Dispatcher` trait.
-//! - [`limits`]: site, feeder-group and phase limits as linear rows every strategy respects.
-//! - [`lp`]: `LpDispatcher`, the LP over the same scores and limits, solved with clarabel.
-//! - [`segments`]: `SegmentedSmartDispatcher`, per-segment weights and strategy.
-//! - [`policy`]: which strategy runs per signal type (LP-first, falling back to Smart).
-//! - [`repair`]: the delivery guarantee (fill to the most the limits allow; LP polish).
-//! - [`fallback`]: reallocation of residuals (Noop, Balanced, Probabilistic) behind the `Fallback` trait.
-//! - [`engine`]: the dispatch state machine: `Planner`, `Dispatch`, `DispatchBook`.
-//! - [`tuning`]: `LearningTuner`, `AckBasedTuner`: weights from ACK rates.
-//! - [`prediction`]: `PredictionEngine`: availability from ACK history (nalgebra).
+//! - [`config`]: the YAML config, raw and validated, one validation per section.
+//! - [`allocation`]: how much each vehicle is asked for: the `Dispatcher` trait, the filter,
+//!   limit rows, Equal, Smart, the LP, segments, the LP-first policy and the repair step that
+//!   makes every strategy deliver the most the limits allow.
+//! - [`dispatch`]: the `Engine` (planner, the state machine of each dispatch, the book of
+//!   dispatches in flight, the commitment ledger) and the fallbacks.
+//! - [`learning`]: the weight tuner and the availability prediction.
 //! - [`events`]: event kinds, rows and the `EventStore` trait.
-//! - [`config`]: the YAML config, raw and validated.
 #![deny(missing_docs)]
 
+pub mod allocation;
 pub mod config;
 pub mod dispatch;
-pub mod engine;
 pub mod events;
-pub mod fallback;
-pub mod filter;
-pub mod limits;
-pub mod lp;
+pub mod learning;
 pub mod model;
-pub mod policy;
-pub mod prediction;
-pub mod repair;
-pub mod segments;
 pub mod time;
-pub mod tuning;
 pub mod wire;

@@ -32,6 +32,7 @@ pub struct Cli {
 pub enum Command {
     /// Self-contained demo: embedded broker, simulated fleet, scripted signals; writes
     /// gridweaver-demo.db and prints a summary.
+    #[cfg(feature = "demo")]
     Demo {
         /// Where to write the event log (replaced if it exists).
         #[arg(long, default_value = "gridweaver-demo.db")]
@@ -93,6 +94,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         // rumqttd logs every client disconnect as an error; the demo's broker is ours.
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => "warn,rumqttd=off",
         _ => "info",
     };
@@ -122,6 +124,7 @@ fn init_tracing(flag: Option<&str>, default_level: &str) {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
+        #[cfg(feature = "demo")]
         Command::Demo { db, vehicles, seed } => crate::demo::run(&db, vehicles, seed).map_err(Failure::Runtime),
         Command::Run { config } => {
             let cfg = load_config(&config)?;

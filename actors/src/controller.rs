@@ -9,18 +9,18 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use anyhow::Context as _;
+use gridweaver_core::allocation::filter::SimpleVehicleFilter;
+use gridweaver_core::allocation::policy::Strategies;
+use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
+use gridweaver_core::allocation::SmartDispatcher;
 use gridweaver_core::config::Config;
-use gridweaver_core::dispatch::SmartDispatcher;
-use gridweaver_core::engine::{Engine, EngineConfig, Planner, Step};
+use gridweaver_core::dispatch::fallback;
+use gridweaver_core::dispatch::{Engine, EngineConfig, Planner, Step};
 use gridweaver_core::events::{Event, EventKind};
-use gridweaver_core::fallback;
-use gridweaver_core::filter::SimpleVehicleFilter;
+use gridweaver_core::learning::prediction::PredictionEngine;
+use gridweaver_core::learning::tuning::{AckBasedTuner, LearningTuner};
 use gridweaver_core::model::{OrderCancel, StrategyKind};
-use gridweaver_core::policy::Strategies;
-use gridweaver_core::prediction::PredictionEngine;
-use gridweaver_core::segments::SegmentedSmartDispatcher;
 use gridweaver_core::time::Timestamp;
-use gridweaver_core::tuning::{AckBasedTuner, LearningTuner};
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
@@ -275,7 +275,7 @@ mod tests {
     use std::cell::Cell;
     use std::rc::Rc;
 
-    use gridweaver_core::dispatch::{Allocation, AllocationRequest, Dispatcher};
+    use gridweaver_core::allocation::{Allocation, AllocationRequest, Dispatcher};
     use gridweaver_core::model::{Direction, Signal, SignalType, StrategyKind, Vehicle};
 
     use super::*;

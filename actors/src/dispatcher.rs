@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::engine::{Capacity, Engine, FallbackRequest, Step};
+use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
 use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
@@ -395,7 +395,7 @@ pub struct SetWeights {
     /// The signal type.
     pub kind: gridweaver_core::model::SignalType,
     /// Its weights.
-    pub weights: gridweaver_core::dispatch::Weights,
+    pub weights: gridweaver_core::allocation::Weights,
 }
 
 impl Handler<SetWeights> for DispatcherActor {

@@ -1,9 +1,9 @@
 //! FallbackActor: owns the configured [`Fallback`] and answers reallocation requests.
 
 use actix::prelude::*;
-use gridweaver_core::engine::FallbackRequest;
-use gridweaver_core::fallback::{Fallback, Reallocation};
-use gridweaver_core::lp::LpDispatcher;
+use gridweaver_core::allocation::lp::LpDispatcher;
+use gridweaver_core::dispatch::fallback::{Fallback, Reallocation};
+use gridweaver_core::dispatch::FallbackRequest;
 
 use crate::guard::guarded;
 

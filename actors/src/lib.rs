@@ -19,14 +19,17 @@
 //!   embedded MQTT broker.
 
 pub mod bridge;
+#[cfg(feature = "demo")]
 pub mod broker;
 pub mod cli;
 pub mod controller;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod dispatcher;
 pub mod fallback;
 pub mod guard;
 pub mod publish;
+#[cfg(feature = "demo")]
 pub mod sim;
 pub mod store;
 pub mod supervisor;

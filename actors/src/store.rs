@@ -16,11 +16,11 @@ use std::sync::mpsc;
 use std::thread;
 
 use anyhow::Context;
-use gridweaver_core::dispatch::Weights;
+use gridweaver_core::allocation::Weights;
 use gridweaver_core::events::{Event, EventKind, StoredEvent};
+use gridweaver_core::learning::tuning::WeightsChange;
 use gridweaver_core::model::{Order, SignalType, VehicleId};
 use gridweaver_core::time::Timestamp;
-use gridweaver_core::tuning::WeightsChange;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 

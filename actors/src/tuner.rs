@@ -2,8 +2,8 @@
 //! of weights is made durable as a `WeightsTuned` event, then handed to the dispatcher.
 
 use actix::prelude::*;
+use gridweaver_core::learning::tuning::LearningTuner;
 use gridweaver_core::model::DispatchOutcome;
-use gridweaver_core::tuning::LearningTuner;
 
 use crate::dispatcher::{DispatcherActor, SetWeights};
 use crate::guard::guarded;

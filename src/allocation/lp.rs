@@ -1,7 +1,7 @@
 //! Optimal allocation: a linear program solved with clarabel.
 //!
 //! Variables: the power `p_i` of each candidate. Maximise `sum((score_i + M) * p_i)`, which
-//! is the dispatch objective ([`crate::dispatch::objective`]: weighted score less the
+//! is the dispatch objective ([`crate::allocation::objective`]: weighted score less the
 //! shortfall penalised at `M` per kW) up to a constant, subject to
 //!
 //! ```text
@@ -20,8 +20,8 @@ use clarabel::algebra::CscMatrix;
 use clarabel::solver::{DefaultSettings, DefaultSolver, IPSolver, SolverStatus, SupportedConeT};
 use serde::Serialize;
 
-use crate::dispatch::{objective, shortfall_penalty, Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
-use crate::limits::LimitSet;
+use crate::allocation::limits::LimitSet;
+use crate::allocation::{objective, shortfall_penalty, Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
 use crate::model::StrategyKind;
 
 /// The solver settings we choose (see the README's LP section for the measurements).
@@ -144,7 +144,7 @@ impl LpDispatcher {
 
     /// Solves for `target` kW over candidates with capacities `caps` within `limits`,
     /// scored by `scores`. The result is clamped onto the constraints and polished
-    /// ([`crate::repair::polish`]): no crumbs below the minimum order, no power left a hair
+    /// ([`crate::allocation::repair::polish`]): no crumbs below the minimum order, no power left a hair
     /// under a bound.
     pub fn solve_for(
         &mut self,
@@ -215,7 +215,7 @@ impl LpDispatcher {
         }
         let x = if by_class { classes.disaggregate(&sol.x[..classes.members.len()], &caps) } else { sol.x.clone() };
         let mut power = clamp_onto_constraints(&x, &caps, target, limits);
-        crate::repair::polish(&mut power, &caps, target, limits, scores);
+        crate::allocation::repair::polish(&mut power, &caps, target, limits, scores);
         report.objective = objective(scores, &power, target);
         Ok((power, report))
     }
@@ -434,8 +434,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::allocation::{greedy_fill, Candidate, EqualDispatcher};
     use crate::config::Limits;
-    use crate::dispatch::{greedy_fill, Candidate, EqualDispatcher};
     use crate::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
     use crate::time::Timestamp;
 
@@ -566,7 +566,7 @@ mod tests {
                 // What is ordered: the greedy optimum without the crumbs below the minimum
                 // order that the planner drops (polished as the LP's answer is).
                 let mut greedy = greedy_fill(&scores, &caps, req.target_kw, req.limits);
-                crate::repair::polish(&mut greedy, &caps, req.target_kw, req.limits, &scores);
+                crate::allocation::repair::polish(&mut greedy, &caps, req.target_kw, req.limits, &scores);
                 let (lp, _) = LpDispatcher::default().solve(req, &scores).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let (g, l) = (objective(&scores, &greedy, req.target_kw), objective(&scores, &lp, req.target_kw));
                 prop_assert!(l >= g - 1e-6 * g.abs().max(1.0), "lp {l} vs greedy {g}");
@@ -597,12 +597,12 @@ mod tests {
                 let max = exact_max(req);
                 let segments: BTreeMap<String, crate::config::Segment> = [(
                     "fleet".to_owned(),
-                    crate::config::Segment { lp: false, fallback: true, weights: crate::dispatch::Weights::default_for(SignalType::Dr) },
+                    crate::config::Segment { lp: false, fallback: true, weights: crate::allocation::Weights::default_for(SignalType::Dr) },
                 )]
                 .into();
                 for kind in [StrategyKind::Equal, StrategyKind::Smart, StrategyKind::Segmented, StrategyKind::Lp] {
-                    let mut s = crate::policy::Strategies::new(kind, SmartDispatcher::default(), LpSettings::default());
-                    s.segmented = Some(Box::new(crate::segments::SegmentedSmartDispatcher::new(segments.clone(), SmartDispatcher::default())));
+                    let mut s = crate::allocation::policy::Strategies::new(kind, SmartDispatcher::default(), LpSettings::default());
+                    s.segmented = Some(Box::new(crate::allocation::segments::SegmentedSmartDispatcher::new(segments.clone(), SmartDispatcher::default())));
                     let a = s.allocate(req);
                     assert_feasible(req, &a.power_kw, kind.name())?;
                     let placed: f64 = a.power_kw.iter().sum();

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dispatch::Weights;
+use crate::allocation::Weights;
 use crate::events::{Event, EventKind};
 use crate::model::{DispatchOutcome, SignalType};
 use crate::time::Timestamp;

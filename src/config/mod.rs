@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::dispatch::Weights;
+use crate::allocation::Weights;
 use crate::model::{FallbackKind, SignalType, StrategyKind};
 use crate::time::Timestamp;
 
@@ -55,7 +55,7 @@ pub struct RawConfig {
     pub prediction: RawPrediction,
 }
 
-/// `tuner:` (see [`crate::tuning`]); unset values take the defaults.
+/// `tuner:` (see [`crate::learning::tuning`]); unset values take the defaults.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTuner {
@@ -77,7 +77,7 @@ pub struct RawTuner {
     pub min_orders: Option<u32>,
 }
 
-/// `prediction:` (see [`crate::prediction`]); unset values take the defaults.
+/// `prediction:` (see [`crate::learning::prediction`]); unset values take the defaults.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPrediction {
@@ -226,9 +226,9 @@ pub struct Config {
     /// Demand-response programs.
     pub programs: BTreeMap<String, Program>,
     /// The tuner's settings, `None` when disabled.
-    pub tuner: Option<crate::tuning::TunerConfig>,
+    pub tuner: Option<crate::learning::tuning::TunerConfig>,
     /// The prediction's settings, `None` when disabled.
-    pub prediction: Option<crate::prediction::PredictionConfig>,
+    pub prediction: Option<crate::learning::prediction::PredictionConfig>,
 }
 
 /// Validated `mqtt:`.
@@ -285,7 +285,7 @@ pub struct DispatchConfig {
     /// Site limits.
     pub limits: Limits,
     /// LP solver settings.
-    pub lp: crate::lp::LpSettings,
+    pub lp: crate::allocation::lp::LpSettings,
     /// Admission: dispatches in flight at once.
     pub max_in_flight: usize,
     /// How far ahead a signal may start, seconds.
@@ -395,7 +395,7 @@ fn topic_safe(key: &str, s: &str) -> Result<(), ConfigError> {
 }
 
 impl RawConfig {
-    /// Validates into a [`Config`].
+    /// Validates into a [`Config`], one section at a time.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let site = self.site.ok_or_else(|| err("site", "is required"))?;
         topic_safe("site", &site)?;
@@ -403,7 +403,22 @@ impl RawConfig {
             return Err(err("site", format!("must not contain `/`, got `{site}`")));
         }
 
-        let m = self.mqtt;
+        Ok(Config {
+            mqtt: self.mqtt.validate(&site)?,
+            store: self.store.validate()?,
+            dispatch: self.dispatch.validate()?,
+            programs: validate_programs(self.programs)?,
+            tuner: self.tuner.validate()?,
+            prediction: self.prediction.validate()?,
+            site,
+        })
+    }
+}
+
+impl RawMqtt {
+    /// `mqtt:`; the prefix and client id default from the site's name.
+    fn validate(self, site: &str) -> Result<MqttConfig, ConfigError> {
+        let m = self;
         let prefix = m.prefix.unwrap_or_else(|| format!("gridweaver/{site}"));
         topic_safe("mqtt.prefix", &prefix)?;
         if prefix.ends_with('/') || prefix.starts_with('/') {
@@ -432,7 +447,7 @@ impl RawConfig {
         if m.password_file.is_some() && m.username.is_none() {
             return Err(err("mqtt.password_file", "needs mqtt.username"));
         }
-        let mqtt = MqttConfig {
+        Ok(MqttConfig {
             host,
             port,
             client_id: m.client_id.unwrap_or_else(|| format!("gridweaver-{site}")),
@@ -442,19 +457,69 @@ impl RawConfig {
             keep_alive_s,
             reconnect_max_s,
             inflight,
-        };
+        })
+    }
+}
 
-        let path = self.store.path.unwrap_or_else(|| "gridweaver.db".into());
+impl RawStore {
+    /// `store:`.
+    fn validate(self) -> Result<StoreConfig, ConfigError> {
+        let path = self.path.unwrap_or_else(|| "gridweaver.db".into());
         if path.is_empty() {
             return Err(err("store.path", "must not be empty"));
         }
-        let sync_full = match self.store.synchronous.as_deref() {
+        let sync_full = match self.synchronous.as_deref() {
             None | Some("full") => true,
             Some("normal") => false,
             Some(other) => return Err(err("store.synchronous", format!("must be `full` or `normal`, got `{other}`"))),
         };
+        Ok(StoreConfig { path, sync_full })
+    }
+}
 
-        let d = self.dispatch;
+impl RawLimits {
+    /// `dispatch.limits:`.
+    fn validate(self) -> Result<Limits, ConfigError> {
+        let l = self;
+        let opt = |key: &str, x: Option<f64>| x.map(|x| positive(key, x)).transpose();
+        let mut groups = BTreeMap::new();
+        for (g, kw) in l.groups {
+            let kw = positive(&format!("dispatch.limits.groups.{g}"), kw)?;
+            groups.insert(g, kw);
+        }
+        Ok(Limits {
+            export_kw: opt("dispatch.limits.export_kw", l.export_kw)?,
+            import_kw: opt("dispatch.limits.import_kw", l.import_kw)?,
+            groups,
+            phase_kw: opt("dispatch.limits.phase_kw", l.phase_kw)?,
+        })
+    }
+}
+
+impl RawLp {
+    /// `dispatch.lp:`.
+    fn validate(self) -> Result<crate::allocation::lp::LpSettings, ConfigError> {
+        let mut lp = crate::allocation::lp::LpSettings::default();
+        if let Some(it) = self.max_iterations {
+            if it == 0 {
+                return Err(err("dispatch.lp.max_iterations", "must be >= 1"));
+            }
+            lp.max_iter = it;
+        }
+        if let Some(ms) = self.time_limit_ms {
+            if ms == 0 {
+                return Err(err("dispatch.lp.time_limit_ms", "must be >= 1"));
+            }
+            lp.time_limit_s = ms as f64 / 1000.0;
+        }
+        Ok(lp)
+    }
+}
+
+impl RawDispatch {
+    /// `dispatch:` (with its `limits`, `lp`, `segments`, `weights` and `lp_first`).
+    fn validate(self) -> Result<DispatchConfig, ConfigError> {
+        let d = self;
         let ack_timeout = positive("dispatch.ack_timeout_seconds", d.ack_timeout_seconds.unwrap_or(5.0))?;
         if ack_timeout > 3600.0 {
             return Err(err("dispatch.ack_timeout_seconds", format!("must be at most 3600, got {ack_timeout}")));
@@ -517,32 +582,8 @@ impl RawConfig {
             let weights = validate_weights(&format!("{key}.weights"), &s.weights)?;
             segments.insert(name, Segment { lp, fallback: s.fallback, weights });
         }
-        let l = d.limits;
-        let opt = |key: &str, x: Option<f64>| x.map(|x| positive(key, x)).transpose();
-        let mut groups = BTreeMap::new();
-        for (g, kw) in l.groups {
-            let kw = positive(&format!("dispatch.limits.groups.{g}"), kw)?;
-            groups.insert(g, kw);
-        }
-        let limits = Limits {
-            export_kw: opt("dispatch.limits.export_kw", l.export_kw)?,
-            import_kw: opt("dispatch.limits.import_kw", l.import_kw)?,
-            groups,
-            phase_kw: opt("dispatch.limits.phase_kw", l.phase_kw)?,
-        };
-        let mut lp = crate::lp::LpSettings::default();
-        if let Some(it) = d.lp.max_iterations {
-            if it == 0 {
-                return Err(err("dispatch.lp.max_iterations", "must be >= 1"));
-            }
-            lp.max_iter = it;
-        }
-        if let Some(ms) = d.lp.time_limit_ms {
-            if ms == 0 {
-                return Err(err("dispatch.lp.time_limit_ms", "must be >= 1"));
-            }
-            lp.time_limit_s = ms as f64 / 1000.0;
-        }
+        let limits = d.limits.validate()?;
+        let lp = d.lp.validate()?;
         let max_in_flight = d.max_in_flight.unwrap_or(32);
         if !(1..=10_000).contains(&max_in_flight) {
             return Err(err("dispatch.max_in_flight", format!("must be within 1..=10000, got {max_in_flight}")));
@@ -561,7 +602,7 @@ impl RawConfig {
                 format!("must be within 1..=31622400 (a year), got {max_duration_s}"),
             ));
         }
-        let dispatch = DispatchConfig {
+        Ok(DispatchConfig {
             max_in_flight,
             max_start_ahead_s,
             max_duration_s,
@@ -575,28 +616,37 @@ impl RawConfig {
             segments,
             limits,
             lp,
+        })
+    }
+}
+
+/// `programs:`.
+fn validate_programs(raw: BTreeMap<String, RawProgram>) -> Result<BTreeMap<String, Program>, ConfigError> {
+    let mut programs = BTreeMap::new();
+    for (id, p) in raw {
+        let key = format!("programs.{id}");
+        let required_mw = positive(&format!("{key}.required_mw"), p.required_mw)?;
+        let time = |field: &str, s: &str| {
+            Timestamp::parse_rfc3339(s)
+                .ok_or_else(|| err(format!("{key}.{field}"), format!("must be an RFC 3339 time, got `{s}`")))
         };
-
-        let mut programs = BTreeMap::new();
-        for (id, p) in self.programs {
-            let key = format!("programs.{id}");
-            let required_mw = positive(&format!("{key}.required_mw"), p.required_mw)?;
-            let time = |field: &str, s: &str| {
-                Timestamp::parse_rfc3339(s)
-                    .ok_or_else(|| err(format!("{key}.{field}"), format!("must be an RFC 3339 time, got `{s}`")))
-            };
-            let window_start = time("window_start", &p.window_start)?;
-            let window_end = time("window_end", &p.window_end)?;
-            if window_end <= window_start {
-                return Err(err(format!("{key}.window_end"), "must be after window_start"));
-            }
-            programs.insert(id, Program { required_mw, window_start, window_end });
+        let window_start = time("window_start", &p.window_start)?;
+        let window_end = time("window_end", &p.window_end)?;
+        if window_end <= window_start {
+            return Err(err(format!("{key}.window_end"), "must be after window_start"));
         }
+        programs.insert(id, Program { required_mw, window_start, window_end });
+    }
+    Ok(programs)
+}
 
-        let t = self.tuner;
-        let tuner = if t.enabled.unwrap_or(true) {
-            let d = crate::tuning::TunerConfig::default();
-            let cfg = crate::tuning::TunerConfig {
+impl RawTuner {
+    /// `tuner:` (`None` when disabled).
+    fn validate(self) -> Result<Option<crate::learning::tuning::TunerConfig>, ConfigError> {
+        let t = self;
+        Ok(if t.enabled.unwrap_or(true) {
+            let d = crate::learning::tuning::TunerConfig::default();
+            let cfg = crate::learning::tuning::TunerConfig {
                 low_ack_rate: t.low_ack_rate.unwrap_or(d.low_ack_rate),
                 high_ack_rate: t.high_ack_rate.unwrap_or(d.high_ack_rate),
                 step_up: t.step_up.unwrap_or(d.step_up),
@@ -609,22 +659,26 @@ impl RawConfig {
             Some(cfg)
         } else {
             None
-        };
-        let pr = self.prediction;
-        let prediction = if pr.enabled.unwrap_or(true) {
-            let d = crate::prediction::PredictionConfig::default();
+        })
+    }
+}
+
+impl RawPrediction {
+    /// `prediction:` (`None` when disabled).
+    fn validate(self) -> Result<Option<crate::learning::prediction::PredictionConfig>, ConfigError> {
+        let pr = self;
+        Ok(if pr.enabled.unwrap_or(true) {
+            let d = crate::learning::prediction::PredictionConfig::default();
             let half_life_days = positive("prediction.half_life_days", pr.half_life_days.unwrap_or(d.half_life_days))?;
             let prior_mean = pr.prior_mean.unwrap_or(d.prior_mean);
             if !(0.0..=1.0).contains(&prior_mean) {
                 return Err(err("prediction.prior_mean", format!("must be within 0..=1, got {prior_mean}")));
             }
             let prior_weight = positive("prediction.prior_weight", pr.prior_weight.unwrap_or(d.prior_weight))?;
-            Some(crate::prediction::PredictionConfig { half_life_days, prior_mean, prior_weight, ..d })
+            Some(crate::learning::prediction::PredictionConfig { half_life_days, prior_mean, prior_weight, ..d })
         } else {
             None
-        };
-
-        Ok(Config { site, mqtt, store: StoreConfig { path, sync_full }, dispatch, programs, tuner, prediction })
+        })
     }
 }
 

@@ -1,10 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
-use crate::dispatch::{EqualDispatcher, SmartDispatcher};
-use crate::fallback::{BalancedFallback, Fallback, NoopFallback};
-use crate::filter::SimpleVehicleFilter;
-use crate::model::SignalType;
+use crate::allocation::filter::{SimpleVehicleFilter, VehicleFilter};
+use crate::allocation::{Dispatcher, EqualDispatcher, SmartDispatcher};
+use crate::dispatch::fallback::{BalancedFallback, Fallback, NoopFallback};
+use crate::model::{Direction, SignalType, VehicleCounts};
 use proptest::prelude::*;
 
 const T0: Timestamp = Timestamp::from_millis(1_795_000_000_000);
@@ -411,7 +411,7 @@ fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
     flaky.availability_stated = false;
     let steady = Vehicle::new("steady", 0.8, 60.0, 10.0);
     let mut p = with_fleet(planner(FallbackKind::Noop), &[flaky.clone(), steady]);
-    p.planner_mut().set_prediction(crate::prediction::PredictionEngine::default());
+    p.planner_mut().set_prediction(crate::learning::prediction::PredictionEngine::default());
     let misses: Vec<(VehicleId, Timestamp, bool)> =
         (0..30).map(|k| (flaky.id.clone(), T0.plus_millis(-k * 60_000), false)).collect();
     p.planner_mut().observe_answers(&misses);
@@ -436,7 +436,7 @@ fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_st
     assert_eq!(answers, [("v00".to_owned(), true), ("v01".to_owned(), false)]);
 
     let tuned =
-        crate::dispatch::Weights { availability: 0.123, ..crate::dispatch::Weights::default_for(SignalType::Afrr) };
+        crate::allocation::Weights { availability: 0.123, ..crate::allocation::Weights::default_for(SignalType::Afrr) };
     p.planner_mut().set_weights(SignalType::Afrr, tuned);
     let step = p.on_signal(T0, signal("s2", 5.0)).unwrap();
     assert_eq!(step.events[2].payload_value()["weights"]["availability"], 0.123);

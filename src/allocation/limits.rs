@@ -9,8 +9,8 @@
 
 use serde::Serialize;
 
+use crate::allocation::Candidate;
 use crate::config::Limits;
-use crate::dispatch::Candidate;
 use crate::model::{Direction, Phase, Wiring};
 
 /// One shared limit.

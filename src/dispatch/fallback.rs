@@ -7,8 +7,8 @@
 
 use serde::Serialize;
 
-use crate::dispatch::proportional_fill;
-use crate::limits::LimitSet;
+use crate::allocation::limits::LimitSet;
+use crate::allocation::proportional_fill;
 use crate::model::{FallbackKind, Vehicle};
 
 /// A vehicle that accepted its first order, and what it can still give.
@@ -224,7 +224,7 @@ mod tests {
         let fleet = [(a, 20.0)];
         let c = cands(&fleet);
         let limits = Limits { export_kw: Some(4.0), ..Limits::default() };
-        let cand = [crate::dispatch::Candidate { vehicle: c[0].vehicle, capacity_kw: 20.0, participation: 0.0 }];
+        let cand = [crate::allocation::Candidate { vehicle: c[0].vehicle, capacity_kw: 20.0, participation: 0.0 }];
         let set = LimitSet::new(&limits, crate::model::Direction::Up, &cand);
         let r = ProbabilisticFallback::default().reallocate(10.0, &c, &set);
         assert!((r.power_kw[0] - 4.0).abs() < 1e-9, "the site row caps the order, not the expectation: {r:?}");
@@ -244,8 +244,8 @@ mod tests {
                 (v, *rem)
             }).collect();
             let c = cands(&fleet);
-            let as_cands: Vec<crate::dispatch::Candidate> =
-                c.iter().map(|f| crate::dispatch::Candidate { vehicle: f.vehicle, capacity_kw: f.remaining_kw, participation: 0.0 }).collect();
+            let as_cands: Vec<crate::allocation::Candidate> =
+                c.iter().map(|f| crate::allocation::Candidate { vehicle: f.vehicle, capacity_kw: f.remaining_kw, participation: 0.0 }).collect();
             let set = LimitSet::new(&Limits { export_kw: site, ..Limits::default() }, crate::model::Direction::Up, &as_cands);
             let r = ProbabilisticFallback::default().reallocate(residual, &c, &set);
             for ((_, rem), p) in fleet.iter().zip(&r.power_kw) {

@@ -14,9 +14,9 @@
 
 use std::cmp::Ordering;
 
-use crate::dispatch::{EPS_KW, MIN_ORDER_KW};
-use crate::limits::{LimitSet, Room};
-use crate::lp::LpDispatcher;
+use crate::allocation::limits::{LimitSet, Room};
+use crate::allocation::lp::LpDispatcher;
+use crate::allocation::{EPS_KW, MIN_ORDER_KW};
 
 /// What the repair did, for the plan's record.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,8 +103,8 @@ pub fn polish(power: &mut [f64], caps: &[f64], target: f64, limits: &LimitSet, s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocation::{Candidate, SmartDispatcher};
     use crate::config::Limits;
-    use crate::dispatch::{Candidate, SmartDispatcher};
     use crate::model::{Direction, Phase, Vehicle, Wiring};
 
     fn rows(fleet: &[Vehicle], limits: &Limits) -> (Vec<f64>, LimitSet) {
@@ -142,7 +142,7 @@ mod tests {
         let (caps, set) = rows(&fleet, &limits);
         // What a greedy fill that prefers the single-phase vehicles does: L1 is full at 20 kW.
         let scores: Vec<f64> = (0..16).map(|i| if i < 6 { 1.0 } else { 0.5 }).collect();
-        let mut p = crate::dispatch::greedy_fill(&scores, &caps, 60.0, &set);
+        let mut p = crate::allocation::greedy_fill(&scores, &caps, 60.0, &set);
         assert!(p.iter().sum::<f64>() < 21.0);
         let mut lp = LpDispatcher::new(SmartDispatcher::default(), Default::default());
         let r = fill_to_max(&mut lp, &mut p, &caps, 60.0, &set, &scores).expect("a repair");

@@ -9,7 +9,7 @@
 //!
 //! Directions: a vehicle committed in one direction over part of a window is not ordered
 //! in the other direction over that window (it is excluded with
-//! [`crate::filter::Exclusion::CommittedOtherWay`]); power in opposite directions is never
+//! [`crate::allocation::filter::Exclusion::CommittedOtherWay`]); power in opposite directions is never
 //! netted. A vehicle's commitments in one direction over a window are summed as if they
 //! all overlapped (a safe upper bound when they only partly do).
 //!
@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::limits::LimitSet;
+use crate::allocation::limits::LimitSet;
 use crate::model::{Direction, Order, OrderDirection, Phase, Vehicle, VehicleId, Wiring};
 use crate::time::Timestamp;
 
@@ -260,8 +260,8 @@ fn uncount(per_dispatch: &mut BTreeMap<String, usize>, dispatch_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocation::Candidate;
     use crate::config::Limits;
-    use crate::dispatch::Candidate;
 
     const T0: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 

@@ -1,16 +1,30 @@
 //! Allocation: how much power each eligible vehicle is asked for.
 //!
 //! A [`Dispatcher`] gets the eligible vehicles as [`Candidate`]s, each with its effective
-//! capacity for the signal already worked out, and returns one power per candidate. The
+//! capacity for the signal already worked out (after what is committed), and the shared
+//! [`limits`] rows with the room they have left, and returns one power per candidate. The
 //! invariants every strategy keeps (property-tested): no candidate gets more than its
-//! capacity or less than 0, the total never exceeds the target, and the total equals the
-//! target whenever the candidates' capacities add up to it.
+//! capacity or less than 0, no row is exceeded, the total never exceeds the target, and
+//! (through [`repair`]) the total is the most the capacities and limits allow up to the
+//! target.
+//!
+//! - [`filter`]: which vehicles may take part; [`limits`]: site, group and phase rows.
+//! - Equal and Smart (here), [`lp`] (clarabel), [`segments`] (per-segment strategies).
+//! - [`policy`]: the configured strategy per signal type, LP-first, and the repair.
+//! - [`repair`]: the delivery guarantee and the LP polish.
+
+pub mod filter;
+pub mod limits;
+pub mod lp;
+pub mod policy;
+pub mod repair;
+pub mod segments;
 
 use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{LimitSet, Room};
+use crate::allocation::limits::{LimitSet, Room};
 use crate::model::{Direction, Signal, StrategyKind, Vehicle};
 use crate::time::Timestamp;
 
@@ -60,7 +74,7 @@ pub struct Allocation {
     pub rounds: u32,
     /// The solver's report, when an LP ran (even one that failed).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub solver: Option<crate::lp::SolverReport>,
+    pub solver: Option<crate::allocation::lp::SolverReport>,
     /// Why the strategy that ran is not the one asked for (LP failed, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

@@ -15,12 +15,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Segment;
-use crate::dispatch::{
+use crate::allocation::limits::LimitSet;
+use crate::allocation::lp::LpDispatcher;
+use crate::allocation::{
     proportional_fill, Allocation, AllocationRequest, Candidate, Dispatcher, SmartDispatcher, EPS_KW,
 };
-use crate::limits::LimitSet;
-use crate::lp::LpDispatcher;
+use crate::config::Segment;
 use crate::model::StrategyKind;
 
 /// The segmented strategy.
@@ -41,7 +41,7 @@ impl SegmentedSmartDispatcher {
     }
 
     /// The same with explicit LP settings for `lp` segments.
-    pub fn with_lp_settings(mut self, settings: crate::lp::LpSettings) -> Self {
+    pub fn with_lp_settings(mut self, settings: crate::allocation::lp::LpSettings) -> Self {
         self.lp.settings = settings;
         self
     }
@@ -165,7 +165,7 @@ impl Dispatcher for SegmentedSmartDispatcher {
         a
     }
 
-    fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::dispatch::Weights) {
+    fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::allocation::Weights) {
         self.smart.weights[usize::from(kind.code())] = weights;
     }
 }
@@ -175,8 +175,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::allocation::Weights;
     use crate::config::Limits;
-    use crate::dispatch::Weights;
     use crate::model::{Direction, Signal, SignalType, Vehicle};
     use crate::time::Timestamp;
 

@@ -1,10 +1,10 @@
 //! Which strategy runs for a signal: the configured one, or the LP first for the signal
 //! types listed in `dispatch.lp_first`, falling back to Smart when the LP fails.
 
-use crate::dispatch::{Allocation, AllocationRequest, Dispatcher, EqualDispatcher, SmartDispatcher};
-use crate::lp::LpDispatcher;
+use crate::allocation::lp::LpDispatcher;
+use crate::allocation::repair::fill_to_max;
+use crate::allocation::{Allocation, AllocationRequest, Dispatcher, EqualDispatcher, SmartDispatcher};
 use crate::model::StrategyKind;
-use crate::repair::fill_to_max;
 
 /// The configured strategies and the LP-first policy.
 pub struct Strategies {
@@ -22,7 +22,7 @@ pub struct Strategies {
 
 impl Strategies {
     /// `default` for every type, no LP-first, the LP with `settings`.
-    pub fn new(default: StrategyKind, smart: SmartDispatcher, settings: crate::lp::LpSettings) -> Self {
+    pub fn new(default: StrategyKind, smart: SmartDispatcher, settings: crate::allocation::lp::LpSettings) -> Self {
         let lp = LpDispatcher::new(smart.clone(), settings);
         Self { default, lp_first: [false; 5], smart, lp, segmented: None }
     }
@@ -39,7 +39,7 @@ impl Dispatcher for Strategies {
         self.default
     }
 
-    fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::dispatch::Weights) {
+    fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::allocation::Weights) {
         self.smart.set_weights(kind, weights);
         self.lp.scoring.set_weights(kind, weights);
         if let Some(seg) = self.segmented.as_mut() {

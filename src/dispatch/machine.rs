@@ -1,0 +1,390 @@
+//! One dispatch's state machine: attempts, ACKs, deadlines (with the cancels of what was
+//! not answered), the fallback round and the settlement.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::allocation::limits::LimitSet;
+use crate::allocation::MIN_ORDER_KW;
+use crate::dispatch::fallback::{Fallback, FallbackCandidate, Reallocation};
+use crate::events::{Event, EventKind};
+use crate::model::{
+    Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle, VehicleCounts,
+    VehicleId,
+};
+use crate::time::Timestamp;
+
+use super::Step;
+
+/// A residual waiting for the fallback: the vehicles that accepted, with their state at
+/// planning time and the capacity they have left.
+#[derive(Clone, Debug)]
+pub struct FallbackRequest {
+    /// The dispatch.
+    pub dispatch_id: String,
+    /// Power still missing, kW.
+    pub residual_kw: f64,
+    /// Vehicles that accepted, with remaining effective capacity, kW.
+    pub candidates: Vec<(Vehicle, f64)>,
+    /// The shared limits over the candidates, with the room the accepted power has
+    /// already used taken off.
+    pub limits: LimitSet,
+}
+
+impl FallbackRequest {
+    /// The candidates as the [`crate::dispatch::fallback::Fallback`] trait takes them.
+    pub fn fallback_candidates(&self) -> Vec<FallbackCandidate<'_>> {
+        self.candidates.iter().map(|(v, r)| FallbackCandidate { vehicle: v, remaining_kw: *r }).collect()
+    }
+
+    /// Runs `fallback` on this request, then makes sure it places min(residual, the most
+    /// the candidates and limits allow) ([`crate::allocation::repair::fill_to_max`]; vehicles the
+    /// fallback skipped are used only when the others cannot carry it). Noop places nothing:
+    /// it is the choice not to reallocate.
+    pub fn reallocate(&self, fallback: &dyn Fallback, lp: &mut crate::allocation::lp::LpDispatcher) -> Reallocation {
+        let mut r = fallback.reallocate(self.residual_kw, &self.fallback_candidates(), &self.limits);
+        if fallback.kind() == FallbackKind::Noop {
+            return r;
+        }
+        let n = self.candidates.len();
+        r.power_kw.resize(n, 0.0);
+        let caps: Vec<f64> = self.candidates.iter().map(|(_, c)| *c).collect();
+        let scores: Vec<f64> = (0..n).map(|i| if r.skipped.contains(&i) { 0.0 } else { 1.0 }).collect();
+        crate::allocation::repair::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
+        r
+    }
+}
+
+/// The `DispatchCompleted` payload: the outcome plus how it settled.
+#[derive(Serialize)]
+pub(super) struct CompletedPayload<'a> {
+    #[serde(flatten)]
+    outcome: &'a DispatchOutcome,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interrupted: Option<&'a str>,
+}
+
+/// A vehicle ordered in a dispatch: its state at planning time and what it accepted.
+#[derive(Clone, Debug)]
+pub(super) struct Slot {
+    pub(super) vehicle: Vehicle,
+    pub(super) accepted_kw: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Answer {
+    Pending,
+    Accepted,
+    Rejected,
+    TimedOut,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum State {
+    Waiting { deadline: Timestamp },
+    AwaitingFallback,
+    Done,
+}
+
+/// Why an ACK was ignored (recorded as `InputRejected`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AckIgnored {
+    /// No order in flight or recently settled has this id.
+    #[error("field `order_id` names no order of this vehicle (`{0}`)")]
+    UnknownOrder(String),
+    /// The order belongs to another vehicle (the answer says no more than for an unknown
+    /// order: a sender learns nothing about other vehicles).
+    #[error("field `order_id` names no order of this vehicle (`{order_id}`)")]
+    WrongVehicle {
+        /// The order.
+        order_id: String,
+        /// Its vehicle.
+        owner: VehicleId,
+    },
+    /// The order's deadline passed (or its dispatch settled) before the ACK arrived.
+    #[error("order `{0}` was already settled: the ACK came after its deadline")]
+    Late(String),
+    /// The order was already answered.
+    #[error("order `{0}` was already answered")]
+    AlreadyAnswered(String),
+}
+
+/// One dispatch in flight.
+#[derive(Debug)]
+pub struct Dispatch {
+    pub(super) id: String,
+    pub(super) signal: Signal,
+    pub(super) strategy: StrategyKind,
+    pub(super) fallback: FallbackKind,
+    pub(super) no_fallback_segments: BTreeSet<String>,
+    pub(super) region: String,
+    pub(super) ack_timeout_ms: i64,
+    pub(super) max_attempts: u32,
+    pub(super) attempt: u32,
+    pub(super) state: State,
+    pub(super) orders: Vec<(Order, Answer)>,
+    pub(super) index: HashMap<String, usize>,
+    pub(super) slots: HashMap<VehicleId, Slot>,
+    pub(super) allocated_kw: f64,
+    pub(super) acknowledged_kw: f64,
+    pub(super) counts: VehicleCounts,
+    pub(super) interrupted: Option<String>,
+}
+
+impl Dispatch {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The signal it serves.
+    pub fn signal(&self) -> &Signal {
+        &self.signal
+    }
+
+    /// Its ACK deadline, while it waits for ACKs.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        match self.state {
+            State::Waiting { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Whether it has settled.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Ids of its orders.
+    pub fn order_ids(&self) -> impl Iterator<Item = &str> {
+        self.orders.iter().map(|(o, _)| o.order_id.as_str())
+    }
+
+    fn event(&self, now: Timestamp, kind: EventKind, actor: &str) -> Event {
+        Event::new(now, kind, actor).correlation(&self.id).region(Some(&self.region))
+    }
+
+    /// Starts the next attempt with `orders` (none = settle at once).
+    pub(super) fn send(&mut self, now: Timestamp, orders: Vec<Order>) -> Step {
+        self.attempt += 1;
+        let mut step = Step::default();
+        for o in orders {
+            step.events.push(self.event(now, EventKind::OrderSent, "dispatcher").payload(&o));
+            self.allocated_kw += o.power_kw;
+            self.index.insert(o.order_id.clone(), self.orders.len());
+            self.orders.push((o.clone(), Answer::Pending));
+            step.orders.push(o);
+        }
+        if step.orders.is_empty() {
+            step.merge(self.settle(now));
+        } else {
+            let deadline = now.plus_millis(self.ack_timeout_ms);
+            self.state = State::Waiting { deadline };
+            step.deadline = Some(deadline);
+        }
+        step
+    }
+
+    /// Takes an ACK from `from` (the vehicle whose topic it came on).
+    pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
+        let i = *self.index.get(&ack.order_id).ok_or_else(|| AckIgnored::UnknownOrder(ack.order_id.clone()))?;
+        let (order, answer) = &self.orders[i];
+        if order.vehicle_id != *from {
+            return Err(AckIgnored::WrongVehicle { order_id: ack.order_id.clone(), owner: order.vehicle_id.clone() });
+        }
+        let in_time =
+            matches!(self.state, State::Waiting { deadline } if now <= deadline) && order.attempt == self.attempt;
+        match answer {
+            Answer::Pending if in_time => {}
+            Answer::Pending | Answer::TimedOut => return Err(AckIgnored::Late(ack.order_id.clone())),
+            Answer::Accepted | Answer::Rejected => return Err(AckIgnored::AlreadyAnswered(ack.order_id.clone())),
+        }
+        let power = order.power_kw;
+        let answer = match ack.status {
+            AckStatus::Accepted => {
+                self.acknowledged_kw += power;
+                self.counts.accepted += 1;
+                if let Some(slot) = self.slots.get_mut(from) {
+                    slot.accepted_kw += power;
+                }
+                Answer::Accepted
+            }
+            AckStatus::Rejected => {
+                self.counts.rejected += 1;
+                Answer::Rejected
+            }
+        };
+        self.orders[i].1 = answer;
+        let mut step = Step::default();
+        step.events.push(self.event(now, EventKind::AckReceived, &format!("vehicle/{from}")).payload(json!({
+            "order_id": ack.order_id,
+            "vehicle_id": from,
+            "status": ack.status,
+            "reason": ack.reason,
+            "power_kw": power,
+            "attempt": self.attempt,
+        })));
+        if !self.orders.iter().any(|(o, a)| *a == Answer::Pending && o.attempt == self.attempt) {
+            step.merge(self.settle(now));
+        }
+        Ok(step)
+    }
+
+    /// The deadline passed: pending orders time out, are cancelled, and the attempt settles.
+    pub fn on_deadline(&mut self, now: Timestamp) -> Step {
+        if !matches!(self.state, State::Waiting { .. }) {
+            return Step::default();
+        }
+        let mut step = self.cancel_pending(now, "no answer by the ACK deadline");
+        step.merge(self.settle(now));
+        step
+    }
+
+    /// Every pending order times out and is withdrawn (`OrderCancelled`, with `reason`).
+    fn cancel_pending(&mut self, now: Timestamp, reason: &str) -> Step {
+        let mut step = Step::default();
+        for i in 0..self.orders.len() {
+            if self.orders[i].1 != Answer::Pending {
+                continue;
+            }
+            self.orders[i].1 = Answer::TimedOut;
+            self.counts.timed_out += 1;
+            let o = &self.orders[i].0;
+            step.events.push(self.event(now, EventKind::AckTimedOut, "supervisor").payload(json!({
+                "order_id": o.order_id, "vehicle_id": o.vehicle_id, "power_kw": o.power_kw, "attempt": o.attempt,
+            })));
+            let cancel = OrderCancel::of(&o.order_id, &self.id, &o.vehicle_id, reason, now);
+            step.events.push(self.event(now, EventKind::OrderCancelled, "supervisor").payload(&cancel));
+            step.cancels.push(cancel);
+        }
+        step
+    }
+
+    /// The orders of the current attempt were published at `now`: their ACK window starts.
+    pub fn published(&mut self, now: Timestamp) {
+        if let State::Waiting { deadline } = &mut self.state {
+            *deadline = (*deadline).max(now.plus_millis(self.ack_timeout_ms));
+        }
+    }
+
+    fn residual_kw(&self) -> f64 {
+        (self.signal.power_kw - self.acknowledged_kw).max(0.0)
+    }
+
+    /// The current attempt is over: ask for a fallback or complete. The request names the
+    /// vehicles that accepted (outside `fallback: false` segments); the [`Engine`] fills in
+    /// what each still has free and the room of the shared limits.
+    fn settle(&mut self, now: Timestamp) -> Step {
+        let residual_kw = self.residual_kw();
+        let wants_fallback =
+            residual_kw >= MIN_ORDER_KW && self.attempt < self.max_attempts && self.fallback != FallbackKind::Noop;
+        if wants_fallback {
+            let mut candidates: Vec<(Vehicle, f64)> = self
+                .slots
+                .values()
+                .filter(|s| s.accepted_kw > 0.0)
+                .filter(|s| s.vehicle.segment.as_ref().is_none_or(|seg| !self.no_fallback_segments.contains(seg)))
+                .map(|s| (s.vehicle.clone(), 0.0))
+                .collect();
+            candidates.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+            if !candidates.is_empty() {
+                self.state = State::AwaitingFallback;
+                let request = FallbackRequest {
+                    dispatch_id: self.id.clone(),
+                    residual_kw,
+                    candidates,
+                    limits: LimitSet::default(),
+                };
+                return Step { fallback: Some(request), ..Step::default() };
+            }
+        }
+        self.complete(now)
+    }
+
+    /// The fallback's answer to this dispatch's [`FallbackRequest`].
+    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
+        if self.state != State::AwaitingFallback {
+            return Step::default();
+        }
+        let mut orders = Vec::new();
+        let mut rows = Vec::new();
+        for (i, (v, remaining)) in request.candidates.iter().enumerate() {
+            let power = realloc.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, *remaining);
+            rows.push(json!({"vehicle_id": v.id, "soc": v.soc, "remaining_kw": remaining, "power_kw": power,
+                             "skipped": realloc.skipped.contains(&i)}));
+            if power >= MIN_ORDER_KW {
+                orders.push(Order {
+                    order_id: format!("{}-{}-{}", self.id, self.attempt + 1, orders.len() + 1),
+                    dispatch_id: self.id.clone(),
+                    vehicle_id: v.id.clone(),
+                    direction: self.signal.direction.order_direction(),
+                    power_kw: power,
+                    start: self.signal.start,
+                    until: self.signal.end(),
+                    attempt: self.attempt + 1,
+                });
+            }
+        }
+        let placed: f64 = orders.iter().map(|o| o.power_kw).sum();
+        let mut step = Step::default();
+        step.events.push(self.event(now, EventKind::FallbackApplied, "fallback").payload(json!({
+            "fallback": self.fallback,
+            "attempt": self.attempt + 1,
+            "residual_kw": request.residual_kw,
+            "reallocated_kw": placed,
+            "candidates": rows,
+        })));
+        if orders.is_empty() {
+            step.merge(self.complete(now));
+        } else {
+            step.merge(self.send(now, orders));
+        }
+        step
+    }
+
+    /// Settles at once, without fallback (shutdown, replacement): pending orders time out
+    /// and are cancelled with `why` as the reason.
+    pub fn interrupt(&mut self, now: Timestamp, why: &str) -> Step {
+        if self.state == State::Done {
+            return Step::default();
+        }
+        self.max_attempts = self.attempt;
+        self.interrupted = Some(why.to_owned());
+        let mut step = self.cancel_pending(now, why);
+        step.merge(self.complete(now));
+        step
+    }
+
+    fn complete(&mut self, now: Timestamp) -> Step {
+        self.state = State::Done;
+        let outcome = DispatchOutcome {
+            dispatch_id: self.id.clone(),
+            signal_id: self.signal.id.clone(),
+            kind: self.signal.kind,
+            direction: self.signal.direction,
+            requested_kw: self.signal.power_kw,
+            allocated_kw: self.allocated_kw,
+            acknowledged_kw: self.acknowledged_kw,
+            shortfall_kw: self.residual_kw(),
+            strategy: self.strategy,
+            fallback: self.fallback,
+            vehicles: self.counts,
+            completed_at: now,
+        };
+        let event = self.event(now, EventKind::DispatchCompleted, "supervisor").payload(CompletedPayload {
+            outcome: &outcome,
+            attempts: self.attempt,
+            interrupted: self.interrupted.as_deref(),
+        });
+        // An interrupted dispatch says nothing about the vehicles that had no time to answer.
+        let answers = match self.interrupted {
+            Some(_) => Vec::new(),
+            None => self.orders.iter().map(|(o, a)| (o.vehicle_id.clone(), now, *a == Answer::Accepted)).collect(),
+        };
+        Step { events: vec![event], outcomes: vec![outcome], answers, ..Step::default() }
+    }
+}

@@ -1,0 +1,420 @@
+//! The dispatch state machine.
+//!
+//! [`Planner`] owns the fleet view and turns a signal into a [`Dispatch`] plus the first
+//! [`Step`]: the events to record, the orders to send (after those events are durable) and
+//! the ACK deadline. [`DispatchBook`] holds the dispatches in flight: it takes ACKs and
+//! timeouts, asks for a fallback when the first attempt leaves a residual
+//! ([`Step::fallback`]), takes the fallback's answer, and finally emits the
+//! `DispatchCompleted` event and the [`DispatchOutcome`].
+//!
+//! Nothing here reads a clock or does I/O: `now` comes in, steps go out. One dispatch:
+//!
+//! ```text
+//! Planner::plan ──► Waiting(attempt 1, deadline) ──(all answered | deadline)──► settle
+//!     settle: residual > 0 and a fallback and vehicles that accepted ──► AwaitingFallback
+//!             otherwise ──► Done (DispatchCompleted, outcome)
+//!     AwaitingFallback ──apply_fallback──► Waiting(attempt 2, deadline) ──► settle ──► Done
+//! ```
+
+mod book;
+pub mod fallback;
+pub mod ledger;
+mod machine;
+mod planner;
+
+pub use book::DispatchBook;
+pub use machine::{AckIgnored, Dispatch, FallbackRequest};
+pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S};
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::json;
+
+use crate::allocation::limits::LimitSet;
+use crate::allocation::{Candidate, MIN_ORDER_KW};
+use crate::config::Limits;
+use crate::dispatch::fallback::Reallocation;
+use crate::events::{Event, EventKind};
+use crate::model::{Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, Vehicle, VehicleId};
+use crate::time::Timestamp;
+use ledger::{Commitment, Ledger};
+
+/// Settings of the planner and its dispatches.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The region of this site (events' `region`; signals for another region are refused).
+    pub region: String,
+    /// How long vehicles have to answer an order, ms.
+    pub ack_timeout_ms: i64,
+    /// The fallback used for residuals.
+    pub fallback: FallbackKind,
+    /// Attempts per dispatch (1 = no fallback round).
+    pub max_attempts: u32,
+    /// Per-dispatch decay of participation scores (0..1; 0.9 keeps 90 %).
+    pub participation_decay: f64,
+    /// Signal ids remembered for duplicate detection.
+    pub remembered_signals: usize,
+    /// Site, group and phase limits every allocation respects.
+    pub limits: Limits,
+    /// Segments whose vehicles are never asked twice (`dispatch.segments.<name>.fallback:
+    /// false`); vehicles of other segments, or of none, may be asked in the fallback round.
+    pub no_fallback_segments: BTreeSet<String>,
+    /// Dispatches waiting for ACKs or a fallback at once; beyond it new signals are refused.
+    pub max_in_flight: usize,
+    /// How far ahead a signal may start, ms.
+    pub max_start_ahead_ms: i64,
+    /// Longest signal window, seconds.
+    pub max_duration_s: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            region: "default".into(),
+            ack_timeout_ms: 5_000,
+            fallback: FallbackKind::Balanced,
+            max_attempts: 2,
+            participation_decay: 0.9,
+            remembered_signals: 100_000,
+            limits: Limits::default(),
+            no_fallback_segments: BTreeSet::new(),
+            max_in_flight: 32,
+            max_start_ahead_ms: 86_400_000,
+            max_duration_s: 86_400,
+        }
+    }
+}
+
+/// What the runtime must do next for a dispatch, in this order: record `events` (durably),
+/// then publish `orders`, arm `deadline`, run `fallback` and publish `outcome`.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Events to append, in order.
+    pub events: Vec<Event>,
+    /// Orders to withdraw once the events are durable, published before `orders`.
+    pub cancels: Vec<OrderCancel>,
+    /// Orders to publish once the events are durable.
+    pub orders: Vec<Order>,
+    /// When the dispatch next needs [`DispatchBook::on_timeout`], if it waits for ACKs.
+    pub deadline: Option<Timestamp>,
+    /// A residual to hand to the fallback; answer with [`DispatchBook::apply_fallback`].
+    pub fallback: Option<FallbackRequest>,
+    /// Once settled: each order's vehicle, when, and whether it accepted (for the
+    /// availability prediction).
+    pub answers: Vec<(VehicleId, Timestamp, bool)>,
+    /// The results of the dispatches this step settled (a replacement settles the
+    /// dispatch it replaces in the same step as it plans its own).
+    pub outcomes: Vec<DispatchOutcome>,
+}
+
+impl Step {
+    pub(crate) fn merge(&mut self, other: Step) {
+        self.events.extend(other.events);
+        self.cancels.extend(other.cancels);
+        self.orders.extend(other.orders);
+        self.deadline = other.deadline.or(self.deadline);
+        self.fallback = other.fallback.or(self.fallback.take());
+        self.outcomes.extend(other.outcomes);
+        self.answers.extend(other.answers);
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.cancels.is_empty()
+            && self.orders.is_empty()
+            && self.fallback.is_none()
+            && self.outcomes.is_empty()
+            && self.answers.is_empty()
+    }
+}
+
+/// Why a signal was not dispatched.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SignalRefused {
+    /// Its id was seen before.
+    #[error("signal `{0}` was already received; it is not dispatched again")]
+    Duplicate(String),
+    /// Addressed to another region.
+    #[error("field `region` names `{got}`, but this gateway serves `{ours}`")]
+    OtherRegion {
+        /// The signal's region.
+        got: String,
+        /// This site's.
+        ours: String,
+    },
+    /// A transfer with a leader term below the highest seen.
+    #[error("field `leader_term` is {got}, lower than the highest term seen ({highest}): stale leader")]
+    StaleTerm {
+        /// The signal's term.
+        got: u64,
+        /// The highest seen.
+        highest: u64,
+    },
+    /// Its window `[start, start + duration_s)` ended before it arrived.
+    #[error("fields `start` and `duration_s` give a window that ended at {end}, before the signal arrived ({now})")]
+    WindowOver {
+        /// The window's end.
+        end: Timestamp,
+        /// When it arrived.
+        now: Timestamp,
+    },
+    /// It starts further ahead than `dispatch.max_start_ahead_s`.
+    #[error("field `start` is {start}, more than {max_s} s ahead (dispatch.max_start_ahead_s)")]
+    TooFarAhead {
+        /// The signal's start.
+        start: Timestamp,
+        /// The limit, seconds.
+        max_s: i64,
+    },
+    /// Its window is longer than `dispatch.max_duration_s`.
+    #[error("field `duration_s` is {got}, more than the {max} allowed (dispatch.max_duration_s)")]
+    TooLong {
+        /// The signal's duration.
+        got: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// `dispatch.max_in_flight` dispatches are already waiting for their vehicles.
+    #[error("{0} dispatches are already in flight (dispatch.max_in_flight); signal refused, send it again later")]
+    Busy(usize),
+    /// `replaces` names no dispatch in force.
+    #[error("field `replaces` names `{0}`, which is no signal with a dispatch in force (unknown, already replaced, or its window is over)")]
+    UnknownReplacement(String),
+}
+
+/// The dispatch core: the one owner of the fleet view, the dispatches in flight and the
+/// commitment ledger. Every input (a signal, a vehicle state, an ACK, a deadline, a
+/// fallback's answer, shutdown) goes through it, so that what is committed is always what
+/// was ordered and not yet released, and every plan sees it.
+pub struct Engine {
+    planner: Planner,
+    book: DispatchBook,
+    ledger: Ledger,
+    /// Signal id -> dispatch id, for signals that may still be replaced (in flight or with
+    /// commitments in force).
+    streams: BTreeMap<String, String>,
+}
+
+impl Engine {
+    /// An engine around `planner`, with nothing in flight or committed.
+    pub fn new(planner: Planner) -> Self {
+        Self { planner, book: DispatchBook::new(), ledger: Ledger::new(), streams: BTreeMap::new() }
+    }
+
+    /// The planner (fleet view, strategy, memory of signals).
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// The planner, to restore what the log remembers or to set weights.
+    pub fn planner_mut(&mut self) -> &mut Planner {
+        &mut self.planner
+    }
+
+    /// The commitments in force.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The dispatches in flight.
+    pub fn book(&self) -> &DispatchBook {
+        &self.book
+    }
+
+    /// The earliest ACK deadline in flight.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.book.next_deadline()
+    }
+
+    /// The flexibility still free now.
+    pub fn capacity(&mut self, now: Timestamp) -> Capacity {
+        self.ledger.expire(now);
+        self.planner.capacity(now, &self.ledger)
+    }
+
+    /// Restores a commitment the log says is in force (an accepted order whose window has
+    /// not ended), so that new plans respect it after a restart.
+    pub fn restore(&mut self, signal_id: &str, order: &Order, accepted: bool) {
+        let mut c = Commitment::of(order);
+        c.accepted = accepted;
+        self.streams.insert(signal_id.to_owned(), order.dispatch_id.clone());
+        self.ledger.commit(c);
+    }
+
+    /// Plans `signal` against what is free. A replacement (`replaces`) first settles the
+    /// dispatch it replaces and withdraws that dispatch's orders, in the same step. A
+    /// refused signal changes nothing.
+    pub fn on_signal(&mut self, now: Timestamp, signal: Signal) -> Result<Step, SignalRefused> {
+        self.ledger.expire(now);
+        let (book, ledger) = (&self.book, &self.ledger);
+        self.streams.retain(|_, d| book.contains(d) || ledger.has_dispatch(d));
+        self.planner.admit(now, &signal)?;
+        let replaced = match &signal.replaces {
+            None => None,
+            Some(old) => Some(self.replaceable(old).ok_or_else(|| SignalRefused::UnknownReplacement(old.clone()))?),
+        };
+        if self.book.len() >= self.planner.cfg.max_in_flight {
+            return Err(SignalRefused::Busy(self.book.len()));
+        }
+        let mut step = Step::default();
+        if let (Some(dispatch_id), Some(old)) = (replaced, signal.replaces.as_ref()) {
+            step.merge(self.withdraw(now, &dispatch_id, &format!("replaced by signal {}", signal.id)));
+            self.streams.remove(old);
+        }
+        let signal_id = signal.id.clone();
+        let (dispatch, first) = self.planner.plan(now, signal, &self.ledger);
+        self.streams.insert(signal_id, dispatch.id().to_owned());
+        self.book.insert(dispatch);
+        step.merge(first);
+        self.commit(&step.orders);
+        Ok(step)
+    }
+
+    /// The dispatch of signal `signal_id`, if it can still be replaced.
+    fn replaceable(&self, signal_id: &str) -> Option<String> {
+        let d = self.streams.get(signal_id)?;
+        (self.book.contains(d) || self.ledger.has_dispatch(d)).then(|| d.clone())
+    }
+
+    /// Settles `dispatch_id` if it is in flight and withdraws every order of it still
+    /// committed: pending ones through the dispatch (they count as not answered), accepted
+    /// ones here.
+    fn withdraw(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Step {
+        let mut step = self.book.interrupt(now, dispatch_id, why).unwrap_or_default();
+        self.release(&step.cancels);
+        for order_id in self.ledger.orders_of(dispatch_id) {
+            if let Some(c) = self.ledger.release(&order_id) {
+                let cancel = OrderCancel::of(&c.order_id, &c.dispatch_id, &c.vehicle_id, why, now);
+                step.events.push(self.cancel_event(now, &cancel));
+                step.cancels.push(cancel);
+            }
+        }
+        step
+    }
+
+    /// Closes `dispatch_id` as failed (its step could not be recorded): it settles now and
+    /// everything it committed is released. `None` when nothing of it is left.
+    pub fn abort(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Option<Step> {
+        if !self.book.contains(dispatch_id) && !self.ledger.has_dispatch(dispatch_id) {
+            return None;
+        }
+        Some(self.withdraw(now, dispatch_id, why))
+    }
+
+    fn cancel_event(&self, now: Timestamp, cancel: &OrderCancel) -> Event {
+        Event::new(now, EventKind::OrderCancelled, "dispatcher")
+            .correlation(&cancel.dispatch_id)
+            .region(Some(&self.planner.cfg.region))
+            .payload(cancel)
+    }
+
+    fn commit(&mut self, orders: &[Order]) {
+        for o in orders {
+            self.ledger.commit(Commitment::of(o));
+        }
+    }
+
+    fn release(&mut self, cancels: &[OrderCancel]) {
+        for c in cancels {
+            self.ledger.release(&c.order_id);
+        }
+    }
+
+    /// Applies a vehicle's state (`None` = it left). A vehicle that leaves releases what it
+    /// had committed (the `VehicleLost` event lists those orders).
+    pub fn on_state(&mut self, now: Timestamp, id: VehicleId, state: Option<Vehicle>) -> (FleetChange, Option<Event>) {
+        let lost = state.is_none();
+        let (change, event) = self.planner.apply_state(now, id.clone(), state);
+        if !lost || change != FleetChange::Lost {
+            return (change, event);
+        }
+        let released: Vec<String> = self.ledger.release_vehicle(&id).into_iter().map(|c| c.order_id).collect();
+        let event = Event::new(now, EventKind::VehicleLost, format!("vehicle/{id}"))
+            .region(Some(&self.planner.cfg.region))
+            .payload(json!({ "vehicle_id": id, "released_orders": released }));
+        (change, Some(event))
+    }
+
+    /// Takes an ACK from `from` (the vehicle whose topic it came on).
+    pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
+        let mut step = self.book.on_ack(now, from, ack)?;
+        match ack.status {
+            AckStatus::Accepted => {
+                self.ledger.accept(&ack.order_id);
+            }
+            AckStatus::Rejected => {
+                self.ledger.release(&ack.order_id);
+            }
+        }
+        self.settled(now, &mut step);
+        Ok(step)
+    }
+
+    /// Settles every attempt whose deadline is at or before `now`: unanswered orders are
+    /// cancelled (and released) before any fallback runs.
+    pub fn on_timeout(&mut self, now: Timestamp) -> Vec<Step> {
+        self.ledger.expire(now);
+        let mut steps = self.book.on_timeout(now);
+        for step in &mut steps {
+            self.release(&step.cancels);
+            self.settled(now, step);
+        }
+        steps
+    }
+
+    /// The orders of `dispatch_id`'s current attempt were published at `now`: its ACK
+    /// window starts now.
+    pub fn published(&mut self, dispatch_id: &str, now: Timestamp) {
+        self.book.published(dispatch_id, now);
+    }
+
+    /// Fills in a fallback request with what each candidate still has free (its current
+    /// state less everything committed on it) and the free room of the shared limits.
+    fn settled(&mut self, now: Timestamp, step: &mut Step) {
+        let Some(req) = step.fallback.as_mut() else { return };
+        let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
+        let signal = d.signal();
+        let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
+        let candidates: Vec<(Vehicle, f64)> = std::mem::take(&mut req.candidates)
+            .into_iter()
+            .filter_map(|(planned, _)| {
+                let v = self.planner.fleet.get(&planned.id)?;
+                let committed = self.ledger.committed_kw(&v.id, direction, from, to);
+                let free = v.effective_capacity(direction, committed, duration);
+                (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
+            })
+            .collect();
+        let cands: Vec<Candidate<'_>> = candidates
+            .iter()
+            .map(|(v, free)| Candidate { vehicle: v, capacity_kw: *free, participation: 0.0 })
+            .collect();
+        let mut limits = LimitSet::new(&self.planner.cfg.limits, direction, &cands);
+        self.ledger.reduce(&mut limits, &self.planner.fleet, direction, from, to);
+        drop(cands);
+        req.candidates = candidates;
+        req.limits = limits;
+        let _ = now;
+    }
+
+    /// The fallback's answer for `request`; its orders are committed.
+    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
+        let step = self.book.apply_fallback(now, request, realloc);
+        self.commit(&step.orders);
+        step
+    }
+
+    /// Graceful shutdown: every dispatch in flight settles now; its unanswered orders are
+    /// cancelled. Accepted orders stay in force until their window ends (the vehicles were
+    /// told to deliver until then); a restart restores them as commitments.
+    pub fn shutdown(&mut self, now: Timestamp, why: &str) -> Vec<Step> {
+        let steps = self.book.shutdown(now, why);
+        for step in &steps {
+            self.release(&step.cancels);
+        }
+        steps
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,492 @@
+//! The planner: the fleet view, the filter, the strategy, the fairness scores and the
+//! memory of signals; it turns an admitted signal into a dispatch planned against the
+//! commitment ledger.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::allocation::filter::{Exclusion, VehicleFilter};
+use crate::allocation::limits::LimitSet;
+use crate::allocation::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
+use crate::events::{Event, EventKind};
+use crate::learning::prediction::PredictionEngine;
+use crate::model::{Direction, FallbackKind, Order, Signal, StrategyKind, Vehicle, VehicleCounts, VehicleId};
+use crate::time::Timestamp;
+
+use super::ledger::Ledger;
+use super::machine::{Dispatch, Slot, State};
+use super::{EngineConfig, SignalRefused, Step};
+
+/// What happened to a vehicle's state update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetChange {
+    /// First state of a vehicle.
+    Discovered,
+    /// A known vehicle's new state.
+    Updated,
+    /// A known vehicle left.
+    Lost,
+    /// An unknown vehicle "left": nothing changed.
+    Unchanged,
+}
+
+/// The site's flexibility now, published retained on `<p>/capacity`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Capacity {
+    /// Power the eligible fleet can deliver (discharge), kW, for a default-length signal.
+    pub up_kw: f64,
+    /// Power it can absorb (charge), kW.
+    pub down_kw: f64,
+    /// Vehicles plugged in and eligible in at least one direction.
+    pub vehicles: usize,
+    /// When computed.
+    pub at: Timestamp,
+}
+
+/// Signal ids seen, bounded: the oldest are forgotten first.
+#[derive(Debug, Default)]
+struct SeenIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl SeenIds {
+    /// Remembers `id`; false if it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        self.set.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        while self.order.len() > self.cap.max(1) {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Owns the fleet view, the filter, the strategy and the fairness scores; plans dispatches.
+pub struct Planner {
+    pub(super) cfg: EngineConfig,
+    pub(super) fleet: BTreeMap<VehicleId, Vehicle>,
+    filter: Box<dyn VehicleFilter>,
+    strategy: Box<dyn Dispatcher>,
+    participation: HashMap<VehicleId, f64>,
+    prediction: Option<PredictionEngine>,
+    seen: SeenIds,
+    highest_term: Option<u64>,
+    dispatches: u64,
+}
+
+/// A default signal length for [`Planner::capacity`], seconds.
+pub const CAPACITY_HORIZON_S: u64 = 900;
+
+impl Planner {
+    /// A planner with no vehicles.
+    pub fn new(cfg: EngineConfig, filter: Box<dyn VehicleFilter>, strategy: Box<dyn Dispatcher>) -> Self {
+        let seen = SeenIds { cap: cfg.remembered_signals, ..SeenIds::default() };
+        Self {
+            cfg,
+            fleet: BTreeMap::new(),
+            filter,
+            strategy,
+            participation: HashMap::new(),
+            prediction: None,
+            seen,
+            highest_term: None,
+            dispatches: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Remembers a signal id received before a restart (from the event log), so that a
+    /// redelivery is still a duplicate.
+    pub fn remember_signal(&mut self, id: &str) {
+        self.seen.insert(id);
+    }
+
+    /// Uses `engine` to predict the availability of vehicles that do not state theirs.
+    pub fn set_prediction(&mut self, engine: PredictionEngine) {
+        self.prediction = Some(engine);
+    }
+
+    /// Records what vehicles answered (a settled dispatch's [`Step::answers`]); the
+    /// histories of vehicles not heard of for 30 days are dropped.
+    pub fn observe_answers(&mut self, answers: &[(VehicleId, Timestamp, bool)]) {
+        if let Some(p) = self.prediction.as_mut() {
+            for (v, at, delivered) in answers {
+                p.observe(v, *at, *delivered);
+            }
+            if let Some(latest) = answers.iter().map(|(_, at, _)| *at).max() {
+                p.prune(latest.plus_millis(-30 * 86_400_000));
+            }
+        }
+    }
+
+    /// Replaces the score weights of one signal type (the tuner's output).
+    pub fn set_weights(&mut self, kind: crate::model::SignalType, weights: crate::allocation::Weights) {
+        self.strategy.set_weights(kind, weights);
+    }
+
+    /// Vehicles whose availability is predicted now, with the prediction applied.
+    fn predicted(&self, now: Timestamp) -> HashMap<VehicleId, Vehicle> {
+        let Some(p) = &self.prediction else { return HashMap::new() };
+        self.fleet
+            .values()
+            .filter(|v| !v.availability_stated)
+            .filter_map(|v| p.predict(&v.id, now).map(|a| (v.id.clone(), Vehicle { availability: a, ..v.clone() })))
+            .collect()
+    }
+
+    /// One dispatch's effect on the fairness scores: every score decays, and each vehicle
+    /// ordered in its first attempt gains 1.
+    fn note_participation<'v>(&mut self, ordered: impl Iterator<Item = &'v VehicleId>) {
+        for p in self.participation.values_mut() {
+            *p *= self.cfg.participation_decay;
+        }
+        for v in ordered {
+            *self.participation.entry(v.clone()).or_insert(0.0) += 1.0;
+        }
+        self.participation.retain(|_, p| *p > 1e-3);
+    }
+
+    /// Replays the fairness scores from the vehicles each past dispatch ordered in its
+    /// first attempt (oldest first), as the live planner built them.
+    pub fn remember_participation(&mut self, dispatches: &[Vec<VehicleId>]) {
+        for ordered in dispatches {
+            self.note_participation(ordered.iter());
+        }
+    }
+
+    /// The fairness score of each vehicle used lately.
+    pub fn participation(&self) -> &HashMap<VehicleId, f64> {
+        &self.participation
+    }
+
+    /// Continues dispatch numbering after `n` (the last dispatch before a restart), so that
+    /// dispatch ids stay unique across restarts.
+    pub fn remember_dispatches(&mut self, n: u64) {
+        self.dispatches = self.dispatches.max(n);
+    }
+
+    /// Remembers the highest leader term seen before a restart.
+    pub fn remember_term(&mut self, term: u64) {
+        self.highest_term = self.highest_term.max(Some(term));
+    }
+
+    /// The known vehicles.
+    pub fn fleet(&self) -> impl Iterator<Item = &Vehicle> {
+        self.fleet.values()
+    }
+
+    /// One vehicle's latest state.
+    pub fn vehicle(&self, id: &VehicleId) -> Option<&Vehicle> {
+        self.fleet.get(id)
+    }
+
+    /// Applies a vehicle's state (`None` = it left); returns the change and, for a
+    /// discovery or a loss, the event to record.
+    pub fn apply_state(
+        &mut self,
+        now: Timestamp,
+        id: VehicleId,
+        state: Option<Vehicle>,
+    ) -> (FleetChange, Option<Event>) {
+        let actor = format!("vehicle/{id}");
+        match state {
+            Some(v) => {
+                let event =
+                    Event::new(now, EventKind::VehicleDiscovered, actor).region(Some(&self.cfg.region)).payload(&v);
+                match self.fleet.insert(id, v) {
+                    None => (FleetChange::Discovered, Some(event)),
+                    Some(_) => (FleetChange::Updated, None),
+                }
+            }
+            None => match self.fleet.remove(&id) {
+                Some(_) => {
+                    self.participation.remove(&id);
+                    let event = Event::new(now, EventKind::VehicleLost, actor)
+                        .region(Some(&self.cfg.region))
+                        .payload(json!({ "vehicle_id": id }));
+                    (FleetChange::Lost, Some(event))
+                }
+                None => (FleetChange::Unchanged, None),
+            },
+        }
+    }
+
+    /// The flexibility the fleet still offers now, after `ledger`'s commitments, for a
+    /// signal of [`CAPACITY_HORIZON_S`] seconds: per direction, what an allocation of
+    /// everything that is free would place within the free room of the shared limits.
+    pub fn capacity(&self, now: Timestamp, ledger: &Ledger) -> Capacity {
+        let probe = |direction| Signal {
+            id: String::new(),
+            kind: crate::model::SignalType::Afrr,
+            direction,
+            power_kw: 1.0,
+            start: now,
+            duration_s: CAPACITY_HORIZON_S,
+            region: None,
+            leader_term: None,
+            replaces: None,
+            program: None,
+        };
+        let mut cap = Capacity { up_kw: 0.0, down_kw: 0.0, vehicles: 0, at: now };
+        let predicted = self.predicted(now);
+        let mut eligible: BTreeSet<&VehicleId> = BTreeSet::new();
+        for direction in [Direction::Up, Direction::Down] {
+            let sig = probe(direction);
+            let (candidates, _) = self.candidates(&sig, ledger, &predicted);
+            let caps: Vec<f64> = candidates.iter().map(|c| c.capacity_kw).collect();
+            let limits = self.limits(&sig, &candidates, ledger);
+            let total: f64 = caps.iter().sum();
+            let free: f64 = crate::allocation::greedy_fill(&vec![1.0; caps.len()], &caps, total, &limits).iter().sum();
+            match direction {
+                Direction::Up => cap.up_kw = free,
+                Direction::Down => cap.down_kw = free,
+            }
+            eligible.extend(candidates.iter().map(|c| &c.vehicle.id));
+        }
+        cap.vehicles = eligible.len();
+        cap
+    }
+
+    /// The candidates for `signal` (each with the capacity `ledger` leaves it) and the
+    /// vehicles excluded, with why.
+    fn candidates<'a>(
+        &'a self,
+        signal: &Signal,
+        ledger: &Ledger,
+        predicted: &'a HashMap<VehicleId, Vehicle>,
+    ) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
+        candidates(&self.fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
+    }
+
+    /// The shared limits over `candidates` for `signal`, less what `ledger` has committed.
+    fn limits(&self, signal: &Signal, candidates: &[Candidate<'_>], ledger: &Ledger) -> LimitSet {
+        let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, candidates);
+        ledger.reduce(&mut limits, &self.fleet, signal.direction, signal.start, signal.end());
+        limits
+    }
+
+    /// Checks a signal without changing anything: region, duplicate, leader term, window.
+    pub fn admit(&self, now: Timestamp, signal: &Signal) -> Result<(), SignalRefused> {
+        if let Some(region) = signal.region.as_ref().filter(|r| **r != self.cfg.region) {
+            return Err(SignalRefused::OtherRegion { got: region.clone(), ours: self.cfg.region.clone() });
+        }
+        if self.seen.set.contains(&signal.id) {
+            return Err(SignalRefused::Duplicate(signal.id.clone()));
+        }
+        if let (Some(got), Some(highest)) = (signal.leader_term, self.highest_term) {
+            if got < highest {
+                return Err(SignalRefused::StaleTerm { got, highest });
+            }
+        }
+        if signal.duration_s > self.cfg.max_duration_s {
+            return Err(SignalRefused::TooLong { got: signal.duration_s, max: self.cfg.max_duration_s });
+        }
+        if signal.start > now.plus_millis(self.cfg.max_start_ahead_ms) {
+            return Err(SignalRefused::TooFarAhead { start: signal.start, max_s: self.cfg.max_start_ahead_ms / 1000 });
+        }
+        if signal.end() <= now {
+            return Err(SignalRefused::WindowOver { end: signal.end(), now });
+        }
+        Ok(())
+    }
+
+    /// Plans a dispatch for an admitted `signal` against what `ledger` leaves free. Returns
+    /// the dispatch (to hand to the [`DispatchBook`]) and its first step.
+    pub(super) fn plan(&mut self, now: Timestamp, signal: Signal, ledger: &Ledger) -> (Dispatch, Step) {
+        self.seen.insert(&signal.id);
+        if let Some(term) = signal.leader_term {
+            self.remember_term(term);
+        }
+        self.dispatches += 1;
+        let dispatch_id = format!("d{}-{}", now.as_millis(), self.dispatches);
+        let region = Some(self.cfg.region.as_str());
+        let ev = |kind| Event::new(now, kind, "dispatcher").correlation(&dispatch_id).region(region);
+
+        let predicted = self.predicted(now);
+        let (candidates, excluded) =
+            candidates(&self.fleet, self.filter.as_ref(), &self.participation, &signal, ledger, &predicted);
+        let capacity_kw: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
+        let target_kw = signal.power_kw;
+        let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
+        ledger.reduce(&mut limits, &self.fleet, signal.direction, signal.start, signal.end());
+        let req = AllocationRequest { signal: &signal, now, target_kw, candidates: &candidates, limits: &limits };
+        let allocation = self.strategy.allocate(&req);
+
+        let mut events = vec![
+            ev(EventKind::SignalReceived).payload(&signal),
+            ev(EventKind::ConstraintApplied).payload(json!({
+                "eligible": candidates.len(),
+                "excluded": excluded.iter().map(|(id, why)| json!({"vehicle_id": id, "reason": why})).collect::<Vec<_>>(),
+                "capacity_kw": capacity_kw,
+                "target_kw": target_kw,
+                "target_capped_to_capacity": capacity_kw < target_kw,
+                "limits": limits.rows,
+            })),
+        ];
+        let until = signal.end();
+        let mut orders = Vec::new();
+        let mut slots = HashMap::new();
+        let mut plan_rows = Vec::with_capacity(candidates.len());
+        for (i, c) in candidates.iter().enumerate() {
+            let power = allocation.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, c.capacity_kw);
+            plan_rows.push(PlanRow {
+                vehicle: c.vehicle,
+                capacity_kw: c.capacity_kw,
+                participation: c.participation,
+                score: allocation.scores.get(i).copied(),
+                power_kw: power,
+            });
+            if power < MIN_ORDER_KW {
+                continue;
+            }
+            orders.push(Order {
+                order_id: format!("{dispatch_id}-1-{}", orders.len() + 1),
+                dispatch_id: dispatch_id.clone(),
+                vehicle_id: c.vehicle.id.clone(),
+                direction: signal.direction.order_direction(),
+                power_kw: power,
+                start: signal.start,
+                until,
+                attempt: 1,
+            });
+            slots.insert(c.vehicle.id.clone(), Slot { vehicle: c.vehicle.clone(), accepted_kw: 0.0 });
+        }
+        let allocated_kw: f64 = orders.iter().map(|o| o.power_kw).sum();
+        let powers: Vec<f64> = candidates
+            .iter()
+            .zip(allocation.power_kw.iter().chain(std::iter::repeat(&0.0)))
+            .map(|(c, p)| if *p >= MIN_ORDER_KW { p.clamp(0.0, c.capacity_kw) } else { 0.0 })
+            .collect();
+        let limit_loads: Vec<LoadRow<'_>> = limits
+            .loads(&powers)
+            .into_iter()
+            .zip(&limits.rows)
+            .map(|(load_kw, row)| LoadRow { name: &row.name, load_kw, cap_kw: row.cap_kw })
+            .collect();
+        let mut predicted_ids: Vec<&VehicleId> = predicted.keys().collect();
+        predicted_ids.sort();
+        events.push(ev(EventKind::DispatchPlanCreated).payload(PlanPayload {
+            dispatch_id: &dispatch_id,
+            signal_id: &signal.id,
+            strategy: allocation.strategy,
+            note: allocation.note.as_deref(),
+            solver: allocation.solver.as_ref(),
+            weights: allocation.weights.as_ref(),
+            predicted_availability: predicted_ids,
+            fallback: self.cfg.fallback,
+            target_kw,
+            allocated_kw,
+            rounds: allocation.rounds,
+            limit_loads,
+            candidates: plan_rows,
+        }));
+
+        self.note_participation(orders.iter().map(|o| &o.vehicle_id));
+
+        let mut dispatch = Dispatch {
+            id: dispatch_id,
+            signal,
+            strategy: allocation.strategy,
+            fallback: self.cfg.fallback,
+            no_fallback_segments: self.cfg.no_fallback_segments.clone(),
+            region: self.cfg.region.clone(),
+            ack_timeout_ms: self.cfg.ack_timeout_ms,
+            max_attempts: self.cfg.max_attempts,
+            attempt: 0,
+            state: State::Waiting { deadline: now },
+            orders: Vec::new(),
+            index: HashMap::new(),
+            slots,
+            allocated_kw: 0.0,
+            acknowledged_kw: 0.0,
+            counts: VehicleCounts::default(),
+            interrupted: None,
+        };
+        let mut step = Step { events, ..Step::default() };
+        step.merge(dispatch.send(now, orders));
+        (dispatch, step)
+    }
+}
+
+/// The candidates for `signal` among `fleet` (predicted availability applied), each with
+/// the capacity `ledger` leaves it, and the vehicles excluded, with why.
+fn candidates<'a>(
+    fleet: &'a BTreeMap<VehicleId, Vehicle>,
+    filter: &dyn VehicleFilter,
+    participation: &HashMap<VehicleId, f64>,
+    signal: &Signal,
+    ledger: &Ledger,
+    predicted: &'a HashMap<VehicleId, Vehicle>,
+) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
+    let (from, to) = (signal.start, signal.end());
+    let mut excluded = Vec::new();
+    let mut out = Vec::with_capacity(fleet.len());
+    for v in fleet.values().map(|v| predicted.get(&v.id).unwrap_or(v)) {
+        if let Err(why) = filter.check(v, signal) {
+            excluded.push((&v.id, why));
+            continue;
+        }
+        if ledger.committed_other_way(&v.id, signal.direction, from, to) {
+            excluded.push((&v.id, Exclusion::CommittedOtherWay));
+            continue;
+        }
+        let committed = ledger.committed_kw(&v.id, signal.direction, from, to);
+        let capacity_kw = v.effective_capacity(signal.direction, committed, signal.duration_s as f64);
+        if capacity_kw <= 0.0 {
+            excluded.push((&v.id, Exclusion::NoCapacity));
+            continue;
+        }
+        let participation = participation.get(&v.id).copied().unwrap_or(0.0);
+        out.push(Candidate { vehicle: v, capacity_kw, participation });
+    }
+    (out, excluded)
+}
+
+/// One candidate in `DispatchPlanCreated`.
+#[derive(Serialize)]
+struct PlanRow<'a> {
+    vehicle: &'a Vehicle,
+    capacity_kw: f64,
+    participation: f64,
+    score: Option<f64>,
+    power_kw: f64,
+}
+
+/// A shared row's load in `DispatchPlanCreated`.
+#[derive(Serialize)]
+struct LoadRow<'a> {
+    name: &'a str,
+    load_kw: f64,
+    cap_kw: f64,
+}
+
+/// The `DispatchPlanCreated` payload: the inputs, the strategy's report and the result.
+#[derive(Serialize)]
+struct PlanPayload<'a> {
+    dispatch_id: &'a str,
+    signal_id: &'a str,
+    strategy: StrategyKind,
+    note: Option<&'a str>,
+    solver: Option<&'a crate::allocation::lp::SolverReport>,
+    weights: Option<&'a crate::allocation::Weights>,
+    predicted_availability: Vec<&'a VehicleId>,
+    fallback: FallbackKind,
+    target_kw: f64,
+    allocated_kw: f64,
+    rounds: u32,
+    limit_loads: Vec<LoadRow<'a>>,
+    candidates: Vec<PlanRow<'a>>,
+}
