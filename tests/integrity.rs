@@ -286,3 +286,114 @@ fn smart_delivers_what_overlapping_phase_limits_allow() {
     assert!(g.terminate().success());
     sim.stop();
 }
+
+#[test]
+fn a_store_that_fails_mid_run_publishes_nothing_unrecorded_refuses_signals_and_recovers() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "diskfull", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let sim = fleet_of(
+        &broker,
+        &g.prefix,
+        (0..2).map(|i| vehicle(&format!("ev{i}"), 0.9, 50.0, Behaviour::Prompt)).collect(),
+    );
+    await_fleet(&mut op, 2);
+    let topic = format!("{}/signals", g.prefix);
+    op.publish(&topic, signal("before", "afrr", 10.0, 2));
+    op.wait_json(WAIT, "", "signal_id", "before").expect("a dispatch while the store works");
+
+    // Every write now fails, as on a full disk (a trigger: no mount needed in a test).
+    let db = rusqlite::Connection::open(&g.db).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER full BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+    )
+    .unwrap();
+    op.seen.clear();
+    op.publish(&topic, signal("during", "afrr", 10.0, 900));
+    let e = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("`during`")).then_some(v)
+        })
+        .expect("the signal whose plan could not be recorded is answered");
+    assert!(e["error"].as_str().unwrap().contains("disk is full"), "{e}");
+    op.publish(&topic, signal("refused", "afrr", 10.0, 900));
+    let e = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("refused until")).then_some(v)
+        })
+        .expect("new signals are refused while the log cannot be written");
+    assert!(e["error"].as_str().unwrap().contains("event log"), "{e}");
+    std::thread::sleep(Duration::from_millis(500));
+    let orders: Vec<&(String, Vec<u8>)> = op.seen.iter().filter(|(t, _)| t.ends_with("/order")).collect();
+    assert!(orders.is_empty(), "nothing unrecorded was ordered: {orders:?}");
+
+    // Space returns: the gateway notices by itself and dispatches again.
+    db.execute_batch("DROP TRIGGER full;").unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    op.publish(&topic, signal("after", "afrr", 10.0, 900));
+    let out = op.wait_json(WAIT, "", "signal_id", "after").expect("dispatched once the log works");
+    assert!((num(&out, "acknowledged_kw") - 10.0).abs() < 1e-6, "{out}");
+    let recovered = g.events(Some("LogRecovered"));
+    assert_eq!(recovered.len(), 1, "the outage is on record");
+    assert!(recovered[0]["payload"]["signals_refused"].as_u64().unwrap() >= 1);
+    // Every order on the wire has its OrderSent in the log.
+    let sent: std::collections::BTreeSet<String> =
+        g.events(Some("OrderSent")).iter().map(|e| e["payload"]["order_id"].as_str().unwrap().to_owned()).collect();
+    for (t, p) in op.seen.iter().filter(|(t, _)| t.ends_with("/order")) {
+        let v: Value = serde_json::from_slice(p).unwrap();
+        assert!(sent.contains(v["order_id"].as_str().unwrap()), "{t}: {v} is not in the log");
+    }
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
+fn a_flood_is_bounded_by_admission_and_a_fresh_signal_is_dispatched_after_it() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "flood", "ack_timeout_seconds: 2, max_in_flight: 4");
+    let mut op = operator(&broker, &g.prefix);
+    let sim = fleet_of(
+        &broker,
+        &g.prefix,
+        (0..4).map(|i| vehicle(&format!("ev{i}"), 0.9, 50.0, Behaviour::Silent)).collect(),
+    );
+    await_fleet(&mut op, 4);
+    let topic = format!("{}/signals", g.prefix);
+    // Silent vehicles: every dispatch waits its full 2 s, so at most 4 can be in flight.
+    for k in 0..3_000 {
+        op.publish(&topic, signal(&format!("f{k}"), "fcr", 0.5, 900));
+        if k % 3 == 0 {
+            op.publish(
+                &format!("{}/vehicles/ev{}/state", g.prefix, k % 4),
+                common::state(0.5 + (k % 40) as f64 / 100.0, 50.0),
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    op.publish(&topic, signal("fresh", "afrr", 1.0, 900));
+    op.wait_json(Duration::from_secs(30), "", "signal_id", "fresh")
+        .expect("a fresh signal is dispatched after the flood");
+
+    let mut live = 0i64;
+    let mut most = 0i64;
+    for e in g.events(None) {
+        match e["kind"].as_str() {
+            Some("DispatchPlanCreated") => live += 1,
+            Some("DispatchCompleted") => live -= 1,
+            _ => {}
+        }
+        most = most.max(live);
+    }
+    assert!(most <= 4, "{most} dispatches were in flight at once, more than dispatch.max_in_flight");
+    let busy = g
+        .events(Some("SignalRejected"))
+        .iter()
+        .filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains("max_in_flight"))
+        .count();
+    assert!(busy > 100, "the flood beyond admission is refused and recorded ({busy})");
+    assert!(g.terminate().success());
+    sim.stop();
+}

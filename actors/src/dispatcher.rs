@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
-use gridweaver_core::events::EventKind;
+use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
@@ -55,9 +55,20 @@ pub struct DispatcherActor {
     capacity_dirty: bool,
     last_capacity: Option<(f64, f64, usize)>,
     completed: u64,
-    /// Why the store failed the last step, while it does.
-    store_failing: Option<String>,
+    /// While the store cannot commit: why, since when, and how many signals were refused.
+    store_failing: Option<StoreOutage>,
 }
+
+/// The store failed a step; signals are refused until a probe write succeeds.
+struct StoreOutage {
+    error: String,
+    since: Timestamp,
+    refused: u64,
+    probe: SpawnHandle,
+}
+
+/// How often a failing store is tried again.
+const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
@@ -126,9 +137,7 @@ impl DispatcherActor {
                 Ok(Err(e)) => return act.step_failed(e, &orders, ctx),
                 Err(_) => return act.step_failed("the store thread is gone".into(), &orders, ctx),
             };
-            if act.store_failing.take().is_some() {
-                tracing::info!("the event log is writable again; signals are accepted");
-            }
+            act.store_recovered(ctx);
             tracing::debug!(
                 rows,
                 orders = orders.len(),
@@ -167,21 +176,58 @@ impl DispatcherActor {
     }
 
     /// The store could not commit a step: nothing of it is published; the dispatches whose
-    /// orders it held are closed as failed (recorded if the store recovers), and signals are
-    /// refused until a write succeeds.
+    /// orders it held are closed as failed (recorded once the store works again) and their
+    /// signals answered on `errors`; new signals are refused until a probe write succeeds.
     fn step_failed(&mut self, why: String, orders: &[gridweaver_core::model::Order], ctx: &mut Context<Self>) {
         tracing::error!(error = %why, "a decision was not durable: nothing of it is published");
-        self.store_failing = Some(why.clone());
-        let dispatches: BTreeSet<String> = orders.iter().map(|o| o.dispatch_id.clone()).collect();
         let t = now();
+        if self.store_failing.is_none() {
+            let probe = ctx.run_interval(STORE_PROBE_EVERY, |act, ctx| act.probe_store(ctx));
+            self.store_failing = Some(StoreOutage { error: why.clone(), since: t, refused: 0, probe });
+        }
+        let dispatches: BTreeSet<String> = orders.iter().map(|o| o.dispatch_id.clone()).collect();
+        let topic = self.publisher.topics().signals();
         for d in dispatches {
             let engine = &mut self.engine;
             let reason = format!("event log write failed: {why}");
             if let Some(Some(mut step)) = guarded("closing a failed dispatch", || engine.abort(t, &d, &reason)) {
-                // Its orders never went out: nothing to withdraw on the wire.
+                for outcome in std::mem::take(&mut step.outcomes) {
+                    let msg = format!(
+                        "signal `{}` was not dispatched: the event log cannot be written ({why}); nothing was ordered",
+                        outcome.signal_id
+                    );
+                    self.publisher.error(&topic, &msg, t);
+                }
+                // Its orders never went out: nothing to withdraw on the wire. The events are
+                // kept for the log, which takes them once it works again.
                 step.cancels.clear();
-                self.carry_out(step, ctx);
+                self.store.record(step.events);
             }
+        }
+    }
+
+    /// Tries to record that the log failed; success ends the outage.
+    fn probe_store(&mut self, ctx: &mut Context<Self>) {
+        let Some(outage) = &self.store_failing else { return };
+        let event = Event::new(now(), EventKind::LogRecovered, "dispatcher").region(Some(&self.region())).payload(
+            serde_json::json!({
+                "error": outage.error,
+                "failed_since": outage.since,
+                "signals_refused": outage.refused,
+            }),
+        );
+        let probe = self.store.append(vec![event]).into_actor(self).map(|res, act, ctx| {
+            if matches!(res, Ok(Ok(_))) {
+                act.store_recovered(ctx);
+            }
+        });
+        ctx.spawn(probe);
+    }
+
+    fn store_recovered(&mut self, ctx: &mut Context<Self>) {
+        if let Some(outage) = self.store_failing.take() {
+            ctx.cancel_future(outage.probe);
+            tracing::info!(refused = outage.refused, "the event log is writable again; signals are accepted");
         }
     }
 
@@ -291,25 +337,9 @@ impl Handler<SignalIn> for DispatcherActor {
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
         let topic = self.publisher.topics().signals();
-        if let Some(why) = &self.store_failing {
-            let why = format!("the event log cannot be written ({why}); signals are refused until it can");
-            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
-            // Recorded with a reply: the first write that succeeds lifts the refusal.
-            let event = gridweaver_core::wire::rejection_event(
-                msg.at,
-                EventKind::SignalRejected,
-                "dispatcher",
-                &self.region(),
-                &topic,
-                &why,
-                &raw,
-            );
-            let probe = self.store.append(vec![event]).into_actor(self).map(|res, act, _| {
-                if matches!(res, Ok(Ok(_))) && act.store_failing.take().is_some() {
-                    tracing::info!("the event log is writable again; signals are accepted");
-                }
-            });
-            ctx.spawn(probe);
+        if let Some(outage) = &mut self.store_failing {
+            outage.refused += 1;
+            let why = format!("the event log cannot be written ({}); signals are refused until it can", outage.error);
             self.publisher.error(&topic, &why, msg.at);
             return;
         }

@@ -80,6 +80,9 @@ event_kinds! {
     DispatchInterrupted,
     /// An order was withdrawn (no answer by its deadline, replaced, shutdown).
     OrderCancelled,
+    /// The event log could be written again after it failed (since when, why, how many
+    /// signals were refused meanwhile).
+    LogRecovered,
 }
 
 impl EventKind {
@@ -237,7 +240,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 23);
+        assert_eq!(EventKind::ALL.len(), 24);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 
