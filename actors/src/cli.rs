@@ -129,7 +129,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Run { config } => {
             let cfg = load_config(&config)?;
             let system = actix::System::new();
-            system.block_on(controller::run_until(&cfg, shutdown_signal()))?;
+            system.block_on(controller::run_until(&cfg, shutdown_signal())).map_err(|e| Failure::Runtime(e.into()))?;
             Ok(())
         }
         Command::CheckConfig { file } => {

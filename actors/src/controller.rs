@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use anyhow::Context as _;
 use gridweaver_core::allocation::filter::SimpleVehicleFilter;
 use gridweaver_core::allocation::policy::Strategies;
 use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
@@ -28,13 +27,35 @@ use crate::bridge::{Disconnect, MqttBridge, Routes};
 use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Shutdown};
 use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
-use crate::store::{self, StoreHandle};
+use crate::store::{self, StoreError, StoreHandle};
 use crate::supervisor::Supervisor;
 use crate::tuner::TunerActor;
 
+/// Why the gateway could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The event log.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `mqtt.password_file` could not be read.
+    #[error("mqtt.password_file: cannot read {file}: {error}")]
+    PasswordFile {
+        /// The configured file.
+        file: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// An actor did not start.
+    #[error("{0} did not start")]
+    NotStarted(&'static str),
+    /// An actor did not answer.
+    #[error("{0} did not answer")]
+    NotAnswering(&'static str),
+}
+
 /// The rumqttc options for `cfg`: TCP_NODELAY, a request channel and inflight window
 /// sized for a whole dispatch, a persistent session and a last will (FACTS.md).
-pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions> {
+pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, ControllerError> {
     let m = &cfg.mqtt;
     let mut opts = MqttOptions::new(&m.client_id, &m.host, m.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s))
@@ -46,7 +67,7 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> anyhow::Result<MqttOptions
     if let Some(user) = &m.username {
         let password = match &m.password_file {
             Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("mqtt.password_file: cannot read {file}"))?
+                .map_err(|error| ControllerError::PasswordFile { file: file.clone(), error })?
                 .lines()
                 .next()
                 .unwrap_or_default()
@@ -66,7 +87,7 @@ fn horizon_ms(cfg: &Config) -> i64 {
 }
 
 /// Reads what a restart needs from the log at `cfg.store.path`.
-fn read_recovery(cfg: &Config, conn: Option<&rusqlite::Connection>) -> anyhow::Result<store::Recovery> {
+fn read_recovery(cfg: &Config, conn: Option<&rusqlite::Connection>) -> Result<store::Recovery, StoreError> {
     match conn {
         Some(conn) => store::recover(conn, 100_000, now(), horizon_ms(cfg)),
         None => store::recover_path(Path::new(&cfg.store.path), 100_000, now(), horizon_ms(cfg)),
@@ -177,7 +198,7 @@ pub struct Controller {
 
 impl Controller {
     /// Starts every actor for `cfg`. Call inside an actix `System`.
-    pub fn start(cfg: &Config) -> anyhow::Result<Controller> {
+    pub fn start(cfg: &Config) -> Result<Controller, ControllerError> {
         let conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
         let recovery = read_recovery(cfg, Some(&conn))?;
         let (store, store_thread) = StoreHandle::start(conn)?;
@@ -214,7 +235,7 @@ impl Controller {
         let tuner = tuner.map(|t| TunerActor::new(t, dispatcher.clone(), store.clone(), cfg.site.clone()).start());
         dispatcher
             .try_send(Connect { tuner, resync: supervisor.clone().recipient() })
-            .map_err(|_| anyhow::anyhow!("the dispatcher did not start"))?;
+            .map_err(|_| ControllerError::NotStarted("the dispatcher"))?;
         let routes = Routes {
             dispatcher: dispatcher.clone(),
             supervisor,
@@ -237,8 +258,9 @@ impl Controller {
 
     /// Settles what is in flight, publishes `status` offline, disconnects, and waits for
     /// the log to be written.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        let settled = self.dispatcher.send(Shutdown).await.context("the dispatcher did not answer")?;
+    pub async fn shutdown(mut self) -> Result<(), ControllerError> {
+        let settled =
+            self.dispatcher.send(Shutdown).await.map_err(|_| ControllerError::NotAnswering("the dispatcher"))?;
         tracing::info!(settled, "in-flight dispatches settled");
         self.publisher.status(false);
         let _ = tokio::time::timeout(Duration::from_secs(3), self.publisher.flush()).await;
@@ -263,7 +285,7 @@ impl Controller {
 }
 
 /// Runs a gateway until `stop` resolves, then shuts it down gracefully.
-pub async fn run_until(cfg: &Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run_until(cfg: &Config, stop: impl Future<Output = ()>) -> Result<(), ControllerError> {
     let controller = Controller::start(cfg)?;
     stop.await;
     tracing::info!("stopping");
@@ -405,7 +427,7 @@ mod tests {
             .unwrap()
             .for_each(&Query { kind: Some(EventKind::DispatchPlanCreated), ..Query::default() }, |e| {
                 plans.push(e);
-                Ok(())
+                Ok::<_, StoreError>(())
             })
             .unwrap();
         assert_eq!(plans.len(), 1, "only the second signal was planned");

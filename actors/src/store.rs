@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use anyhow::Context;
 use gridweaver_core::allocation::Weights;
 use gridweaver_core::events::{Event, EventKind, StoredEvent};
 use gridweaver_core::learning::tuning::WeightsChange;
@@ -42,6 +41,50 @@ CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
   BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
 ";
+
+/// What can go wrong with the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be opened or set up.
+    #[error("cannot open the event log {}: {error}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// SQLite's answer.
+        error: rusqlite::Error,
+    },
+    /// No file at the path.
+    #[error("no event log at {}", .0.display())]
+    Missing(PathBuf),
+    /// A database without the contract's table.
+    #[error("{} is not a GridWeaver event log (no `events` table)", .0.display())]
+    NotALog(PathBuf),
+    /// A row whose payload is not JSON (the log was edited by hand).
+    #[error("{}: event {seq} has a payload that is not JSON: {error}", path.display())]
+    BadPayload {
+        /// The file.
+        path: PathBuf,
+        /// The row.
+        seq: i64,
+        /// The parser's answer.
+        error: serde_json::Error,
+    },
+    /// A read or write failed.
+    #[error("event log: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// More rows than a seq can number.
+    #[error("event log: seq out of range")]
+    SeqOverflow,
+    /// The writer thread could not be started.
+    #[error("cannot start the store thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl From<std::num::TryFromIntError> for StoreError {
+    fn from(_: std::num::TryFromIntError) -> Self {
+        StoreError::SeqOverflow
+    }
+}
 
 /// Requests queued to the writer; the queue holds at most this many.
 const QUEUE: usize = 8192;
@@ -70,8 +113,9 @@ pub struct StoreHandle {
 }
 
 /// Opens (creating if needed) the database at `path` and applies the schema.
-pub fn open_writer(path: &Path, sync_full: bool) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path).with_context(|| format!("cannot open the event log {}", path.display()))?;
+pub fn open_writer(path: &Path, sync_full: bool) -> Result<Connection, StoreError> {
+    let open = |error| StoreError::Open { path: path.to_owned(), error };
+    let conn = Connection::open(path).map_err(open)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(mode, "SQLite refused WAL mode; continuing in {mode} mode");
@@ -80,19 +124,19 @@ pub fn open_writer(path: &Path, sync_full: bool) -> anyhow::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     // A small page cache: the writer appends and reads little (the gateway's RAM budget).
     conn.pragma_update(None, "cache_size", -1024)?;
-    conn.execute_batch(SCHEMA).with_context(|| format!("cannot create the events table in {}", path.display()))?;
+    conn.execute_batch(SCHEMA).map_err(open)?;
     Ok(conn)
 }
 
 impl StoreHandle {
     /// Starts the writer thread on `conn`.
-    pub fn start(conn: Connection) -> anyhow::Result<(StoreHandle, thread::JoinHandle<()>)> {
+    pub fn start(conn: Connection) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
         let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let join = thread::Builder::new()
             .name("store".into())
             .spawn(move || writer(conn, rx, u64::try_from(next).unwrap_or(1)))
-            .context("cannot start the store thread")?;
+            .map_err(StoreError::Thread)?;
         Ok((StoreHandle { tx }, join))
     }
 
@@ -180,7 +224,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
 
 /// Appends `events` on `conn` directly, in one transaction: for the start-up recovery,
 /// before the writer thread owns the connection.
-pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> anyhow::Result<()> {
+pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> Result<(), StoreError> {
     let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
     write_batch(conn, &[Request::Append { events, reply: None }], u64::try_from(next).unwrap_or(1))?;
     Ok(())
@@ -188,7 +232,7 @@ pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> anyhow::Resul
 
 /// Writes every append of `batch` in one transaction. Returns the next seq and, per
 /// request, its rows rendered as JSON.
-fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> anyhow::Result<(u64, Vec<Vec<String>>)> {
+fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> Result<(u64, Vec<Vec<String>>), StoreError> {
     let tx = conn.transaction()?;
     let mut rendered = Vec::with_capacity(batch.len());
     {
@@ -267,25 +311,29 @@ pub struct Reader {
 
 impl Reader {
     /// Opens `path` read-only; it must exist and hold an `events` table.
-    pub fn open(path: &Path) -> anyhow::Result<Reader> {
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
         if !path.exists() {
-            anyhow::bail!("no event log at {}", path.display());
+            return Err(StoreError::Missing(path.to_owned()));
         }
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .with_context(|| format!("cannot open {}", path.display()))?;
+                .map_err(|error| StoreError::Open { path: path.to_owned(), error })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let has: Option<String> = conn
             .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'events'", [], |r| r.get(0))
             .optional()?;
         if has.is_none() {
-            anyhow::bail!("{} is not a GridWeaver event log (no `events` table)", path.display());
+            return Err(StoreError::NotALog(path.to_owned()));
         }
         Ok(Reader { conn, path: path.to_owned() })
     }
 
     /// Calls `f` on every event matching `q`, in seq order, without collecting them.
-    pub fn for_each(&self, q: &Query, mut f: impl FnMut(StoredEvent) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    pub fn for_each<E: From<StoreError>>(
+        &self,
+        q: &Query,
+        mut f: impl FnMut(StoredEvent) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut sql =
             String::from("SELECT seq, ts_ms, kind, correlation_id, actor, region, payload FROM events WHERE 1=1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -306,20 +354,23 @@ impl Reader {
             args.push(t.into());
         }
         sql.push_str(" ORDER BY seq");
-        let mut stmt = self.conn.prepare(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
-        while let Some(r) = rows.next()? {
-            let payload: String = r.get(6)?;
-            let seq: i64 = r.get(0)?;
+        let mut stmt = self.conn.prepare(&sql).map_err(StoreError::from)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(StoreError::from)?;
+        while let Some(r) = rows.next().map_err(StoreError::from)? {
+            let payload: String = r.get(6).map_err(StoreError::from)?;
+            let seq: i64 = r.get(0).map_err(StoreError::from)?;
             f(StoredEvent {
                 seq: u64::try_from(seq).unwrap_or(0),
-                ts_ms: r.get(1)?,
-                kind: r.get(2)?,
-                correlation_id: r.get(3)?,
-                actor: r.get(4)?,
-                region: r.get(5)?,
-                payload: serde_json::from_str(&payload)
-                    .with_context(|| format!("{}: event {seq} has a payload that is not JSON", self.path.display()))?,
+                ts_ms: r.get(1).map_err(StoreError::from)?,
+                kind: r.get(2).map_err(StoreError::from)?,
+                correlation_id: r.get(3).map_err(StoreError::from)?,
+                actor: r.get(4).map_err(StoreError::from)?,
+                region: r.get(5).map_err(StoreError::from)?,
+                payload: serde_json::from_str(&payload).map_err(|error| StoreError::BadPayload {
+                    path: self.path.clone(),
+                    seq,
+                    error,
+                })?,
             })?;
         }
         Ok(())
@@ -352,7 +403,11 @@ pub struct Recovery {
 
 /// The orders that `conn` says are still committed at `now`: sent within `horizon_ms`
 /// before `now`, never rejected, timed out or cancelled, with a window ending after `now`.
-fn committed_orders(conn: &Connection, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Vec<(String, Order, bool)>> {
+fn committed_orders(
+    conn: &Connection,
+    now: Timestamp,
+    horizon_ms: i64,
+) -> Result<Vec<(String, Order, bool)>, StoreError> {
     let since = now.as_millis().saturating_sub(horizon_ms);
     let mut signal_of: HashMap<String, String> = HashMap::new();
     let mut stmt = conn.prepare(
@@ -410,7 +465,7 @@ fn committed_orders(conn: &Connection, now: Timestamp, horizon_ms: i64) -> anyho
 const PARTICIPATION_DISPATCHES: i64 = 100;
 
 /// The vehicles each of the last `n` dispatches ordered in its first attempt, oldest first.
-fn first_attempts(conn: &Connection, n: i64) -> anyhow::Result<Vec<Vec<VehicleId>>> {
+fn first_attempts(conn: &Connection, n: i64) -> Result<Vec<Vec<VehicleId>>, StoreError> {
     let since: i64 = conn.query_row(
         "SELECT COALESCE(MIN(seq), 0) FROM (SELECT seq FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT ?1)",
         [n],
@@ -437,15 +492,15 @@ fn first_attempts(conn: &Connection, n: i64) -> anyhow::Result<Vec<Vec<VehicleId
 }
 
 /// [`recover`] from a read-only connection to the log at `path`.
-pub fn recover_path(path: &Path, remembered: usize, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Recovery> {
+pub fn recover_path(path: &Path, remembered: usize, now: Timestamp, horizon_ms: i64) -> Result<Recovery, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .map_err(|error| StoreError::Open { path: path.to_owned(), error })?;
     recover(&conn, remembered, now, horizon_ms)
 }
 
 /// Reads what a restart needs, from the writer's connection: `remembered` signal ids, and
 /// the orders still committed at `now` among those sent in the `horizon_ms` before it.
-pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms: i64) -> anyhow::Result<Recovery> {
+pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms: i64) -> Result<Recovery, StoreError> {
     let mut rec = Recovery::default();
     let mut stmt = conn.prepare(
         "SELECT json_extract(payload, '$.id'), json_extract(payload, '$.leader_term') FROM events
@@ -556,7 +611,7 @@ mod tests {
         reader
             .for_each(&Query { kind: Some(EventKind::OrderSent), ..Query::default() }, |e| {
                 seqs.push(e.seq);
-                Ok(())
+                Ok::<_, StoreError>(())
             })
             .unwrap();
         assert_eq!(seqs, vec![4]);
