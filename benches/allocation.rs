@@ -7,20 +7,32 @@
 //!   groups (and three segments, one of them LP), with a site export limit and three phase
 //!   limits that bind (problem build included for the LP).
 //!
+//! - `limited/smart+repair/N`: Smart through the configured policy, with the repair step
+//!   that tops a heuristic's shortfall up to the most the limits allow (the LP over Smart's
+//!   scores, run only when Smart falls short).
+//! - `plan/engine/N`: the whole plan of a signal by the dispatch engine at N vehicles with
+//!   binding limits, against a ledger that already holds an accepted dispatch of the same
+//!   fleet (candidates with their committed power, rows less the committed load, Smart with
+//!   the repair, the plan's events and orders); each iteration then withdraws the dispatch
+//!   again (`Engine::abort`), which is included.
+//!
 //! Before timing, the LP's objective on each limited instance is compared with a reference
 //! solve at clarabel's defaults plus iterative refinement and a 1e-10 gap, and printed.
 
 use std::collections::BTreeMap;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use gridweaver_core::allocation::filter::SimpleVehicleFilter;
 use gridweaver_core::allocation::limits::LimitSet;
 use gridweaver_core::allocation::lp::{LpDispatcher, LpSettings};
+use gridweaver_core::allocation::policy::Strategies;
 use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
 use gridweaver_core::allocation::{
     objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher, Weights,
 };
 use gridweaver_core::config::{Limits, Segment};
-use gridweaver_core::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
+use gridweaver_core::dispatch::{Engine, EngineConfig, Planner};
+use gridweaver_core::model::{Ack, AckStatus, Direction, Phase, Signal, SignalType, StrategyKind, Vehicle, Wiring};
 use gridweaver_core::time::Timestamp;
 
 /// A deterministic, varied fleet (no rand dependency: a fixed LCG).
@@ -178,6 +190,51 @@ fn limited(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("segmented", n), &req, |b, req| {
             b.iter(|| segmented.allocate(black_box(req)))
         });
+        let mut policy = Strategies::new(StrategyKind::Smart, SmartDispatcher::default(), LpSettings::default());
+        let repaired = policy.allocate(&req);
+        eprintln!(
+            "n={n}: smart places {:.1} kW, smart+repair {:.1} kW ({})",
+            smart.allocate(&req).total_kw(),
+            repaired.total_kw(),
+            repaired.note.as_deref().unwrap_or_default()
+        );
+        group.bench_with_input(BenchmarkId::new("smart+repair", n), &req, |b, req| {
+            b.iter(|| policy.allocate(black_box(req)))
+        });
+    }
+    group.finish();
+}
+
+/// The engine's whole plan against a ledger holding an earlier accepted dispatch.
+fn plan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("plan");
+    for n in [1_000usize, 5_000] {
+        let vehicles = fleet(n, 20);
+        let cands = candidates(&vehicles);
+        let capacity: f64 = cands.iter().map(|c| c.capacity_kw).sum();
+        let cfg = EngineConfig { limits: binding_limits(&cands), max_in_flight: 1_000_000, ..EngineConfig::default() };
+        let strategy = Strategies::new(StrategyKind::Smart, SmartDispatcher::default(), LpSettings::default());
+        let mut engine = Engine::new(Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(strategy)));
+        let t = Timestamp::from_millis(0);
+        for v in &vehicles {
+            engine.on_state(t, v.id.clone(), Some(v.clone()));
+        }
+        let first = engine.on_signal(t, Signal { id: "first".into(), power_kw: 0.3 * capacity, ..signal() }).unwrap();
+        for o in &first.orders {
+            let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
+            engine.on_ack(t, &o.vehicle_id, &ack).unwrap();
+        }
+        let mut k = 0u64;
+        group.bench_function(BenchmarkId::new("engine", n), |b| {
+            b.iter(|| {
+                k += 1;
+                let sig = Signal { id: format!("s{k}"), power_kw: 0.4 * capacity, ..signal() };
+                let step = engine.on_signal(t, black_box(sig)).unwrap();
+                let id = step.orders.first().map(|o| o.dispatch_id.clone()).unwrap_or_default();
+                black_box(&step);
+                engine.abort(t, &id, "bench")
+            })
+        });
     }
     group.finish();
 }
@@ -192,5 +249,5 @@ fn segments() -> BTreeMap<String, Segment> {
     ])
 }
 
-criterion_group!(benches, unlimited, limited);
+criterion_group!(benches, unlimited, limited, plan);
 criterion_main!(benches);

@@ -8,7 +8,9 @@
 //! Options (after `--`; unknown arguments such as cargo's `--bench` are ignored):
 //! `--vehicles LIST` fleet sizes (default `100,1000`), `--rounds R` measured rounds (20),
 //! `--warmup W` unmeasured rounds first (3), `--gateway-log LEVEL` the gateway's `--log` (info),
-//! `--synchronous full|normal` the gateway's `store.synchronous` (full), `--keep` keeps the temp
+//! `--synchronous full|normal` the gateway's `store.synchronous` (full), `--quiet-ms Q` quiet
+//! before every round, raw and dispatch alike (1200; at least 1000: each signal's window is
+//! 1 s, so its commitments have ended when the next one arrives), `--keep` keeps the temp
 //! dirs (gateway config, log and event log) and prints where they are.
 //!
 //! One Mosquitto is started on a free loopback port with the tuned config (`set_tcp_nodelay
@@ -80,6 +82,8 @@ struct Options {
     gateway_log: String,
     synchronous: String,
     keep: bool,
+    /// Quiet before each measured round (raw and dispatch alike), ms.
+    quiet_ms: u64,
 }
 
 fn parse_options() -> Result<Options> {
@@ -90,6 +94,7 @@ fn parse_options() -> Result<Options> {
         gateway_log: "info".into(),
         synchronous: "full".into(),
         keep: false,
+        quiet_ms: 1200,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -97,7 +102,7 @@ fn parse_options() -> Result<Options> {
             Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
             None => (arg.clone(), None),
         };
-        let known = ["--vehicles", "--rounds", "--warmup", "--gateway-log", "--synchronous"];
+        let known = ["--vehicles", "--rounds", "--warmup", "--gateway-log", "--synchronous", "--quiet-ms"];
         if !known.contains(&name.as_str()) {
             if name == "--keep" {
                 o.keep = true;
@@ -122,6 +127,11 @@ fn parse_options() -> Result<Options> {
             }
             "--warmup" => o.warmup = value.parse().with_context(|| format!("--warmup: `{value}` is not a count"))?,
             "--gateway-log" => o.gateway_log = value,
+            "--quiet-ms" => {
+                o.quiet_ms = value.parse().with_context(|| format!("--quiet-ms: `{value}` is not a count"))?;
+                // Each signal's window is 1 s: after that much quiet its power is free again.
+                ensure!(o.quiet_ms >= 1000, "--quiet-ms must be at least 1000 (the signals' 1 s window)");
+            }
             "--synchronous" => {
                 ensure!(value == "full" || value == "normal", "--synchronous: `full` or `normal`, got `{value}`");
                 o.synchronous = value;
@@ -525,6 +535,7 @@ async fn raw_floor(cx: &Ctx<'_>, ids: &[String]) -> Result<(Summary, usize)> {
             .collect();
         order_bytes = batch.iter().map(|(_, p)| p.len()).sum::<usize>() / n.max(1);
         let mut seen = HashSet::with_capacity(n);
+        tokio::time::sleep(Duration::from_millis(opts.quiet_ms)).await;
         let start = Instant::now();
         for (topic, payload) in batch {
             client.publish(topic, payload).with_context(|| format!("raw round {round}: publish an order"))?;
@@ -710,7 +721,10 @@ async fn dispatches(
     let mut samples = Vec::with_capacity(opts.rounds);
     for round in 0..opts.warmup + opts.rounds {
         let signal_id = format!("bench-{nonce}-n{n}-{round}");
-        let payload = json!({ "id": signal_id, "type": "afrr", "direction": "up", "power_kw": power_kw }).to_string();
+        let payload =
+            json!({ "id": signal_id, "type": "afrr", "direction": "up", "power_kw": power_kw, "duration_s": 1 })
+                .to_string();
+        tokio::time::sleep(Duration::from_millis(opts.quiet_ms)).await;
         let published_wall_ms = wall_ms();
         let start = Instant::now();
         client.publish(signals.clone(), payload.into_bytes()).context("publish a signal")?;
