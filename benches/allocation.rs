@@ -71,18 +71,7 @@ fn fleet(n: usize, groups: usize) -> Vec<Vehicle> {
 }
 
 fn signal() -> Signal {
-    Signal {
-        id: "bench".into(),
-        kind: SignalType::Fcr,
-        direction: Direction::Up,
-        power_kw: 0.0,
-        start: Timestamp::from_millis(0),
-        duration_s: 900,
-        region: None,
-        leader_term: None,
-        replaces: None,
-        program: None,
-    }
+    Signal::new("bench", SignalType::Fcr, Direction::Up, 0.0, Timestamp::from_millis(0))
 }
 
 fn candidates(vehicles: &[Vehicle]) -> Vec<Candidate<'_>> {

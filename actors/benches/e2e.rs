@@ -5,6 +5,8 @@
 //! cargo bench -p gridweaver-actors --bench e2e -- --vehicles 100,1000 --rounds 20 --warmup 3
 //! ```
 //!
+//! `GRIDWEAVER_BIN=path` runs another gateway binary (e.g. one built without the demo feature).
+//!
 //! Options (after `--`; unknown arguments such as cargo's `--bench` are ignored):
 //! `--vehicles LIST` fleet sizes (default `100,1000`), `--rounds R` measured rounds (20),
 //! `--warmup W` unmeasured rounds first (3), `--gateway-log LEVEL` the gateway's `--log` (info),
@@ -46,6 +48,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 const HOST: &str = "127.0.0.1";
+
+/// The gateway binary: `GRIDWEAVER_BIN` if set (for example a gateway build without the
+/// demo feature: `cargo build --release -p gridweaver-actors --no-default-features`), else the
+/// one cargo built for this bench.
+fn gateway_bin() -> PathBuf {
+    std::env::var_os("GRIDWEAVER_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gridweaver")), PathBuf::from)
+}
 /// The issue's memory target for the gateway at 1,000 vehicles.
 const RSS_TARGET_KB: u64 = 16 * 1024;
 /// Dispatches after which the gateway's memory is read.
@@ -590,7 +599,7 @@ impl Gateway {
         );
         std::fs::write(&config, yaml).with_context(|| format!("cannot write {}", config.display()))?;
         let stderr = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_gridweaver"))
+        let child = Command::new(gateway_bin())
             .args(["--log", &opts.gateway_log, "run", "--config"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -648,7 +657,7 @@ impl Gateway {
 
     /// Events of one kind from the log, via `gridweaver events --json`.
     fn events(&self, kind: &str) -> Result<Vec<Value>> {
-        let out = Command::new(env!("CARGO_BIN_EXE_gridweaver"))
+        let out = Command::new(gateway_bin())
             .args(["events", "--json", "--kind", kind, "--db"])
             .arg(&self.db)
             .output()

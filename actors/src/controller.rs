@@ -318,18 +318,7 @@ mod tests {
     }
 
     fn signal(id: &str) -> Signal {
-        Signal {
-            id: id.into(),
-            kind: SignalType::Afrr,
-            direction: Direction::Up,
-            power_kw: 5.0,
-            start: now(),
-            duration_s: 900,
-            region: None,
-            leader_term: None,
-            replaces: None,
-            program: None,
-        }
+        Signal::new(id, SignalType::Afrr, Direction::Up, 5.0, now())
     }
 
     /// What a live engine learned is what an engine rebuilt from its log knows: fairness

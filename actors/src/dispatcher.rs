@@ -511,3 +511,66 @@ impl Handler<Completed> for DispatcherActor {
         self.completed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use gridweaver_core::allocation::filter::SimpleVehicleFilter;
+    use gridweaver_core::allocation::SmartDispatcher;
+    use gridweaver_core::dispatch::fallback;
+    use gridweaver_core::dispatch::{EngineConfig, Planner};
+    use gridweaver_core::model::{Direction, FallbackKind, SignalType};
+    use gridweaver_core::wire::Topics;
+    use rumqttc::{AsyncClient, MqttOptions};
+
+    use super::*;
+    use crate::store::{self, Query, Reader, StoreError};
+
+    fn events(db: &std::path::Path, kind: EventKind) -> Vec<gridweaver_core::events::StoredEvent> {
+        let mut out = Vec::new();
+        Reader::open(db)
+            .unwrap()
+            .for_each(&Query { kind: Some(kind), ..Query::default() }, |e| {
+                out.push(e);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        out
+    }
+
+    /// On tokio's paused clock: a silent vehicle's order is cancelled when its ACK window,
+    /// counted from the publish, has passed; no real time is spent waiting for it.
+    #[actix_rt::test]
+    async fn an_unanswered_order_is_cancelled_when_its_window_passes_on_virtual_time() {
+        tokio::time::pause();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let (store, _join) = StoreHandle::start(store::open_writer(&db, false).unwrap()).unwrap();
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 9), 10_000);
+        let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
+        let rebuild: EngineFactory = Box::new(|| {
+            let cfg = EngineConfig { ack_timeout_ms: 30_000, fallback: FallbackKind::Noop, ..EngineConfig::default() };
+            let planner = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()));
+            (Engine::new(planner), Step::default())
+        });
+        let fb = actix::Supervisor::start(|_| FallbackActor::new(fallback::by_kind(FallbackKind::Noop)));
+        let dispatcher = DispatcherActor::new(rebuild, fb, store.clone(), publisher).start();
+        let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
+        dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
+        let signal = Signal::new("s", SignalType::Afrr, Direction::Up, 5.0, now());
+        dispatcher.send(SignalIn { signal, at: now() }).await.unwrap();
+        // Virtual time runs on while the test waits; 40 s of it pass in no time.
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        store.flush().await.unwrap();
+        let sent = events(&db, EventKind::OrderSent);
+        let cancelled = events(&db, EventKind::OrderCancelled);
+        assert_eq!((sent.len(), cancelled.len()), (1, 1));
+        assert_eq!(cancelled[0].payload["order_id"], sent[0].payload["order_id"]);
+        let waited = cancelled[0].ts_ms - sent[0].ts_ms;
+        assert!((30_000..31_000).contains(&waited), "cancelled {waited} ms after the order, for a 30 s window");
+        assert_eq!(events(&db, EventKind::DispatchCompleted).len(), 1);
+    }
+}

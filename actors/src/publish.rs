@@ -10,13 +10,14 @@
 //! [`now`] is the only clock read of the controller (see its docs).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use gridweaver_core::model::{DispatchOutcome, Order, OrderCancel};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{ErrorReport, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Refuses an inbound message the contract's way: records a `SignalRejected` or
 /// `InputRejected` event (`kind`) naming `actor`, and answers on `<p>/errors`. Nothing else
@@ -51,9 +52,11 @@ pub const OUTBOUND_QUEUE: usize = 32_768;
 /// such a step on, time runs on the monotonic clock from the last reading. ACK deadlines
 /// are therefore never stretched by a clock step (their timers run on tokio's monotonic
 /// clock, and the time they are compared with never goes back), and dispatch ids, which
-/// contain the time, never repeat.
+/// contain the time, never repeat. The monotonic part is tokio's clock, so tests can run the
+/// controller on paused, virtual time.
 pub fn now() -> Timestamp {
     // One small lock per reading; nothing else is ever done under it.
+    // tokio's Instant: the monotonic clock, which a test may pause and advance.
     static ANCHOR: Mutex<Option<(i64, Instant)>> = Mutex::new(None);
     let wall =
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));

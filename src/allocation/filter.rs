@@ -62,18 +62,7 @@ mod tests {
     use crate::time::Timestamp;
 
     fn signal(direction: Direction) -> Signal {
-        Signal {
-            id: "s".into(),
-            kind: SignalType::Afrr,
-            direction,
-            power_kw: 10.0,
-            start: Timestamp::from_millis(0),
-            duration_s: 900,
-            region: None,
-            leader_term: None,
-            replaces: None,
-            program: None,
-        }
+        Signal::new("s", SignalType::Afrr, direction, 10.0, Timestamp::from_millis(0))
     }
 
     #[test]

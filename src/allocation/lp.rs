@@ -440,18 +440,7 @@ mod tests {
     use crate::time::Timestamp;
 
     fn signal(direction: Direction, kw: f64) -> Signal {
-        Signal {
-            id: "s".into(),
-            kind: SignalType::Fcr,
-            direction,
-            power_kw: kw,
-            start: Timestamp::from_millis(0),
-            duration_s: 900,
-            region: None,
-            leader_term: None,
-            replaces: None,
-            program: None,
-        }
+        Signal::new("s", SignalType::Fcr, direction, kw, Timestamp::from_millis(0))
     }
 
     /// A random depot: vehicles with capacities, groups and wiring, and site limits.

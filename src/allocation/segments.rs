@@ -194,18 +194,7 @@ mod tests {
         target: f64,
         limits: &Limits,
     ) -> (Allocation, Vec<f64>, LimitSet) {
-        let sig = Signal {
-            id: "s".into(),
-            kind: SignalType::Mfrr,
-            direction: Direction::Up,
-            power_kw: target,
-            start: Timestamp::from_millis(0),
-            duration_s: 900,
-            region: None,
-            leader_term: None,
-            replaces: None,
-            program: None,
-        };
+        let sig = Signal::new("s", SignalType::Mfrr, Direction::Up, target, Timestamp::from_millis(0));
         let cands: Vec<Candidate<'_>> = fleet
             .iter()
             .map(|v| Candidate {

@@ -30,18 +30,7 @@ fn fleet(n: usize) -> Vec<Vehicle> {
 }
 
 fn signal(id: &str, kw: f64) -> Signal {
-    Signal {
-        id: id.into(),
-        kind: SignalType::Afrr,
-        direction: Direction::Up,
-        power_kw: kw,
-        start: T0,
-        duration_s: 900,
-        region: None,
-        leader_term: None,
-        replaces: None,
-        program: None,
-    }
+    Signal::new(id, SignalType::Afrr, Direction::Up, kw, T0)
 }
 
 fn ack(o: &Order, status: AckStatus) -> Ack {

@@ -172,6 +172,23 @@ pub struct Signal {
 }
 
 impl Signal {
+    /// A signal with the contract's defaults: a 900 s window from `start`, for this site,
+    /// replacing nothing.
+    pub fn new(id: impl Into<String>, kind: SignalType, direction: Direction, power_kw: f64, start: Timestamp) -> Self {
+        Self {
+            id: id.into(),
+            kind,
+            direction,
+            power_kw,
+            start,
+            duration_s: 900,
+            region: None,
+            leader_term: None,
+            replaces: None,
+            program: None,
+        }
+    }
+
     /// When delivery ends.
     pub fn end(&self) -> Timestamp {
         self.start.plus_secs(self.duration_s)

@@ -1,0 +1,164 @@
+//! Flood benchmark: the real gateway under a flood of signals and state updates at ten times
+//! the rate it can dispatch, against a real Mosquitto.
+//!
+//! ```sh
+//! cargo bench -p gridweaver-actors --bench flood                  # 100 vehicles, 10 s flood
+//! cargo bench -p gridweaver-actors --bench flood -- --vehicles 100 --seconds 10 --factor 10
+//! ```
+//!
+//! 1. Capacity: signals are sent one at a time, each after the previous outcome, for 3 s:
+//!    that rate R is what the gateway can dispatch.
+//! 2. Flood: for `--seconds` s, signals (unique ids) and as many vehicle state updates are
+//!    published at `--factor` x R per second each, and at least `--min-rate` (4,000) per
+//!    second each; the gateway's VmRSS is sampled every 100 ms from /proc.
+//! 3. After the flood: one fresh signal; the time from its publish to its outcome.
+//!
+//! Reported: R, the rates published, peak and final VmRSS, the fresh signal's latency, and
+//! how the flood was answered (dispatched, refused as busy). Loopback only; every wait is
+//! bounded. The issue's targets: RSS under 64 MB, the fresh signal within 2 s.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{await_fleet, fleet_of, vehicle, Gateway, Mosquitto, Operator};
+use gridweaver_actors::sim::Behaviour;
+use serde_json::{json, Value};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn signal(id: &str) -> String {
+    json!({"id": id, "type": "afrr", "direction": "up", "power_kw": 1.0, "duration_s": 1}).to_string()
+}
+
+fn main() {
+    let (n, seconds, factor) = (arg("--vehicles", 100) as usize, arg("--seconds", 10), arg("--factor", 10));
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "flood", "ack_timeout_seconds: 2");
+    // Only what the bench reads: a subscription to every order would flood the bench itself.
+    let subs = ["dispatches/+", "capacity"].map(|t| format!("{}/{t}", g.prefix));
+    let mut op = Operator::connect(&broker, "flood-op", &subs);
+    let sim = fleet_of(
+        &broker,
+        &g.prefix,
+        (0..n).map(|i| vehicle(&format!("ev{i:04}"), 0.8, 11.0, Behaviour::Prompt)).collect(),
+    );
+    await_fleet(&mut op, n as u64);
+    let pid = g.pid().expect("the gateway runs");
+    let topic = format!("{}/signals", g.prefix);
+    let idle_kb = rss_kb(pid);
+
+    // 1. What the gateway can dispatch, one signal at a time.
+    let started = Instant::now();
+    let mut done = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        let id = format!("cap-{done}");
+        op.publish(&topic, signal(&id));
+        op.wait_json(Duration::from_secs(10), "", "signal_id", id.as_str()).expect("an outcome");
+        done += 1;
+    }
+    let rate = done as f64 / started.elapsed().as_secs_f64();
+    op.seen.clear();
+
+    // 2. The flood, paced per 10 ms slot.
+    // Ten times what it dispatched one at a time, and at least the 4,000/s of the flood that
+    // once took the gateway to 8 GiB.
+    let per_s = ((rate * factor as f64).ceil() as u64).max(arg("--min-rate", 4_000));
+    let flood_start = Instant::now();
+    let (mut sent, mut peak_kb, mut next_sample) = (0u64, 0u64, Instant::now());
+    while flood_start.elapsed() < Duration::from_secs(seconds) {
+        let due = (flood_start.elapsed().as_secs_f64() * per_s as f64) as u64;
+        while sent < due {
+            op.publish(&topic, signal(&format!("flood-{sent}")));
+            let v = sent as usize % n;
+            op.publish(
+                &format!("{}/vehicles/ev{v:04}/state", g.prefix),
+                common::state(0.5 + (sent % 40) as f64 / 100.0, 11.0),
+            );
+            sent += 1;
+        }
+        if Instant::now() >= next_sample {
+            peak_kb = peak_kb.max(rss_kb(pid));
+            next_sample += Duration::from_millis(100);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flood_s = flood_start.elapsed().as_secs_f64();
+
+    // 3. A fresh signal after the flood, sent again (same id) while the gateway answers it is
+    //    busy, as an operator would; timed from its first publish. A new client, so that the
+    //    flood's answers queued for the first one are not in the way.
+    let subs = ["dispatches/+", "errors"].map(|t| format!("{}/{t}", g.prefix));
+    let mut watch = Operator::connect(&broker, "flood-watch", &subs);
+    std::thread::sleep(Duration::from_millis(200));
+    let fresh = Instant::now();
+    watch.publish(&topic, signal("fresh"));
+    let mut after_kb = peak_kb;
+    let (mut retries, mut last_try) = (0, Instant::now());
+    let fresh_latency = loop {
+        after_kb = after_kb.max(rss_kb(pid));
+        let answer = watch.wait_for(Duration::from_millis(100), |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            if t.contains("/dispatches/") && v["signal_id"] == "fresh" {
+                return Some(true);
+            }
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("max_in_flight")).then_some(false)
+        });
+        watch.seen.clear();
+        match answer {
+            Some(true) => break fresh.elapsed(),
+            // A busy answer (errors do not say for which signal): try again, at most every 200 ms.
+            Some(false) if last_try.elapsed() > Duration::from_millis(200) => {
+                retries += 1;
+                last_try = Instant::now();
+                watch.publish(&topic, signal("fresh"));
+            }
+            _ => {}
+        }
+        if fresh.elapsed() > Duration::from_secs(120) {
+            panic!("no outcome for the fresh signal within 120 s:\n{}", g.log());
+        }
+    };
+    peak_kb = peak_kb.max(after_kb);
+    let final_kb = rss_kb(pid);
+    let dispatched = g.events(Some("DispatchPlanCreated")).len();
+    let busy = g
+        .events(Some("SignalRejected"))
+        .iter()
+        .filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains("max_in_flight"))
+        .count();
+    assert!(g.terminate().success(), "the gateway did not stop cleanly:\n{}", g.log());
+    sim.stop();
+
+    println!("GridWeaver Edge flood benchmark: {n} vehicles, flood {seconds} s at {factor}x");
+    println!("| what | value |\n|---|---:|");
+    println!("| dispatch capacity, one at a time | {rate:.0} signals/s |");
+    println!(
+        "| flood published | {sent} signals + {sent} state updates in {flood_s:.1} s ({:.0}/s each) |",
+        sent as f64 / flood_s
+    );
+    println!("| dispatched (DispatchPlanCreated, the whole run) | {dispatched} |");
+    println!("| refused as busy (dispatch.max_in_flight), recorded | {busy} |");
+    println!(
+        "| VmRSS idle / peak / after | {:.1} / {:.1} / {:.1} MB (target: peak < 64 MB) |",
+        idle_kb as f64 / 1024.0,
+        peak_kb as f64 / 1024.0,
+        final_kb as f64 / 1024.0
+    );
+    println!(
+        "| fresh signal after the flood -> outcome | {:.0} ms, {retries} times sent again after a busy answer (target: within 2 s) |",
+        fresh_latency.as_secs_f64() * 1000.0
+    );
+}
