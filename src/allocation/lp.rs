@@ -584,6 +584,9 @@ mod tests {
         fn every_strategy_places_the_most_the_limits_allow(d in depot(true)) {
             with_request(&d, |req| {
                 let max = exact_max(req);
+                let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
+                let ub = crate::allocation::repair::upper_bound(&caps, req.target_kw, req.limits);
+                prop_assert!(ub >= max - 1e-6 * max.max(1.0), "the repair's bound {ub} is below the maximum {max}");
                 let segments: BTreeMap<String, crate::config::Segment> = [(
                     "fleet".to_owned(),
                     crate::config::Segment { lp: false, fallback: true, weights: crate::allocation::Weights::default_for(SignalType::Dr) },

@@ -40,7 +40,7 @@ pub fn fill_to_max(
 ) -> Option<Repaired> {
     polish(power, caps, target, limits, scores);
     let before_kw: f64 = power.iter().sum();
-    let ceiling = target.min(caps.iter().map(|c| c.max(0.0)).sum());
+    let ceiling = upper_bound(caps, target, limits);
     if before_kw >= ceiling - EPS_KW.max(1e-9 * ceiling) || limits.is_empty() {
         return None;
     }
@@ -51,6 +51,59 @@ pub fn fill_to_max(
     }
     *power = lp_power;
     Some(Repaired { before_kw, after_kw })
+}
+
+/// A cheap upper bound on the most `caps` can place within `limits` and `target`: the
+/// least of the target, the capacities, each row on its own (a fractional knapsack over the
+/// row's coefficients, everyone else at capacity), the groups together (they are disjoint:
+/// each vehicle is in at most one) and the phases together (a vehicle's phase coefficients add
+/// up to 1). When a heuristic reaches it, it has placed the maximum and no LP is needed.
+pub fn upper_bound(caps: &[f64], target: f64, limits: &LimitSet) -> f64 {
+    let total: f64 = caps.iter().map(|c| c.max(0.0)).sum();
+    let mut bound = target.max(0.0).min(total);
+    if limits.rows.is_empty() {
+        return bound;
+    }
+    let rows = limits.rows.len();
+    // Per row: its members with their coefficients.
+    let mut members: Vec<Vec<(f64, f64)>> = vec![Vec::new(); rows];
+    let mut in_group = vec![false; caps.len()];
+    for (i, m) in limits.members.iter().enumerate() {
+        for &(r, coef) in m {
+            members[r].push((coef, caps[i].max(0.0)));
+            if limits.rows[r].name.starts_with("group/") {
+                in_group[i] = true;
+            }
+        }
+    }
+    let (mut groups, mut phases, mut has_phases) = (0.0, 0.0, false);
+    for (r, row) in limits.rows.iter().enumerate() {
+        let m = &mut members[r];
+        let inside: f64 = m.iter().map(|(_, c)| c).sum();
+        m.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal));
+        let (mut room, mut placed) = (row.cap_kw.max(0.0), 0.0);
+        for &(coef, cap) in m.iter() {
+            let take = if coef > 0.0 { cap.min(room / coef) } else { cap };
+            placed += take;
+            room -= take * coef;
+            if room <= 0.0 {
+                break;
+            }
+        }
+        bound = bound.min(total - inside + placed);
+        if row.name.starts_with("group/") {
+            groups += placed;
+        } else if row.name.starts_with("phase/") {
+            has_phases = true;
+            phases += row.cap_kw.max(0.0);
+        }
+    }
+    let ungrouped: f64 = caps.iter().zip(&in_group).filter(|(_, g)| !**g).map(|(c, _)| c.max(0.0)).sum();
+    bound = bound.min(groups + ungrouped);
+    if has_phases {
+        bound = bound.min(phases);
+    }
+    bound
 }
 
 /// Moves amounts below the minimum order to candidates with room (best `scores` first) and
@@ -124,6 +177,35 @@ mod tests {
         assert_eq!(p[1], 0.0, "the crumb is gone");
         assert!((p.iter().sum::<f64>() - 15.003_999_9).abs() < 1e-9, "{p:?}");
         assert!((p[0] - 10.0).abs() < 1e-9, "topped up to its bound: {p:?}");
+    }
+
+    #[test]
+    fn the_upper_bound_is_never_below_the_lp_maximum_and_tight_for_disjoint_groups() {
+        let fleet: Vec<Vehicle> = (0..12)
+            .map(|i| {
+                let mut v = Vehicle::new(format!("v{i}"), 0.9, 60.0, 10.0);
+                v.group = Some(format!("g{}", i % 3));
+                if i % 4 == 0 {
+                    v.wiring = Wiring::SinglePhase(Phase::L2);
+                }
+                v
+            })
+            .collect();
+        let limits = Limits {
+            export_kw: Some(100.0),
+            groups: [("g0".to_owned(), 15.0), ("g1".to_owned(), 25.0)].into(),
+            phase_kw: Some(30.0),
+            ..Limits::default()
+        };
+        let (caps, set) = rows(&fleet, &limits);
+        let mut lp = LpDispatcher::new(SmartDispatcher::default(), Default::default());
+        let (p, _) = lp.solve_for(1_000.0, &caps, &set, &vec![0.0; caps.len()]).unwrap();
+        let max: f64 = p.iter().sum();
+        let ub = upper_bound(&caps, 1_000.0, &set);
+        assert!(ub >= max - 1e-6, "bound {ub} below the maximum {max}");
+        let groups_only = Limits { groups: limits.groups.clone(), ..Limits::default() };
+        let (caps, set) = rows(&fleet, &groups_only);
+        assert!((upper_bound(&caps, 1_000.0, &set) - (15.0 + 25.0 + 40.0)).abs() < 1e-9);
     }
 
     #[test]
