@@ -540,8 +540,12 @@ mod tests {
                 let scores = smart.scores(req);
                 let (lp, report) = LpDispatcher::default().solve(req, &scores).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 assert_feasible(req, &lp, "lp")?;
-                // The LP optimises the objective Smart is judged by: it never does worse.
-                let (lo, so) = (objective(&scores, &lp, req.target_kw), objective(&scores, &s.power_kw, req.target_kw));
+                // The LP optimises the objective Smart is judged by: it never does worse on what
+                // is ordered (both without amounts below the minimum order).
+                let caps: Vec<f64> = req.candidates.iter().map(|c| c.capacity_kw).collect();
+                let mut ordered = s.power_kw.clone();
+                crate::allocation::repair::polish(&mut ordered, &caps, req.target_kw, req.limits, &scores);
+                let (lo, so) = (objective(&scores, &lp, req.target_kw), objective(&scores, &ordered, req.target_kw));
                 prop_assert!(lo >= so - 1e-6 * so.abs().max(1.0), "lp {lo} < smart {so} ({})", report.status);
                 Ok(())
             })?;
@@ -598,7 +602,10 @@ mod tests {
                     let a = s.allocate(req);
                     assert_feasible(req, &a.power_kw, kind.name())?;
                     let placed: f64 = a.power_kw.iter().sum();
-                    prop_assert!(placed >= max - 1e-6 * max.max(1.0), "{}: {placed} kW placed, {max} kW possible", kind.name());
+                    // Up to one minimum order: an amount below it is never ordered, and where the
+                    // rows leave no vehicle room to take it, it is lost whoever allocates.
+                    let tol = 1e-6 * max.max(1.0) + crate::allocation::MIN_ORDER_KW;
+                    prop_assert!(placed >= max - tol, "{}: {placed} kW placed, {max} kW possible", kind.name());
                 }
                 Ok(())
             })?;
@@ -621,7 +628,11 @@ mod tests {
                 assert_feasible(req, &b, "by class")?;
                 prop_assert_eq!((ra.formulation, rb.formulation), ("per_vehicle", "by_class"));
                 let (oa, ob) = (objective(&scores, &a, req.target_kw), objective(&scores, &b, req.target_kw));
-                prop_assert!((oa - ob).abs() <= 1e-6 * oa.abs().max(1.0), "per vehicle {oa} vs by class {ob}");
+                // Both answers are polished (amounts below the minimum order dropped or moved);
+                // where the two optima differ in such a crumb, the objectives differ by at most
+                // its penalised value.
+                let crumb = crate::allocation::shortfall_penalty(&scores) * crate::allocation::MIN_ORDER_KW;
+                prop_assert!((oa - ob).abs() <= 1e-6 * oa.abs().max(1.0) + crumb, "per vehicle {oa} vs by class {ob}");
                 Ok(())
             })?;
         }
