@@ -34,7 +34,6 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// How long [`start_embedded_broker`] waits for the broker to answer before giving up.
@@ -77,13 +76,57 @@ impl EmbeddedBroker {
 /// Starts an embedded MQTT broker on a free loopback port and waits until it answers MQTT.
 ///
 /// Picks a free port (binds `127.0.0.1:0`, reads the port, releases it), builds the configuration with
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A socket or thread operation failed.
+    #[error("{what}: {error}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        error: std::io::Error,
+    },
+    /// The broker's thread ended while starting.
+    #[error("the embedded MQTT broker on 127.0.0.1:{port} exited during start-up (port taken?): {last}")]
+    Exited {
+        /// Its port.
+        port: u16,
+        /// The last handshake error.
+        last: String,
+    },
+    /// It never answered a handshake.
+    #[error("the embedded MQTT broker on 127.0.0.1:{port} did not answer within {timeout:?}: {last}")]
+    Timeout {
+        /// Its port.
+        port: u16,
+        /// How long it was given.
+        timeout: Duration,
+        /// The last handshake error.
+        last: String,
+    },
+    /// It answered CONNECT with something else than a CONNACK.
+    #[error("unexpected answer to CONNECT: {0:02x?}")]
+    BadConnack([u8; 4]),
+    /// It refused the probe's CONNECT.
+    #[error("CONNECT refused with return code {0}")]
+    Refused(u8),
+    /// No attempt was made.
+    #[error("no answer yet")]
+    NotYet,
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BrokerError {
+    move |error| BrokerError::Io { what, error }
+}
+
 /// [`broker_config`], runs the broker on a background thread, and returns once an MQTT `CONNECT` to the port
 /// is answered with a `CONNACK`. If the port was taken in the meantime, another one is tried (up to 3 times).
 ///
 /// # Errors
 /// No free port, the thread could not be spawned, or the broker did not answer within 5 seconds.
-pub fn start_embedded_broker() -> anyhow::Result<EmbeddedBroker> {
-    let mut last_error = anyhow!("the embedded MQTT broker was not started");
+pub fn start_embedded_broker() -> Result<EmbeddedBroker, BrokerError> {
+    let mut last_error = BrokerError::NotYet;
     for _ in 0..PORT_ATTEMPTS {
         let port = free_loopback_port()?;
         let config = broker_config(port);
@@ -95,7 +138,7 @@ pub fn start_embedded_broker() -> anyhow::Result<EmbeddedBroker> {
                     tracing::error!(%error, "embedded MQTT broker stopped");
                 }
             })
-            .context("could not spawn the embedded MQTT broker thread")?;
+            .map_err(io("could not spawn the embedded MQTT broker thread"))?;
         match wait_until_serving(port, &thread, READY_TIMEOUT) {
             Ok(()) => return Ok(EmbeddedBroker { port, _thread: thread }),
             Err(error) => last_error = error,
@@ -153,27 +196,26 @@ pub fn broker_config(port: u16) -> Config {
 }
 
 /// Returns a loopback port that was free a moment ago (bind to port 0, read the port, release it).
-fn free_loopback_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("no free TCP port on 127.0.0.1")?;
-    let port = listener.local_addr().context("could not read the port of a loopback listener")?.port();
+fn free_loopback_port() -> Result<u16, BrokerError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("no free TCP port on 127.0.0.1"))?;
+    let port = listener.local_addr().map_err(io("could not read the port of a loopback listener"))?.port();
     drop(listener);
     Ok(port)
 }
 
 /// Polls the broker with an MQTT handshake until it answers, its thread ends, or `timeout` passes.
-fn wait_until_serving(port: u16, thread: &JoinHandle<()>, timeout: Duration) -> anyhow::Result<()> {
+fn wait_until_serving(port: u16, thread: &JoinHandle<()>, timeout: Duration) -> Result<(), BrokerError> {
     let deadline = Instant::now() + timeout;
-    let mut last_error = anyhow!("no answer yet");
     loop {
-        match mqtt_handshake(port) {
+        let last_error = match mqtt_handshake(port) {
             Ok(()) => return Ok(()),
-            Err(error) => last_error = error,
-        }
+            Err(error) => error,
+        };
         if thread.is_finished() {
-            bail!("the embedded MQTT broker on 127.0.0.1:{port} exited during start-up (port taken?): {last_error:#}");
+            return Err(BrokerError::Exited { port, last: last_error.to_string() });
         }
         if Instant::now() >= deadline {
-            bail!("the embedded MQTT broker on 127.0.0.1:{port} did not answer within {timeout:?}: {last_error:#}");
+            return Err(BrokerError::Timeout { port, timeout, last: last_error.to_string() });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -183,13 +225,13 @@ fn wait_until_serving(port: u16, thread: &JoinHandle<()>, timeout: Duration) -> 
 ///
 /// A bare TCP connect would succeed as soon as the port is bound, before the router runs, and rumqttd logs an
 /// error for every connection that closes without sending `CONNECT`.
-fn mqtt_handshake(port: u16) -> anyhow::Result<()> {
+fn mqtt_handshake(port: u16) -> Result<(), BrokerError> {
     const CLIENT_ID: &[u8] = b"gridweaver-probe";
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).context("TCP connect failed")?;
-    stream.set_read_timeout(Some(Duration::from_millis(1000))).context("set_read_timeout")?;
-    stream.set_write_timeout(Some(Duration::from_millis(1000))).context("set_write_timeout")?;
-    stream.set_nodelay(true).context("set_nodelay")?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(io("TCP connect failed"))?;
+    stream.set_read_timeout(Some(Duration::from_millis(1000))).map_err(io("set_read_timeout"))?;
+    stream.set_write_timeout(Some(Duration::from_millis(1000))).map_err(io("set_write_timeout"))?;
+    stream.set_nodelay(true).map_err(io("set_nodelay"))?;
 
     // Variable header: protocol name "MQTT", level 4, flags 0x02 (clean session), keep-alive 10 s.
     let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0A];
@@ -197,15 +239,15 @@ fn mqtt_handshake(port: u16) -> anyhow::Result<()> {
     body.extend_from_slice(CLIENT_ID);
     let mut packet = vec![0x10, body.len() as u8]; // body is < 128 bytes: a one-byte remaining length
     packet.extend_from_slice(&body);
-    stream.write_all(&packet).context("sending CONNECT failed")?;
+    stream.write_all(&packet).map_err(io("sending CONNECT failed"))?;
 
     let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack).context("no CONNACK")?;
+    stream.read_exact(&mut connack).map_err(io("no CONNACK"))?;
     if connack[0] != 0x20 || connack[1] != 0x02 {
-        bail!("unexpected answer to CONNECT: {connack:02x?}");
+        return Err(BrokerError::BadConnack(connack));
     }
     if connack[3] != 0x00 {
-        bail!("CONNECT refused with return code {}", connack[3]);
+        return Err(BrokerError::Refused(connack[3]));
     }
     // Best effort: the handshake already succeeded.
     let _ = stream.write_all(&[0xE0, 0x00]);

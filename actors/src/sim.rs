@@ -28,7 +28,6 @@ use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
 use chrono::{DateTime, Utc};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -349,6 +348,31 @@ impl Shared {
     }
 }
 
+/// What the simulator refused or could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The configuration or fleet cannot be simulated.
+    #[error("{0}")]
+    Invalid(String),
+    /// Its thread or runtime could not be started.
+    #[error("{what}: {error}")]
+    Start {
+        /// What was being started.
+        what: &'static str,
+        /// Why it failed.
+        error: std::io::Error,
+    },
+    /// The fleet was not on the broker in time.
+    #[error("the simulated fleet was not ready on the broker within {0:?}")]
+    NotReady(Duration),
+    /// No such vehicle.
+    #[error("the simulated fleet has no vehicle {0:?}")]
+    UnknownVehicle(String),
+    /// The simulator thread has ended.
+    #[error("the simulator has stopped")]
+    Stopped,
+}
+
 /// Requests from the caller's thread to the simulator thread, handled one at a time in order.
 enum Command {
     Leave(String),
@@ -384,24 +408,30 @@ impl Simulator {
     /// # Errors
     /// Duplicate or empty vehicle ids, an empty prefix or client id, or the runtime or thread could not be
     /// created. An unreachable broker is not an error: the simulator keeps retrying.
-    pub fn start(cfg: SimConfig, fleet: Vec<SimVehicle>) -> anyhow::Result<Simulator> {
+    pub fn start(cfg: SimConfig, fleet: Vec<SimVehicle>) -> Result<Simulator, SimError> {
         let prefix = cfg.prefix.trim_end_matches('/').to_owned();
         if prefix.is_empty() || prefix.contains(['+', '#']) {
-            bail!("simulator prefix {:?} must be non-empty and free of MQTT wildcards", cfg.prefix);
+            return Err(SimError::Invalid(format!(
+                "simulator prefix {:?} must be non-empty and free of MQTT wildcards",
+                cfg.prefix
+            )));
         }
         if cfg.client_id.is_empty() {
-            bail!("simulator client_id must not be empty");
+            return Err(SimError::Invalid("simulator client_id must not be empty".to_owned()));
         }
         let mut slots = BTreeMap::new();
         let mut vehicle_ids = Vec::with_capacity(fleet.len());
         for vehicle in fleet {
             if vehicle.id.is_empty() || vehicle.id.contains(['/', '+', '#']) {
-                bail!("simulated vehicle id {:?} must be non-empty and free of '/', '+', '#'", vehicle.id);
+                return Err(SimError::Invalid(format!(
+                    "simulated vehicle id {:?} must be non-empty and free of '/', '+', '#'",
+                    vehicle.id
+                )));
             }
             vehicle_ids.push(vehicle.id.clone());
             let id = vehicle.id.clone();
             if slots.insert(id.clone(), Slot { vehicle, present: true }).is_some() {
-                bail!("simulated vehicle id {id:?} appears twice in the fleet");
+                return Err(SimError::Invalid(format!("simulated vehicle id {id:?} appears twice in the fleet")));
             }
         }
 
@@ -431,7 +461,7 @@ impl Simulator {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("could not build the simulator's tokio runtime")?;
+            .map_err(|error| SimError::Start { what: "could not build the simulator's tokio runtime", error })?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (done_tx, done) = std_mpsc::channel();
         let sim = Arc::new(SimContext { cfg: SimConfig { prefix, ..cfg }, client, shared: Arc::clone(&shared) });
@@ -443,7 +473,7 @@ impl Simulator {
                 drop(runtime);
                 let _ = done_tx.send(());
             })
-            .context("could not spawn the simulator thread")?;
+            .map_err(|error| SimError::Start { what: "could not spawn the simulator thread", error })?;
         Ok(Simulator { shared, commands, thread: Some(thread), done: Mutex::new(done), vehicle_ids })
     }
 
@@ -453,7 +483,7 @@ impl Simulator {
     ///
     /// # Errors
     /// Not ready within `timeout` (broker unreachable, or the simulator was stopped).
-    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), SimError> {
         let guard = self.shared.ready.lock().unwrap_or_else(PoisonError::into_inner);
         let (guard, _) = self
             .shared
@@ -463,7 +493,7 @@ impl Simulator {
         if guard.ready {
             Ok(())
         } else {
-            Err(anyhow!("the simulated fleet was not ready on the broker within {timeout:?}"))
+            Err(SimError::NotReady(timeout))
         }
     }
 
@@ -492,7 +522,7 @@ impl Simulator {
     ///
     /// # Errors
     /// Unknown vehicle id, or the simulator thread has ended.
-    pub fn leave(&self, id: &str) -> anyhow::Result<()> {
+    pub fn leave(&self, id: &str) -> Result<(), SimError> {
         self.known(id)?;
         self.send(Command::Leave(id.to_owned()))
     }
@@ -502,7 +532,7 @@ impl Simulator {
     ///
     /// # Errors
     /// Unknown vehicle id, or the simulator thread has ended.
-    pub fn rejoin(&self, id: &str) -> anyhow::Result<()> {
+    pub fn rejoin(&self, id: &str) -> Result<(), SimError> {
         self.known(id)?;
         self.send(Command::Rejoin(id.to_owned()))
     }
@@ -514,7 +544,7 @@ impl Simulator {
     ///
     /// # Errors
     /// The simulator thread has ended.
-    pub fn clear_retained(&self) -> anyhow::Result<()> {
+    pub fn clear_retained(&self) -> Result<(), SimError> {
         self.send(Command::ClearRetained)
     }
 
@@ -547,16 +577,16 @@ impl Simulator {
         }
     }
 
-    fn known(&self, id: &str) -> anyhow::Result<()> {
+    fn known(&self, id: &str) -> Result<(), SimError> {
         if self.shared.fleet().contains_key(id) {
             Ok(())
         } else {
-            Err(anyhow!("the simulated fleet has no vehicle {id:?}"))
+            Err(SimError::UnknownVehicle(id.to_owned()))
         }
     }
 
-    fn send(&self, command: Command) -> anyhow::Result<()> {
-        self.commands.send(command).map_err(|_| anyhow!("the simulator has stopped"))
+    fn send(&self, command: Command) -> Result<(), SimError> {
+        self.commands.send(command).map_err(|_| SimError::Stopped)
     }
 }
 
