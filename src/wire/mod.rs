@@ -4,12 +4,31 @@
 //! MQTT publish (topic + payload) into a typed [`Inbound`] value or an [`InputError`] whose
 //! message is a sentence naming the offending field. It is the only place where inbound
 //! JSON is looked at: handlers downstream see validated values only.
+//!
+//! `topics.rs` has the layout; `fields.rs` the typed accessors and range checks; one file
+//! per inbound payload (`signal.rs`, `vehicle.rs`, `ack.rs`, `bid.rs`).
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+mod ack;
+mod bid;
+mod fields;
+mod signal;
+mod topics;
+mod vehicle;
+
+pub use bid::BidSubmission;
+pub use topics::{InboundTopic, Topics};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use ack::decode_ack;
+use bid::decode_bid;
+use fields::object;
+use signal::decode_signal;
+use vehicle::decode_vehicle;
 
 use crate::events::{Event, EventKind};
-use crate::model::{Ack, AckStatus, Direction, Phase, Signal, SignalType, Vehicle, VehicleId, Wiring};
+use crate::model::{Ack, Signal, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
 /// Inbound payloads larger than this are rejected unread.
@@ -65,134 +84,8 @@ pub enum InputError {
     UnknownTopic,
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> InputError {
+pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> InputError {
     InputError::Invalid { field, problem: problem.into() }
-}
-
-/// The topic layout under one prefix (`gridweaver/<site>` by default).
-#[derive(Clone, Debug)]
-pub struct Topics {
-    prefix: String,
-}
-
-/// Which inbound topic a publish arrived on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InboundTopic {
-    /// `<p>/signals`
-    Signals,
-    /// `<p>/vehicles/<id>/state`
-    VehicleState(VehicleId),
-    /// `<p>/vehicles/<id>/ack`
-    VehicleAck(VehicleId),
-    /// `<p>/bids`
-    Bids,
-}
-
-impl Topics {
-    /// The layout under `prefix` (no trailing slash).
-    pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into().trim_end_matches('/').to_owned() }
-    }
-
-    /// The prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// The filters to subscribe to, in order.
-    pub fn subscriptions(&self) -> [String; 4] {
-        let p = &self.prefix;
-        [format!("{p}/signals"), format!("{p}/vehicles/+/state"), format!("{p}/vehicles/+/ack"), format!("{p}/bids")]
-    }
-
-    /// `<p>/signals`
-    pub fn signals(&self) -> String {
-        format!("{}/signals", self.prefix)
-    }
-    /// `<p>/bids`
-    pub fn bids(&self) -> String {
-        format!("{}/bids", self.prefix)
-    }
-    /// `<p>/vehicles/<id>/state`
-    pub fn vehicle_state(&self, id: &VehicleId) -> String {
-        format!("{}/vehicles/{id}/state", self.prefix)
-    }
-    /// `<p>/vehicles/<id>/ack`
-    pub fn vehicle_ack(&self, id: &VehicleId) -> String {
-        format!("{}/vehicles/{id}/ack", self.prefix)
-    }
-    /// `<p>/vehicles/<id>/order`
-    pub fn vehicle_order(&self, id: &VehicleId) -> String {
-        format!("{}/vehicles/{id}/order", self.prefix)
-    }
-    /// `<p>/dispatches/<dispatch_id>`
-    pub fn dispatch(&self, dispatch_id: &str) -> String {
-        format!("{}/dispatches/{dispatch_id}", self.prefix)
-    }
-    /// `<p>/capacity`
-    pub fn capacity(&self) -> String {
-        format!("{}/capacity", self.prefix)
-    }
-    /// `<p>/events`
-    pub fn events(&self) -> String {
-        format!("{}/events", self.prefix)
-    }
-    /// `<p>/errors`
-    pub fn errors(&self) -> String {
-        format!("{}/errors", self.prefix)
-    }
-    /// `<p>/status`
-    pub fn status(&self) -> String {
-        format!("{}/status", self.prefix)
-    }
-
-    /// Classifies a topic; `None` when it is not under the prefix at all.
-    pub fn classify(&self, topic: &str) -> Option<Result<InboundTopic, InputError>> {
-        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        Some(match parts.as_slice() {
-            ["signals"] => Ok(InboundTopic::Signals),
-            ["bids"] => Ok(InboundTopic::Bids),
-            ["vehicles", id, leaf @ ("state" | "ack")] => match vehicle_id(id) {
-                Ok(id) if *leaf == "state" => Ok(InboundTopic::VehicleState(id)),
-                Ok(id) => Ok(InboundTopic::VehicleAck(id)),
-                Err(e) => Err(e),
-            },
-            _ => Err(InputError::UnknownTopic),
-        })
-    }
-}
-
-fn vehicle_id(s: &str) -> Result<VehicleId, InputError> {
-    let ok = !s.is_empty() && s.len() <= MAX_ID_LEN && !s.contains(['+', '#']) && !s.chars().any(char::is_control);
-    if ok {
-        Ok(VehicleId(s.to_owned()))
-    } else {
-        Err(InputError::BadVehicleId(s.chars().take(MAX_ID_LEN).collect()))
-    }
-}
-
-/// A demand-response bid, validated.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BidSubmission {
-    /// The bidder's request id.
-    pub request_id: String,
-    /// Who bids.
-    pub participant: String,
-    /// The program bid into.
-    pub program: String,
-    /// Price, per MW, >= 0.
-    pub price_per_mw: f64,
-    /// Smallest acceptable award, MW, > 0.
-    pub min_mw: f64,
-    /// Largest award, MW, >= `min_mw`.
-    pub max_mw: f64,
-    /// Window start.
-    pub start: Timestamp,
-    /// Window end, after `start`, in the future.
-    pub end: Timestamp,
-    /// Delivery reliability, 0..=1.
-    pub reliability: f64,
 }
 
 /// One decoded inbound message.
@@ -300,271 +193,10 @@ pub fn decode(topics: &Topics, topic: &str, payload: &[u8], now: Timestamp) -> O
     Some(result.map_err(|error| Rejection { topic: Some(kind), error }))
 }
 
-fn object(payload: &[u8]) -> Result<Obj, InputError> {
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(InputError::TooLarge(payload.len()));
-    }
-    match serde_json::from_slice::<Value>(payload) {
-        Ok(Value::Object(map)) => Ok(Obj(map)),
-        Ok(_) => Err(InputError::NotObject),
-        Err(e) => Err(InputError::NotJson(e.to_string())),
-    }
-}
-
-/// A JSON object with typed, field-naming accessors. `null` counts as absent.
-struct Obj(Map<String, Value>);
-
-impl Obj {
-    fn get(&self, f: &'static str) -> Option<&Value> {
-        self.0.get(f).filter(|v| !v.is_null())
-    }
-
-    /// A string of at most `max` bytes.
-    fn opt_str_max(&self, f: &'static str, max: usize) -> Result<Option<&str>, InputError> {
-        match self.get(f) {
-            None => Ok(None),
-            Some(Value::String(s)) if s.is_empty() => Err(invalid(f, "must not be empty")),
-            Some(Value::String(s)) if s.len() > max => {
-                Err(invalid(f, format!("is {} bytes long, more than the {max} allowed", s.len())))
-            }
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(invalid(f, format!("must be a string, got {}", type_name(v)))),
-        }
-    }
-
-    fn opt_str(&self, f: &'static str) -> Result<Option<&str>, InputError> {
-        self.opt_str_max(f, MAX_TEXT_LEN)
-    }
-
-    fn str(&self, f: &'static str) -> Result<&str, InputError> {
-        self.opt_str(f)?.ok_or(InputError::Missing(f))
-    }
-
-    fn opt_id(&self, f: &'static str) -> Result<Option<String>, InputError> {
-        Ok(self.opt_str_max(f, MAX_ID_LEN)?.map(str::to_owned))
-    }
-
-    fn id(&self, f: &'static str) -> Result<String, InputError> {
-        self.opt_id(f)?.ok_or(InputError::Missing(f))
-    }
-
-    fn opt_num(&self, f: &'static str) -> Result<Option<f64>, InputError> {
-        match self.get(f) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => Err(invalid(f, "must be a finite number")),
-            },
-            Some(v) => Err(invalid(f, format!("must be a number, got {}", type_name(v)))),
-        }
-    }
-
-    fn num(&self, f: &'static str) -> Result<f64, InputError> {
-        self.opt_num(f)?.ok_or(InputError::Missing(f))
-    }
-
-    fn opt_uint(&self, f: &'static str) -> Result<Option<u64>, InputError> {
-        match self.get(f) {
-            None => Ok(None),
-            Some(Value::Number(n)) => {
-                n.as_u64().map(Some).ok_or_else(|| invalid(f, format!("must be a whole number >= 0, got {n}")))
-            }
-            Some(v) => Err(invalid(f, format!("must be a whole number, got {}", type_name(v)))),
-        }
-    }
-
-    fn opt_bool(&self, f: &'static str) -> Result<Option<bool>, InputError> {
-        match self.get(f) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(invalid(f, format!("must be true or false, got {}", type_name(v)))),
-        }
-    }
-
-    fn opt_time(&self, f: &'static str) -> Result<Option<Timestamp>, InputError> {
-        match self.opt_str(f)? {
-            None => Ok(None),
-            Some(s) => Timestamp::parse_rfc3339(s)
-                .map(Some)
-                .ok_or_else(|| invalid(f, format!("must be an RFC 3339 time such as 2026-11-23T10:00:00Z, got `{s}`"))),
-        }
-    }
-
-    fn time(&self, f: &'static str) -> Result<Timestamp, InputError> {
-        self.opt_time(f)?.ok_or(InputError::Missing(f))
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// `x` checked against a rule; `ok` says whether it holds, `rule` how to say it.
-fn check(f: &'static str, x: f64, ok: bool, rule: &str) -> Result<f64, InputError> {
-    if ok {
-        Ok(x)
-    } else {
-        Err(invalid(f, format!("must be {rule}, got {}", compact(x))))
-    }
-}
-
-/// `x` as a person writes it: `1e308` rather than 309 digits.
-fn compact(x: f64) -> String {
-    if x != 0.0 && !(1e-6..1e15).contains(&x.abs()) {
-        format!("{x:e}")
-    } else {
-        x.to_string()
-    }
-}
-
-fn positive(f: &'static str, x: f64) -> Result<f64, InputError> {
-    check(f, x, x > 0.0, "a number > 0")
-}
-
-/// A number > 0 and at most `max` (a plausibility bound, named in the error).
-fn within(f: &'static str, x: f64, max: f64) -> Result<f64, InputError> {
-    check(f, x, x > 0.0 && x <= max, &format!("a number > 0 and at most {max}"))
-}
-
-/// A vehicle's power rating: 0..=[`MAX_VEHICLE_KW`].
-fn rating(f: &'static str, x: f64) -> Result<f64, InputError> {
-    check(f, x, (0.0..=MAX_VEHICLE_KW).contains(&x), &format!("within 0..={MAX_VEHICLE_KW} kW"))
-}
-
-fn non_negative(f: &'static str, x: f64) -> Result<f64, InputError> {
-    check(f, x, x >= 0.0, "a number >= 0")
-}
-
-fn fraction(f: &'static str, x: f64) -> Result<f64, InputError> {
-    check(f, x, (0.0..=1.0).contains(&x), "within 0..=1")
-}
-
-fn opt_fraction(o: &Obj, f: &'static str, default: f64) -> Result<f64, InputError> {
-    o.opt_num(f)?.map_or(Ok(default), |x| fraction(f, x))
-}
-
-fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputError> {
-    let id = o.id("id")?;
-    let kind = match o.get("type") {
-        None => return Err(InputError::Missing("type")),
-        Some(Value::String(s)) => SignalType::parse(s),
-        Some(Value::Number(n)) => n.as_u64().and_then(SignalType::from_code),
-        Some(_) => None,
-    }
-    .ok_or_else(|| invalid("type", "must be one of fcr, afrr, mfrr, dr, transfer or their codes 0-4"))?;
-    let direction = match o.str("direction")? {
-        "up" => Direction::Up,
-        "down" => Direction::Down,
-        other => return Err(invalid("direction", format!("must be `up` or `down`, got `{other}`"))),
-    };
-    let power_kw = within("power_kw", o.num("power_kw")?, MAX_SIGNAL_KW)?;
-    let start = o.opt_time("start")?.unwrap_or(now);
-    let duration_s = match o.opt_uint("duration_s")? {
-        None => 900,
-        Some(0) => return Err(invalid("duration_s", "must be a whole number of seconds > 0, got 0")),
-        Some(d) => d,
-    };
-    let region = o.opt_id("region")?;
-    let leader_term = o.opt_uint("leader_term")?;
-    if kind == SignalType::Transfer && leader_term.is_none() {
-        return Err(InputError::Missing("leader_term"));
-    }
-    let replaces = o.opt_id("replaces")?;
-    if replaces.as_deref() == Some(id.as_str()) {
-        return Err(invalid("replaces", "names the signal itself; it must name an earlier signal"));
-    }
-    let program = o.opt_id("program")?;
-    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term, replaces, program })
-}
-
-fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputError> {
-    let soc = fraction("soc", o.num("soc")?)?;
-    let capacity_kwh = within("capacity_kwh", o.num("capacity_kwh")?, MAX_VEHICLE_KWH)?;
-    let max_charge_kw = rating("max_charge_kw", o.num("max_charge_kw")?)?;
-    let max_discharge_kw = rating("max_discharge_kw", o.num("max_discharge_kw")?)?;
-    let plugged_in = o.opt_bool("plugged_in")?.ok_or(InputError::Missing("plugged_in"))?;
-    let min_soc = opt_fraction(o, "min_soc", 0.2)?;
-    let max_soc = opt_fraction(o, "max_soc", 1.0)?;
-    if min_soc > max_soc {
-        return Err(invalid("min_soc", format!("must not exceed max_soc ({max_soc}), got {min_soc}")));
-    }
-    let wiring = match o.opt_uint("phases")? {
-        None | Some(3) => Wiring::ThreePhase,
-        Some(1) => Wiring::SinglePhase(match o.opt_str("phase")? {
-            Some("L1") => Phase::L1,
-            Some("L2") => Phase::L2,
-            Some("L3") => Phase::L3,
-            Some(other) => return Err(invalid("phase", format!("must be L1, L2 or L3, got `{other}`"))),
-            None => return Err(InputError::Missing("phase")),
-        }),
-        Some(n) => return Err(invalid("phases", format!("must be 1 or 3, got {n}"))),
-    };
-    Ok(Vehicle {
-        id,
-        soc,
-        capacity_kwh,
-        max_charge_kw,
-        max_discharge_kw,
-        plugged_in,
-        departure: o.opt_time("departure")?,
-        min_soc,
-        max_soc,
-        segment: o.opt_id("segment")?,
-        availability: opt_fraction(o, "availability", 1.0)?,
-        availability_stated: o.get("availability").is_some(),
-        degradation: opt_fraction(o, "degradation", 0.0)?,
-        priority: opt_fraction(o, "priority", 0.5)?,
-        price_per_kwh: o.opt_num("price_per_kwh")?.map_or(Ok(0.0), |x| {
-            check("price_per_kwh", x, (0.0..=MAX_PRICE_PER_KWH).contains(&x), "within 0..=1000000")
-        })?,
-        group: o.opt_id("group")?,
-        wiring,
-    })
-}
-
-fn decode_ack(o: &Obj) -> Result<Ack, InputError> {
-    let order_id = o.id("order_id")?;
-    let status = match o.str("status")? {
-        "accepted" => AckStatus::Accepted,
-        "rejected" => AckStatus::Rejected,
-        other => return Err(invalid("status", format!("must be `accepted` or `rejected`, got `{other}`"))),
-    };
-    let reason = o.opt_str("reason")?.map(str::to_owned);
-    Ok(Ack { order_id, status, reason })
-}
-
-fn decode_bid(o: &Obj, now: Timestamp) -> Result<BidSubmission, InputError> {
-    let request_id = o.id("request_id")?;
-    let participant = o.id("participant")?;
-    let program = o.id("program")?;
-    let price_per_mw = non_negative("price_per_mw", o.num("price_per_mw")?)?;
-    let min_mw = positive("min_mw", o.num("min_mw")?)?;
-    let max_mw = o.num("max_mw")?;
-    if max_mw < min_mw {
-        return Err(invalid("max_mw", format!("must be >= min_mw ({min_mw}), got {max_mw}")));
-    }
-    let start = o.time("start")?;
-    let end = o.time("end")?;
-    if end <= start {
-        return Err(invalid("end", format!("must be after start ({start}), got {end}")));
-    }
-    if end <= now {
-        return Err(invalid("end", format!("must be in the future, got {end}")));
-    }
-    let reliability = fraction("reliability", o.num("reliability")?)?;
-    Ok(BidSubmission { request_id, participant, program, price_per_mw, min_mw, max_mw, start, end, reliability })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{AckStatus, Direction, Phase, SignalType, Wiring};
     use proptest::strategy::Strategy;
 
     const NOW: Timestamp = Timestamp::from_millis(1_795_000_000_000);

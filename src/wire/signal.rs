@@ -1,0 +1,40 @@
+//! `<p>/signals`: a Signal.
+
+use super::fields::*;
+use super::*;
+use crate::model::{Direction, Signal, SignalType};
+use serde_json::Value;
+
+pub(super) fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputError> {
+    let id = o.id("id")?;
+    let kind = match o.get("type") {
+        None => return Err(InputError::Missing("type")),
+        Some(Value::String(s)) => SignalType::parse(s),
+        Some(Value::Number(n)) => n.as_u64().and_then(SignalType::from_code),
+        Some(_) => None,
+    }
+    .ok_or_else(|| invalid("type", "must be one of fcr, afrr, mfrr, dr, transfer or their codes 0-4"))?;
+    let direction = match o.str("direction")? {
+        "up" => Direction::Up,
+        "down" => Direction::Down,
+        other => return Err(invalid("direction", format!("must be `up` or `down`, got `{other}`"))),
+    };
+    let power_kw = within("power_kw", o.num("power_kw")?, MAX_SIGNAL_KW)?;
+    let start = o.opt_time("start")?.unwrap_or(now);
+    let duration_s = match o.opt_uint("duration_s")? {
+        None => 900,
+        Some(0) => return Err(invalid("duration_s", "must be a whole number of seconds > 0, got 0")),
+        Some(d) => d,
+    };
+    let region = o.opt_id("region")?;
+    let leader_term = o.opt_uint("leader_term")?;
+    if kind == SignalType::Transfer && leader_term.is_none() {
+        return Err(InputError::Missing("leader_term"));
+    }
+    let replaces = o.opt_id("replaces")?;
+    if replaces.as_deref() == Some(id.as_str()) {
+        return Err(invalid("replaces", "names the signal itself; it must name an earlier signal"));
+    }
+    let program = o.opt_id("program")?;
+    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term, replaces, program })
+}
