@@ -330,9 +330,14 @@ fn a_store_that_fails_mid_run_publishes_nothing_unrecorded_refuses_signals_and_r
     let orders: Vec<&(String, Vec<u8>)> = op.seen.iter().filter(|(t, _)| t.ends_with("/order")).collect();
     assert!(orders.is_empty(), "nothing unrecorded was ordered: {orders:?}");
 
-    // Space returns: the gateway notices by itself and dispatches again.
+    // Space returns: the gateway notices by itself and dispatches again, the signal whose
+    // plan was lost included.
     db.execute_batch("DROP TRIGGER full;").unwrap();
     std::thread::sleep(Duration::from_millis(1_500));
+    op.publish(&topic, signal("during", "afrr", 10.0, 900));
+    let again =
+        op.wait_json(WAIT, "", "signal_id", "during").expect("the unrecorded signal, sent again, is dispatched");
+    assert!((num(&again, "acknowledged_kw") - 10.0).abs() < 1e-6, "{again}");
     op.publish(&topic, signal("after", "afrr", 10.0, 900));
     let out = op.wait_json(WAIT, "", "signal_id", "after").expect("dispatched once the log works");
     assert!((num(&out, "acknowledged_kw") - 10.0).abs() < 1e-6, "{out}");

@@ -130,12 +130,14 @@ impl DispatcherActor {
             return;
         }
         let (queued, rows) = (std::time::Instant::now(), events.len());
+        // The dispatches this step is about: if it cannot be recorded, they are closed.
+        let touched: BTreeSet<String> = events.iter().filter_map(|e| e.correlation_id.clone()).collect();
         let durable = self.store.append(events);
         let after = durable.into_actor(self).map(move |res, act, ctx| {
             let appended = match res {
                 Ok(Ok(appended)) => appended,
-                Ok(Err(e)) => return act.step_failed(e, &orders, ctx),
-                Err(_) => return act.step_failed("the store thread is gone".into(), &orders, ctx),
+                Ok(Err(e)) => return act.step_failed(e, touched, ctx),
+                Err(_) => return act.step_failed("the store thread is gone".into(), touched, ctx),
             };
             act.store_recovered(ctx);
             tracing::debug!(
@@ -175,17 +177,18 @@ impl DispatcherActor {
         self.arm_timer(ctx);
     }
 
-    /// The store could not commit a step: nothing of it is published; the dispatches whose
-    /// orders it held are closed as failed (recorded once the store works again) and their
-    /// signals answered on `errors`; new signals are refused until a probe write succeeds.
-    fn step_failed(&mut self, why: String, orders: &[gridweaver_core::model::Order], ctx: &mut Context<Self>) {
+    /// The store could not commit a step: nothing of it is published and nothing after it
+    /// runs (no fallback); the dispatches it was about are closed as failed (recorded once
+    /// the store works again), their commitments released and their signals answered on
+    /// `errors` (a signal whose plan was not recorded may be sent again); new signals are
+    /// refused until a probe write succeeds.
+    fn step_failed(&mut self, why: String, dispatches: BTreeSet<String>, ctx: &mut Context<Self>) {
         tracing::error!(error = %why, "a decision was not durable: nothing of it is published");
         let t = now();
         if self.store_failing.is_none() {
             let probe = ctx.run_interval(STORE_PROBE_EVERY, |act, ctx| act.probe_store(ctx));
             self.store_failing = Some(StoreOutage { error: why.clone(), since: t, refused: 0, probe });
         }
-        let dispatches: BTreeSet<String> = orders.iter().map(|o| o.dispatch_id.clone()).collect();
         let topic = self.publisher.topics().signals();
         for d in dispatches {
             let engine = &mut self.engine;

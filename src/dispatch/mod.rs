@@ -295,11 +295,18 @@ impl Engine {
 
     /// Closes `dispatch_id` as failed (its step could not be recorded): it settles now and
     /// everything it committed is released. `None` when nothing of it is left.
+    /// Its signal id is forgotten, so that the same signal, sent again, is dispatched once
+    /// the log works (a dispatch whose step failed is not on record as settled).
     pub fn abort(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Option<Step> {
         if !self.book.contains(dispatch_id) && !self.ledger.has_dispatch(dispatch_id) {
             return None;
         }
-        Some(self.withdraw(now, dispatch_id, why))
+        let signal_id = self.book.live.get(dispatch_id).map(|d| d.signal().id.clone());
+        let step = self.withdraw(now, dispatch_id, why);
+        if let Some(id) = signal_id {
+            self.planner.forget_signal(&id);
+        }
+        Some(step)
     }
 
     fn cancel_event(&self, now: Timestamp, cancel: &OrderCancel) -> Event {

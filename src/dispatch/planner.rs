@@ -54,6 +54,13 @@ struct SeenIds {
 }
 
 impl SeenIds {
+    /// Forgets `id` (rare: a dispatch that could not be recorded), O(n).
+    fn remove(&mut self, id: &str) {
+        if self.set.remove(id) {
+            self.order.retain(|x| x != id);
+        }
+    }
+
     /// Remembers `id`; false if it was already there.
     fn insert(&mut self, id: &str) -> bool {
         if self.set.contains(id) {
@@ -112,6 +119,11 @@ impl Planner {
     /// redelivery is still a duplicate.
     pub fn remember_signal(&mut self, id: &str) {
         self.seen.insert(id);
+    }
+
+    /// Forgets a signal id (its dispatch could not be recorded), so that it is no duplicate.
+    pub fn forget_signal(&mut self, id: &str) {
+        self.seen.remove(id);
     }
 
     /// Uses `engine` to predict the availability of vehicles that do not state theirs.
