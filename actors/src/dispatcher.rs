@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use actix::prelude::*;
+use gridweaver_core::dispatch::fallback::Reallocation;
 use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
@@ -234,16 +235,23 @@ impl DispatcherActor {
         }
     }
 
+    /// Hands a residual to the FallbackActor; its answer goes back into the engine. If the
+    /// actor cannot answer (it is restarting), nothing is reallocated and the dispatch
+    /// settles with the residual as its shortfall: it never waits for ever.
     fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
-        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(|res, act, ctx| match res {
-            Ok((request, realloc)) => {
-                let engine = &mut act.engine;
-                if let Some(step) = guarded("applying a fallback", || engine.apply_fallback(now(), &request, &realloc))
-                {
-                    act.carry_out(step, ctx);
+        let kept = request.clone();
+        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(move |res, act, ctx| {
+            let (request, realloc) = match res {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::error!(error = %e, "the fallback actor did not answer; nothing is reallocated");
+                    (kept, Reallocation { power_kw: Vec::new(), skipped: Vec::new() })
                 }
+            };
+            let engine = &mut act.engine;
+            if let Some(step) = guarded("applying a fallback", || engine.apply_fallback(now(), &request, &realloc)) {
+                act.carry_out(step, ctx);
             }
-            Err(e) => tracing::error!(error = %e, "the fallback actor did not answer"),
         });
         ctx.spawn(answer);
     }
