@@ -234,6 +234,10 @@ pub struct Vehicle {
     pub group: Option<String>,
     /// Its phase wiring.
     pub wiring: Wiring,
+    /// The demand-response participant (fleet sub-operator or owner) whose bids it serves;
+    /// `None` = the depot's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participant: Option<String>,
 }
 
 impl Vehicle {
@@ -257,6 +261,7 @@ impl Vehicle {
             price_per_kwh: 0.0,
             group: None,
             wiring: Wiring::ThreePhase,
+            participant: None,
         }
     }
 

@@ -299,6 +299,15 @@ mod tests {
     }
 
     #[test]
+    fn a_vehicle_names_its_demand_response_participant() {
+        let p = r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":7,"max_discharge_kw":7,"plugged_in":true,"participant":"fleet-a"}"#;
+        let Inbound::VehicleState(_, Some(v)) = dec("vehicles/v1/state", p).unwrap() else { panic!() };
+        assert_eq!(v.participant.as_deref(), Some("fleet-a"));
+        let long = p.replace("fleet-a", &"x".repeat(200));
+        assert!(err("vehicles/v1/state", &long).contains("field `participant`"));
+    }
+
+    #[test]
     fn bad_vehicle_states_name_the_field() {
         let base = r#""capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true"#;
         let cases = [

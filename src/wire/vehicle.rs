@@ -46,5 +46,6 @@ pub(super) fn decode_vehicle(id: VehicleId, o: &Obj) -> Result<Vehicle, InputErr
         })?,
         group: o.opt_id("group")?,
         wiring,
+        participant: o.opt_id("participant")?,
     })
 }
