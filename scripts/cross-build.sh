@@ -15,6 +15,7 @@ for t in ${targets[@]}; do
     esac
     env_triple=$(echo "$triple" | tr 'a-z-' 'A-Z_')
     export "CARGO_TARGET_${env_triple}_LINKER=$cc" "CC_${triple//-/_}=$cc"
-    cargo build --release --target "$triple" -p gridweaver-actors
+    # The gateway build: no demo, simulator or embedded broker (the `demo` feature).
+    cargo build --release --target "$triple" -p gridweaver-actors --no-default-features
     echo "built target/$triple/release/gridweaver"
 done
