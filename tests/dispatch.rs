@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{await_fleet, fleet_of, operator, vehicle, Gateway, Mosquitto};
 use gridweaver_actors::sim::{Behaviour, SimVehicle};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -106,12 +106,7 @@ fn duplicate_signals_are_dispatched_once_and_answered_as_duplicates() {
     op.publish(&topic, signal("same", 5.0));
     op.wait_json(WAIT, "", "signal_id", "same").expect("first dispatch");
     op.publish(&topic, signal("same", 5.0));
-    let err = op
-        .wait_for(WAIT, |t, p| {
-            let v: Value = serde_json::from_slice(p).ok()?;
-            (t.ends_with("/errors") && v["error"].as_str()?.contains("already received")).then_some(v)
-        })
-        .expect("a duplicate answer on errors");
+    let err = op.wait_error(WAIT, "already received").expect("a duplicate answer on errors");
     assert_eq!(err["topic"], topic);
     assert!(op.wait_json(Duration::from_secs(2), "", "signal_id", "same").is_none(), "dispatched twice");
     assert_eq!(g.events(Some("SignalReceived")).len(), 1);

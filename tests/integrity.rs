@@ -144,12 +144,7 @@ fn a_stream_of_twenty_setpoints_never_stacks() {
     assert!(g.events(Some("OrderCancelled")).len() >= 19, "each replacement withdraws the orders it replaces");
     let err = json!({"id": "late", "type": "afrr", "direction": "up", "power_kw": 10, "replaces": "sp3"});
     op.publish(&topic, err.to_string());
-    let e = op
-        .wait_for(WAIT, |t, p| {
-            let v: Value = serde_json::from_slice(p).ok()?;
-            (t.ends_with("/errors") && v["error"].as_str()?.contains("replaces")).then_some(v)
-        })
-        .expect("replacing an already replaced signal is an error");
+    let e = op.wait_error(WAIT, "replaces").expect("replacing an already replaced signal is an error");
     assert!(e["error"].as_str().unwrap().contains("sp3"), "{e}");
     assert!(g.terminate().success());
     sim.stop();
@@ -311,20 +306,10 @@ fn a_store_that_fails_mid_run_publishes_nothing_unrecorded_refuses_signals_and_r
     .unwrap();
     op.seen.clear();
     op.publish(&topic, signal("during", "afrr", 10.0, 900));
-    let e = op
-        .wait_for(WAIT, |t, p| {
-            let v: Value = serde_json::from_slice(p).ok()?;
-            (t.ends_with("/errors") && v["error"].as_str()?.contains("`during`")).then_some(v)
-        })
-        .expect("the signal whose plan could not be recorded is answered");
+    let e = op.wait_error(WAIT, "`during`").expect("the signal whose plan could not be recorded is answered");
     assert!(e["error"].as_str().unwrap().contains("disk is full"), "{e}");
     op.publish(&topic, signal("refused", "afrr", 10.0, 900));
-    let e = op
-        .wait_for(WAIT, |t, p| {
-            let v: Value = serde_json::from_slice(p).ok()?;
-            (t.ends_with("/errors") && v["error"].as_str()?.contains("refused until")).then_some(v)
-        })
-        .expect("new signals are refused while the log cannot be written");
+    let e = op.wait_error(WAIT, "refused until").expect("new signals are refused while the log cannot be written");
     assert!(e["error"].as_str().unwrap().contains("event log"), "{e}");
     std::thread::sleep(Duration::from_millis(500));
     let orders: Vec<&(String, Vec<u8>)> = op.seen.iter().filter(|(t, _)| t.ends_with("/order")).collect();

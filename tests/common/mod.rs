@@ -285,6 +285,14 @@ impl Operator {
         }
     }
 
+    /// The next `<p>/errors` report whose `error` contains `text`.
+    pub fn wait_error(&mut self, within: Duration, text: &str) -> Option<Value> {
+        self.wait_for(within, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") && v["error"].as_str()?.contains(text)).then_some(v)
+        })
+    }
+
     /// The next JSON message on a topic ending with `suffix` whose `field` equals `value`.
     pub fn wait_json(&mut self, within: Duration, suffix: &str, field: &str, value: impl Into<Value>) -> Option<Value> {
         let want = value.into();
