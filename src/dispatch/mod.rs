@@ -1,19 +1,20 @@
-//! The dispatch state machine.
+//! The dispatch core: what is planned, ordered, answered, withdrawn and committed.
 //!
-//! [`Planner`] owns the fleet view and turns a signal into a [`Dispatch`] plus the first
-//! [`Step`]: the events to record, the orders to send (after those events are durable) and
-//! the ACK deadline. [`DispatchBook`] holds the dispatches in flight: it takes ACKs and
-//! timeouts, asks for a fallback when the first attempt leaves a residual
-//! ([`Step::fallback`]), takes the fallback's answer, and finally emits the
-//! `DispatchCompleted` event and the [`DispatchOutcome`].
+//! [`Engine`] is the one owner of dispatch state and the entry point for every input: it
+//! holds the [`Planner`] (fleet view, strategy, fairness, memory of signals), the
+//! [`DispatchBook`] of dispatches in flight, each a [`Dispatch`] state machine, and the
+//! commitment [`ledger`]. Each call returns [`Step`]s: the events to record, then the cancels
+//! and orders to publish (only once those events are durable), the ACK deadline, a fallback
+//! request, the outcomes. The engine keeps the ledger in step with every order it returns.
 //!
 //! Nothing here reads a clock or does I/O: `now` comes in, steps go out. One dispatch:
 //!
 //! ```text
-//! Planner::plan ──► Waiting(attempt 1, deadline) ──(all answered | deadline)──► settle
+//! Planner::plan ──► Waiting(attempt 1, deadline) ──(all answered | deadline: cancels)──► settle
 //!     settle: residual > 0 and a fallback and vehicles that accepted ──► AwaitingFallback
 //!             otherwise ──► Done (DispatchCompleted, outcome)
 //!     AwaitingFallback ──apply_fallback──► Waiting(attempt 2, deadline) ──► settle ──► Done
+//!     replaced, shut down or aborted ──► Done at once (pending orders cancelled)
 //! ```
 
 mod book;
@@ -354,7 +355,7 @@ impl Engine {
                 self.ledger.release(&ack.order_id);
             }
         }
-        self.settled(now, &mut step);
+        self.fill_fallback(&mut step);
         Ok(step)
     }
 
@@ -365,7 +366,7 @@ impl Engine {
         let mut steps = self.book.on_timeout(now);
         for step in &mut steps {
             self.release(&step.cancels);
-            self.settled(now, step);
+            self.fill_fallback(step);
         }
         steps
     }
@@ -378,7 +379,7 @@ impl Engine {
 
     /// Fills in a fallback request with what each candidate still has free (its current
     /// state less everything committed on it) and the free room of the shared limits.
-    fn settled(&mut self, now: Timestamp, step: &mut Step) {
+    fn fill_fallback(&mut self, step: &mut Step) {
         let Some(req) = step.fallback.as_mut() else { return };
         let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
         let signal = d.signal();
@@ -401,7 +402,6 @@ impl Engine {
         drop(cands);
         req.candidates = candidates;
         req.limits = limits;
-        let _ = now;
     }
 
     /// The fallback's answer for `request`; its orders are committed.
