@@ -361,7 +361,7 @@ mod tests {
 
         let scores = |e: &Engine| {
             let mut p: Vec<(String, f64)> =
-                e.planner().participation().iter().map(|(v, s)| (v.0.clone(), *s)).collect();
+                e.planner().participation().iter().map(|(v, s)| (v.as_str().to_owned(), *s)).collect();
             p.sort_by(|a, b| a.0.cmp(&b.0));
             p
         };

@@ -486,7 +486,7 @@ fn first_attempts(conn: &Connection, n: i64) -> Result<Vec<Vec<VehicleId>>, Stor
         let kind: String = r.get(0)?;
         match (kind.as_str(), r.get::<_, Option<String>>(1)?, out.last_mut()) {
             ("DispatchPlanCreated", _, _) => out.push(Vec::new()),
-            (_, Some(v), Some(last)) => last.push(VehicleId(v)),
+            (_, Some(v), Some(last)) => last.extend(VehicleId::parse(&v)),
             _ => {}
         }
     }
@@ -555,7 +555,9 @@ pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms:
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         if let Some(vehicle) = r.get::<_, Option<String>>(1)? {
-            rec.answers.push((VehicleId(vehicle), Timestamp::from_millis(r.get(0)?), r.get(2)?));
+            if let Some(id) = VehicleId::parse(&vehicle) {
+                rec.answers.push((id, Timestamp::from_millis(r.get(0)?), r.get(2)?));
+            }
         }
     }
     rec.answers.reverse();

@@ -142,7 +142,7 @@ fn segments_without_fallback_are_never_asked_twice() {
     }
     let steps = book.on_timeout(T0.plus_millis(1_000));
     let req = steps[0].fallback.as_ref().expect("a fallback round");
-    let asked: Vec<&str> = req.candidates.iter().map(|(v, _)| v.id.0.as_str()).collect();
+    let asked: Vec<&str> = req.candidates.iter().map(|(v, _)| v.id.as_str()).collect();
     assert_eq!(asked, ["v01"], "the bus (fallback: false) is not asked again");
 }
 
@@ -409,7 +409,7 @@ fn vehicles_that_do_not_state_availability_get_the_predicted_one() {
     let step = p.on_signal(T0, signal("s1", 10.0)).unwrap();
     let plan = &step.events[2].payload_value();
     assert_eq!(plan["predicted_availability"], serde_json::json!(["flaky"]));
-    let power = |id: &str| step.orders.iter().find(|o| o.vehicle_id.0 == id).map_or(0.0, |o| o.power_kw);
+    let power = |id: &str| step.orders.iter().find(|o| o.vehicle_id.as_str() == id).map_or(0.0, |o| o.power_kw);
     assert!(power("steady") > power("flaky"), "{:?}", step.orders);
 }
 
@@ -420,7 +420,7 @@ fn settled_dispatches_report_each_vehicles_answer_and_tuned_weights_reach_the_st
     let book = &mut p;
     book.on_ack(T0, &step.orders[0].vehicle_id, &ack(&step.orders[0], AckStatus::Accepted)).unwrap();
     let done = book.on_timeout(T0.plus_millis(2_000)).remove(0);
-    let mut answers: Vec<(String, bool)> = done.answers.iter().map(|(v, _, ok)| (v.0.clone(), *ok)).collect();
+    let mut answers: Vec<(String, bool)> = done.answers.iter().map(|(v, _, ok)| (v.as_str().to_owned(), *ok)).collect();
     answers.sort();
     assert_eq!(answers, [("v00".to_owned(), true), ("v01".to_owned(), false)]);
 
@@ -483,7 +483,7 @@ fn releases_free_the_power_for_later_signals() {
     // A short window: 60 s.
     let a = e.on_signal(T0, Signal { duration_s: 60, ..signal("a", 200.0) }).unwrap();
     // v0 rejects, v1 stays silent.
-    let o0 = a.orders.iter().find(|o| o.vehicle_id.0 == "v0").unwrap();
+    let o0 = a.orders.iter().find(|o| o.vehicle_id.as_str() == "v0").unwrap();
     e.on_ack(T0, &o0.vehicle_id, &ack(o0, AckStatus::Rejected)).unwrap();
     assert!((e.capacity(T0).up_kw - 100.0).abs() < 1e-6, "the rejection released v0");
     let steps = e.on_timeout(T0.plus_millis(2_000));

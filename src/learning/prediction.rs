@@ -113,7 +113,7 @@ mod tests {
     const HOUR: i64 = 3_600_000;
 
     fn id() -> VehicleId {
-        VehicleId("bus-1".into())
+        VehicleId::from("bus-1")
     }
 
     #[test]

@@ -10,10 +10,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
-/// A vehicle's id: the `<vehicle_id>` segment of its topics.
+/// A vehicle's id: the `<vehicle_id>` segment of its topics. Built from outside input only
+/// through [`VehicleId::parse`], which checks it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct VehicleId(pub String);
+pub struct VehicleId(String);
+
+/// Longest vehicle id, bytes.
+pub const MAX_VEHICLE_ID_LEN: usize = 128;
+
+impl VehicleId {
+    /// `s` as a vehicle id, if it can be one: 1 to 128 bytes, no `/`, MQTT wildcards or
+    /// control characters (it becomes a topic segment).
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_VEHICLE_ID_LEN
+            && !s.contains(['/', '+', '#'])
+            && !s.chars().any(char::is_control);
+        ok.then(|| Self(s.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for VehicleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -21,6 +42,8 @@ impl fmt::Display for VehicleId {
     }
 }
 
+/// For ids written in code (tests, the simulator's fleet): not checked; input from outside
+/// goes through [`VehicleId::parse`].
 impl From<&str> for VehicleId {
     fn from(s: &str) -> Self {
         Self(s.to_owned())

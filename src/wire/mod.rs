@@ -35,7 +35,7 @@ use crate::time::Timestamp;
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// Longest id (signal, vehicle, order, ...) accepted, bytes.
-pub const MAX_ID_LEN: usize = 128;
+pub const MAX_ID_LEN: usize = crate::model::MAX_VEHICLE_ID_LEN;
 
 /// Longest other text field (a reason, a region) accepted, bytes.
 pub const MAX_TEXT_LEN: usize = 512;
@@ -288,7 +288,7 @@ mod tests {
     fn vehicle_state_decodes_with_defaults() {
         let p = r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":7,"plugged_in":true}"#;
         let Inbound::VehicleState(id, Some(v)) = dec("vehicles/bus-7/state", p).unwrap() else { panic!() };
-        assert_eq!(id.0, "bus-7");
+        assert_eq!(id.as_str(), "bus-7");
         assert_eq!((v.min_soc, v.max_soc, v.availability, v.priority), (0.2, 1.0, 1.0, 0.5));
         assert_eq!(v.wiring, Wiring::ThreePhase);
     }
@@ -355,7 +355,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((id.0.as_str(), ack.status, ack.reason.as_deref()), ("v9", AckStatus::Rejected, Some("cold")));
+        assert_eq!((id.as_str(), ack.status, ack.reason.as_deref()), ("v9", AckStatus::Rejected, Some("cold")));
         assert!(err("vehicles/v9/ack", r#"{"order_id":"o1","status":"maybe"}"#).contains("field `status`"));
     }
 

@@ -97,10 +97,5 @@ impl Topics {
 }
 
 pub(super) fn vehicle_id(s: &str) -> Result<VehicleId, InputError> {
-    let ok = !s.is_empty() && s.len() <= MAX_ID_LEN && !s.contains(['+', '#']) && !s.chars().any(char::is_control);
-    if ok {
-        Ok(VehicleId(s.to_owned()))
-    } else {
-        Err(InputError::BadVehicleId(s.chars().take(MAX_ID_LEN).collect()))
-    }
+    VehicleId::parse(s).ok_or_else(|| InputError::BadVehicleId(s.chars().take(MAX_ID_LEN).collect()))
 }
