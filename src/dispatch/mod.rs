@@ -255,7 +255,9 @@ impl Engine {
             None => None,
             Some(old) => Some(self.replaceable(old).ok_or_else(|| SignalRefused::UnknownReplacement(old.clone()))?),
         };
-        if self.book.len() >= self.planner.cfg.max_in_flight {
+        // A replacement settles its predecessor, so it takes no new place in flight.
+        let freed = usize::from(replaced.as_deref().is_some_and(|d| self.book.contains(d)));
+        if self.book.len() - freed >= self.planner.cfg.max_in_flight {
             return Err(SignalRefused::Busy(self.book.len()));
         }
         let mut step = Step::default();

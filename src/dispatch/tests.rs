@@ -578,6 +578,9 @@ fn windows_over_or_far_ahead_and_floods_are_refused() {
         e.on_signal(T0, signal(&format!("s{k}"), 0.5)).unwrap();
     }
     assert_eq!(e.on_signal(T0, signal("one-more", 0.5)).unwrap_err(), SignalRefused::Busy(32));
+    let setpoint = Signal { replaces: Some("s31".into()), ..signal("s31b", 0.5) };
+    assert!(e.on_signal(T0, setpoint).is_ok(), "a replacement takes its predecessor's place in flight");
+    assert_eq!(e.book().len(), 32);
     let later = T0.plus_millis(2_000);
     assert_eq!(e.on_timeout(later).len(), 32);
     assert!(e.on_signal(later, Signal { start: later, ..signal("old", 5.0) }).is_ok(), "a refused id stays usable");
