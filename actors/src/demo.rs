@@ -270,12 +270,12 @@ fn summary(outcomes: &[DispatchOutcome], ignored_acks: usize, errors: usize, sta
     ));
     s.push_str("bids: 1 submitted; this version has no bid book yet, so the gateway answered it on the errors topic\n");
     s.push_str(&format!(
-        "{ignored_acks} ACKs arrived after their deadline: recorded, ignored, answered on the errors topic\n\
+        "{ignored_acks} ACKs arrived after their order was cancelled at its deadline: recorded, ignored, answered on the errors topic\n\
          {errors} bad inputs rejected with an error naming the field or the reason; nothing else changed\n"
     ));
     s.push_str(&format!(
-        "fleet: {} orders received, {} accepted, {} rejected\n",
-        stats.orders_received, stats.acks_accepted, stats.acks_rejected
+        "fleet: {} messages on the order topics ({} of them cancels of unanswered orders), {} accepted, {} rejected\n",
+        stats.orders_received, stats.cancels, stats.acks_accepted, stats.acks_rejected
     ));
     s
 }
