@@ -15,10 +15,9 @@ use gridweaver_core::allocation::SmartDispatcher;
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::fallback;
 use gridweaver_core::dispatch::{Engine, EngineConfig, Planner, Step};
-use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::learning::prediction::PredictionEngine;
 use gridweaver_core::learning::tuning::{AckBasedTuner, LearningTuner};
-use gridweaver_core::model::{OrderCancel, StrategyKind};
+use gridweaver_core::model::StrategyKind;
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -145,24 +144,7 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
 /// committed again.
 pub fn build_engine(cfg: &Config, recovery: &store::Recovery, t: Timestamp) -> (Engine, Step) {
     let mut engine = Engine::new(build_planner(cfg, recovery));
-    let mut step = Step::default();
-    let event =
-        |kind, dispatch_id: &str| Event::new(t, kind, "supervisor").correlation(dispatch_id).region(Some(&cfg.site));
-    for (dispatch_id, signal_id) in &recovery.unfinished {
-        step.events.push(event(EventKind::DispatchInterrupted, dispatch_id).payload(serde_json::json!({
-            "dispatch_id": dispatch_id, "signal_id": signal_id,
-            "reason": "found unfinished at start-up: the gateway stopped before it settled"})));
-    }
-    for (signal_id, order, accepted) in &recovery.commitments {
-        if *accepted {
-            engine.restore(signal_id, order, true);
-        } else {
-            let why = "unanswered when the gateway stopped";
-            let cancel = OrderCancel::of(&order.order_id, &order.dispatch_id, &order.vehicle_id, why, t);
-            step.events.push(event(EventKind::OrderCancelled, &order.dispatch_id).payload(&cancel));
-            step.cancels.push(cancel);
-        }
-    }
+    let step = engine.recover(t, &recovery.unfinished, &recovery.commitments);
     if !recovery.unfinished.is_empty() {
         tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop are recorded");
     }
@@ -304,6 +286,7 @@ mod tests {
     use crate::dispatcher::SignalIn;
     use crate::store::{Query, Reader};
     use crate::supervisor::VehicleStateIn;
+    use gridweaver_core::events::EventKind;
 
     /// A strategy with a bug: it panics.
     struct Explodes;

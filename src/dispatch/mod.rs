@@ -234,6 +234,39 @@ impl Engine {
         self.planner.capacity(now, &self.ledger)
     }
 
+    /// Closes what a previous run left unfinished, from what its log says: each unfinished
+    /// dispatch `(dispatch id, signal id)` is recorded as `DispatchInterrupted`; each order
+    /// still committed `(signal id, order, accepted)` is committed again when it was accepted
+    /// (the vehicle is delivering it), and cancelled when it was never answered.
+    pub fn recover(
+        &mut self,
+        now: Timestamp,
+        unfinished: &[(String, String)],
+        orders: &[(String, Order, bool)],
+    ) -> Step {
+        let region = self.planner.cfg.region.clone();
+        let event = |kind, dispatch_id: &str| {
+            Event::new(now, kind, "supervisor").correlation(dispatch_id).region(Some(&region))
+        };
+        let mut step = Step::default();
+        for (dispatch_id, signal_id) in unfinished {
+            step.events.push(event(EventKind::DispatchInterrupted, dispatch_id).payload(json!({
+                "dispatch_id": dispatch_id, "signal_id": signal_id,
+                "reason": "found unfinished at start-up: the gateway stopped before it settled"})));
+        }
+        for (signal_id, order, accepted) in orders {
+            if *accepted {
+                self.restore(signal_id, order, true);
+            } else {
+                let why = "unanswered when the gateway stopped";
+                let cancel = OrderCancel::of(&order.order_id, &order.dispatch_id, &order.vehicle_id, why, now);
+                step.events.push(event(EventKind::OrderCancelled, &order.dispatch_id).payload(&cancel));
+                step.cancels.push(cancel);
+            }
+        }
+        step
+    }
+
     /// Restores a commitment the log says is in force (an accepted order whose window has
     /// not ended), so that new plans respect it after a restart.
     pub fn restore(&mut self, signal_id: &str, order: &Order, accepted: bool) {

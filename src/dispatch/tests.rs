@@ -257,6 +257,27 @@ impl Rng {
     }
 }
 
+/// How simulated vehicles answer `orders` sent at `now`: below `silent_below` of a draw they
+/// never answer, below `reject_below` they reject, else they accept; each answer lands up to
+/// `max_delay_ms` later. Pushed to `pending` as (due, vehicle, ACK).
+fn schedule_answers(
+    orders: &[Order],
+    now: Timestamp,
+    rng: &mut Rng,
+    pending: &mut Vec<(Timestamp, VehicleId, Ack)>,
+    (silent_below, reject_below): (f64, f64),
+    max_delay_ms: f64,
+) {
+    for o in orders {
+        let r = rng.next();
+        if r < silent_below {
+            continue;
+        }
+        let status = if r < reject_below { AckStatus::Rejected } else { AckStatus::Accepted };
+        pending.push((now.plus_millis((rng.next() * max_delay_ms) as i64), o.vehicle_id.clone(), ack(o, status)));
+    }
+}
+
 /// A seeded fleet, a virtual clock and a loop: many dispatches with vehicles that answer
 /// at random times, reject, or never answer. Checks the invariants of every dispatch.
 #[test]
@@ -291,16 +312,9 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
         let mut outcomes = Vec::new();
         let mut events = Vec::new();
-        let schedule = |orders: &[Order], now: Timestamp, rng: &mut Rng, pending: &mut Vec<_>| {
-            for o in orders {
-                let r = rng.next();
-                if r < 0.15 {
-                    continue; // silent
-                }
-                let status = if r < 0.25 { AckStatus::Rejected } else { AckStatus::Accepted };
-                let delay = (rng.next() * 1_400.0) as i64; // some land after the deadline
-                pending.push((now.plus_millis(delay), o.vehicle_id.clone(), ack(o, status)));
-            }
+        // 15 % silent, 10 % reject; delays up to 1.4 s, some after the 1 s deadline.
+        let schedule = |orders: &[Order], now, rng: &mut Rng, pending: &mut Vec<_>| {
+            schedule_answers(orders, now, rng, pending, (0.15, 0.25), 1_400.0)
         };
         for k in 0..15 {
             let kw = 20.0 + 400.0 * rng.next();
@@ -620,15 +634,8 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
         let mut now = T0;
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
         let mut streams: Vec<String> = Vec::new();
-        let schedule = |orders: &[Order], now: Timestamp, rng: &mut Rng, pending: &mut Vec<_>| {
-            for o in orders {
-                let r = rng.next();
-                if r < 0.2 {
-                    continue;
-                }
-                let status = if r < 0.3 { AckStatus::Rejected } else { AckStatus::Accepted };
-                pending.push((now.plus_millis((rng.next() * 2_500.0) as i64), o.vehicle_id.clone(), ack(o, status)));
-            }
+        let schedule = |orders: &[Order], now, rng: &mut Rng, pending: &mut Vec<_>| {
+            schedule_answers(orders, now, rng, pending, (0.2, 0.3), 2_500.0)
         };
         for k in 0..60 {
             // Signals every 0-1.5 s: most arrive before the previous one settles.
