@@ -63,7 +63,7 @@ fn fcr_with_lp_first_takes_the_lp_path_and_respects_every_limit() {
     for row in plan["limit_loads"].as_array().unwrap() {
         assert!(row["load_kw"].as_f64().unwrap() <= row["cap_kw"].as_f64().unwrap() + 1e-6, "{row}");
     }
-    let orders: Vec<Value> = g.events(Some("OrderSent")).into_iter().map(|e| e["payload"].clone()).collect();
+    let orders = g.query("SELECT vehicle_id, power_kw FROM orders");
     let kw = |pred: &dyn Fn(usize) -> bool| -> f64 {
         orders
             .iter()

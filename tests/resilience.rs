@@ -86,7 +86,10 @@ fn sigterm_settles_in_flight_dispatches_publishes_offline_and_exits_zero() {
     assert_eq!(done[0]["payload"]["interrupted"], "gateway shutdown");
     let cancelled = g.events(Some("OrderCancelled"));
     assert_eq!(cancelled.len(), 1);
-    assert_eq!(cancelled[0]["payload"]["order_id"], cancel["order_id"]);
+    assert_eq!(cancelled[0]["payload"]["reason"], "gateway shutdown");
+    let rows = g.query("SELECT order_id FROM cancellations");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["order_id"], cancel["order_id"]);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gridweaver_core::config::Config;
-use gridweaver_core::events::{EventKind, StoredEvent};
+use gridweaver_core::events::{decode, Decoded, EventKind, StoredEvent};
 use gridweaver_core::time::Timestamp;
 
 use crate::controller;
@@ -69,9 +69,22 @@ pub enum Command {
         /// Only events at or after this RFC 3339 time.
         #[arg(long)]
         since: Option<String>,
+        /// Only events at or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
         /// One JSON object per line (the row, payload inlined) instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Prints the gateway's state as the log leaves it at a time (JSON): fleet, dispatches
+    /// in flight, commitments, weights, the last outcomes, numbering.
+    Replay {
+        /// The SQLite event log.
+        #[arg(long)]
+        db: PathBuf,
+        /// RFC 3339 time: events stamped later are not folded (default: the whole log).
+        #[arg(long)]
+        to: Option<String>,
     },
 }
 
@@ -147,7 +160,7 @@ fn run(command: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Events { db, kind, correlation, since, json } => {
+        Command::Events { db, kind, correlation, since, until, json } => {
             let kind = kind
                 .map(|k| {
                     EventKind::parse(&k).ok_or_else(|| {
@@ -156,17 +169,37 @@ fn run(command: Command) -> Result<(), Failure> {
                     })
                 })
                 .transpose()?;
-            let since_ms = since
-                .map(|s| {
-                    Timestamp::parse_rfc3339(&s)
-                        .map(Timestamp::as_millis)
-                        .ok_or_else(|| Failure::Usage(format!("--since: `{s}` is not an RFC 3339 time")))
-                })
-                .transpose()?;
-            let q = Query { kind, correlation, since_ms, until_ms: None };
+            let since_ms = time_arg("--since", since)?.map(Timestamp::as_millis);
+            let until_ms = time_arg("--until", until)?.map(Timestamp::as_millis);
+            let q = Query { kind, correlation, since_ms, until_ms };
             print_events(&db, &q, json).map_err(Failure::Runtime)
         }
+        Command::Replay { db, to } => {
+            let to = time_arg("--to", to)?;
+            let state = crate::store::project_path(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
+            let stdout = io::stdout();
+            let mut out = io::BufWriter::new(stdout.lock());
+            let written = serde_json::to_writer_pretty(&mut out, &state)
+                .map_err(io::Error::from)
+                .and_then(|()| writeln!(out))
+                .and_then(|()| out.flush());
+            match written {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Failure::Runtime(e.into())),
+                _ => Ok(()),
+            }
+        }
     }
+}
+
+/// An optional RFC 3339 time argument.
+fn time_arg(flag: &str, value: Option<String>) -> Result<Option<Timestamp>, Failure> {
+    value
+        .map(|s| {
+            Timestamp::parse_rfc3339(&s).ok_or_else(|| {
+                Failure::Usage(format!("{flag}: `{s}` is not an RFC 3339 time (e.g. 2026-12-01T10:00:00Z)"))
+            })
+        })
+        .transpose()
 }
 
 /// Reads and validates a config file; any failure is a usage error naming the file.
@@ -245,44 +278,43 @@ fn print_events(db: &Path, q: &Query, json: bool) -> anyhow::Result<()> {
 
 /// A one-line digest of an event's payload for the table view.
 fn summary(e: &StoredEvent) -> String {
-    let p = &e.payload;
-    let num = |k: &str| p.get(k).and_then(|v| v.as_f64()).map_or("?".to_owned(), |x| format!("{x:.1}"));
-    let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_owned();
-    match EventKind::parse(&e.kind) {
-        Some(EventKind::SignalReceived) => {
-            format!("signal {} {} {} {} kW", s("id"), s("type"), s("direction"), num("power_kw"))
+    let kw: fn(f64) -> String = |x| format!("{x:.1}");
+    match decode(&e.kind, &e.payload) {
+        Ok(Decoded::SignalReceived(r)) => {
+            let g = &r.signal;
+            format!("signal {} {} {:?} {} kW", g.id, g.kind, g.direction, kw(g.power_kw))
         }
-        Some(EventKind::DispatchPlanCreated) => format!(
-            "{} planned {} of {} kW over {} vehicles",
-            s("strategy"),
-            num("allocated_kw"),
-            num("target_kw"),
-            p.get("candidates").and_then(|c| c.as_array()).map_or(0, Vec::len)
+        Ok(Decoded::PlanCreated(p)) => format!(
+            "{:?} planned {} of {} kW; fleet of {}",
+            p.strategy,
+            kw(p.allocated_kw),
+            kw(p.target_kw),
+            p.fleet.map_or("?".to_owned(), |f| f.vehicles.to_string())
         ),
-        Some(EventKind::ConstraintApplied) => format!(
-            "{} eligible, {} excluded, capacity {} kW",
-            p.get("eligible").and_then(|v| v.as_u64()).unwrap_or(0),
-            p.get("excluded").and_then(|v| v.as_array()).map_or(0, Vec::len),
-            num("capacity_kw")
-        ),
-        Some(EventKind::OrderSent) => {
-            format!("{} {} kW to {} (attempt {})", s("direction"), num("power_kw"), s("vehicle_id"), p["attempt"])
+        Ok(Decoded::ConstraintApplied(c)) => {
+            format!("{} eligible, {} excluded, capacity {} kW", c.eligible, c.excluded.len(), kw(c.capacity_kw))
         }
-        Some(EventKind::AckReceived) => format!("{} {} kW ({})", s("status"), num("power_kw"), s("order_id")),
-        Some(EventKind::AckTimedOut) => format!("no answer for {} kW ({})", num("power_kw"), s("order_id")),
-        Some(EventKind::FallbackApplied) => {
-            format!("{}: {} of {} kW reallocated", s("fallback"), num("reallocated_kw"), num("residual_kw"))
+        Ok(Decoded::OrdersSent(o)) => {
+            let total: f64 = o.orders.iter().map(|(_, p)| p).sum();
+            format!("{} orders, {} kW in all (attempt {})", o.orders.len(), kw(total), o.attempt)
         }
-        Some(EventKind::DispatchCompleted) => format!(
+        Ok(Decoded::AcksReceived(a)) => {
+            format!("{} accepted, {} rejected (attempt {})", a.accepted.len(), a.rejected.len(), a.attempt)
+        }
+        Ok(Decoded::AcksTimedOut(t)) => format!("{} orders unanswered (attempt {})", t.orders.len(), t.attempt),
+        Ok(Decoded::OrdersCancelled(c)) => format!("{} orders cancelled: {}", c.orders.len(), c.reason),
+        Ok(Decoded::FallbackApplied(f)) => {
+            format!("{:?}: {} of {} kW reallocated", f.fallback, kw(f.reallocated_kw), kw(f.residual_kw))
+        }
+        Ok(Decoded::DispatchCompleted(d)) => format!(
             "requested {} kW, acknowledged {} kW, shortfall {} kW",
-            num("requested_kw"),
-            num("acknowledged_kw"),
-            num("shortfall_kw")
+            kw(d.outcome.requested_kw),
+            kw(d.outcome.acknowledged_kw),
+            kw(d.outcome.shortfall_kw)
         ),
-        Some(EventKind::SignalRejected | EventKind::InputRejected) => s("error"),
-        _ => {
-            let text = p.to_string();
-            text.chars().take(90).collect()
-        }
+        Ok(Decoded::Rejected(r)) => r.error,
+        Ok(Decoded::VehicleState(v)) => format!("soc {:.3}, plugged in: {}", v.vehicle.soc, v.vehicle.plugged_in),
+        Ok(Decoded::ConfigRecorded(c)) => format!("configuration {}", &c.hash[..c.hash.len().min(16)]),
+        Ok(_) | Err(_) => e.payload.to_string().chars().take(90).collect(),
     }
 }

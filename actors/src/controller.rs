@@ -15,9 +15,11 @@ use gridweaver_core::allocation::SmartDispatcher;
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::fallback;
 use gridweaver_core::dispatch::{Engine, EngineConfig, Planner, Step};
+use gridweaver_core::events::payload::ConfigRecorded;
+use gridweaver_core::events::{Event, ProjectedState};
 use gridweaver_core::learning::prediction::PredictionEngine;
 use gridweaver_core::learning::tuning::{AckBasedTuner, LearningTuner};
-use gridweaver_core::model::StrategyKind;
+use gridweaver_core::model::{StrategyKind, VehicleId};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -78,23 +80,19 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, Contro
     Ok(opts)
 }
 
-/// How far back the log is read for orders that may still be committed: the longest a
-/// signal may start ahead plus the longest window.
-fn horizon_ms(cfg: &Config) -> i64 {
-    let s = cfg.dispatch.max_start_ahead_s.saturating_add(cfg.dispatch.max_duration_s);
-    i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)
-}
-
-/// Reads what a restart needs from the log at `cfg.store.path`.
-fn read_recovery(cfg: &Config, conn: Option<&rusqlite::Connection>) -> Result<store::Recovery, StoreError> {
-    match conn {
-        Some(conn) => store::recover(conn, 100_000, now(), horizon_ms(cfg)),
-        None => store::recover_path(Path::new(&cfg.store.path), 100_000, now(), horizon_ms(cfg)),
-    }
+/// The gateway's state as the log at `cfg.store.path` leaves it (`conn`: the writer's
+/// connection, else the file is opened read-only). Rows it cannot read are skipped.
+fn read_state(cfg: &Config, conn: Option<&rusqlite::Connection>) -> Result<ProjectedState, StoreError> {
+    let path = Path::new(&cfg.store.path);
+    let projection = match conn {
+        Some(conn) => store::project(conn, path, None, false)?,
+        None => store::project_path(path, None, false)?,
+    };
+    Ok(projection.into_state())
 }
 
 /// The planner for `cfg`, remembering what `recovery` read from the log.
-pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
+pub fn build_planner(cfg: &Config, recovery: &ProjectedState) -> Planner {
     let d = &cfg.dispatch;
     let engine = EngineConfig {
         region: cfg.site.clone(),
@@ -127,13 +125,18 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
         planner.remember_term(term);
     }
     planner.remember_dispatches(recovery.dispatches);
-    planner.remember_participation(&recovery.participation);
-    for (kind, weights) in &recovery.tuned {
+    let participation: Vec<Vec<VehicleId>> = recovery.participation.iter().cloned().collect();
+    planner.remember_participation(&participation);
+    for (kind, weights) in &recovery.weights {
         planner.set_weights(*kind, *weights);
     }
     if let Some(p) = &cfg.prediction {
         planner.set_prediction(PredictionEngine::new(p.clone()));
-        planner.observe_answers(&recovery.answers);
+        let answers: Vec<_> = recovery.answers.iter().cloned().collect();
+        planner.observe_answers(&answers);
+    }
+    for v in recovery.fleet.values() {
+        planner.restore_vehicle(v.clone());
     }
     planner
 }
@@ -142,17 +145,18 @@ pub fn build_planner(cfg: &Config, recovery: &store::Recovery) -> Planner {
 /// left unfinished: each unfinished dispatch is recorded as `DispatchInterrupted` and its
 /// unanswered orders are cancelled; accepted orders whose window is still open are
 /// committed again.
-pub fn build_engine(cfg: &Config, recovery: &store::Recovery, t: Timestamp) -> (Engine, Step) {
+pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (Engine, Step) {
     let mut engine = Engine::new(build_planner(cfg, recovery));
-    let step = engine.recover(t, &recovery.unfinished, &recovery.commitments);
-    if !recovery.unfinished.is_empty() {
-        tracing::warn!(count = recovery.unfinished.len(), "dispatches interrupted by the last stop are recorded");
+    let unfinished = recovery.unfinished();
+    let step = engine.recover(t, &unfinished, &recovery.commitments_at(t));
+    if !unfinished.is_empty() {
+        tracing::warn!(count = unfinished.len(), "dispatches interrupted by the last stop are recorded");
     }
     (engine, step)
 }
 
 /// The tuner for `cfg`, with the weights the log says it had tuned.
-pub fn build_tuner(cfg: &Config, recovery: &store::Recovery) -> Option<Box<dyn LearningTuner>> {
+pub fn build_tuner(cfg: &Config, recovery: &ProjectedState) -> Option<Box<dyn LearningTuner>> {
     let tc = cfg.tuner.clone()?;
     let mut tuner = match AckBasedTuner::with_config(cfg.dispatch.weights, tc) {
         Ok(t) => t,
@@ -162,7 +166,7 @@ pub fn build_tuner(cfg: &Config, recovery: &store::Recovery) -> Option<Box<dyn L
             return None;
         }
     };
-    for (kind, weights) in &recovery.tuned {
+    for (kind, weights) in &recovery.weights {
         tuner.restore(*kind, *weights);
     }
     Some(Box::new(tuner))
@@ -181,8 +185,12 @@ pub struct Controller {
 impl Controller {
     /// Starts every actor for `cfg`. Call inside an actix `System`.
     pub fn start(cfg: &Config) -> Result<Controller, ControllerError> {
-        let conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
-        let recovery = read_recovery(cfg, Some(&conn))?;
+        let mut conn = store::open_writer(Path::new(&cfg.store.path), cfg.store.sync_full)?;
+        // The run's configuration opens it in the log: decisions from here on are re-run
+        // under it, and the fleet is learnt again from the vehicles' retained states.
+        let config = Event::of(now(), "gateway", &ConfigRecorded::of(cfg)).region(Some(&cfg.site));
+        store::append_direct(&mut conn, vec![config])?;
+        let recovery = read_state(cfg, Some(&conn))?;
         let (store, store_thread) = StoreHandle::start(conn)?;
 
         let topics = Arc::new(Topics::new(cfg.mqtt.prefix.clone()));
@@ -200,9 +208,9 @@ impl Controller {
         let rebuild: EngineFactory = Box::new(move || {
             // The first engine uses the recovery read at start; a restarted one reads the log again.
             let recovery = first.take().unwrap_or_else(|| {
-                read_recovery(&engine_cfg, None).unwrap_or_else(|e| {
+                read_state(&engine_cfg, None).unwrap_or_else(|e| {
                     tracing::error!(error = %format!("{e:#}"), "cannot read the event log: duplicates may be dispatched again");
-                    store::Recovery::default()
+                    ProjectedState::default()
                 })
             });
             build_engine(&engine_cfg, &recovery, now())
@@ -214,7 +222,7 @@ impl Controller {
         let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
         let supervisor =
             Supervisor::new(dispatcher.clone(), store.clone(), publisher.clone(), cfg.site.clone()).start();
-        let tuner = tuner.map(|t| TunerActor::new(t, dispatcher.clone(), store.clone(), cfg.site.clone()).start());
+        let tuner = tuner.map(|t| TunerActor::new(t, dispatcher.clone()).start());
         dispatcher
             .try_send(Connect { tuner, resync: supervisor.clone().recipient() })
             .map_err(|_| ControllerError::NotStarted("the dispatcher"))?;
@@ -317,7 +325,7 @@ mod tests {
         );
         let cfg = Config::from_yaml(&yaml).unwrap();
         let t0 = now();
-        let (mut live, _) = build_engine(&cfg, &store::Recovery::default(), t0);
+        let (mut live, _) = build_engine(&cfg, &ProjectedState::default(), t0);
         let mut events = Vec::new();
         for i in 0..6 {
             let v = Vehicle::new(format!("v{i}"), 0.8, 60.0, 10.0 + i as f64);
@@ -338,7 +346,7 @@ mod tests {
         }
         let mut conn = store::open_writer(&db, false).unwrap();
         store::append_direct(&mut conn, events).unwrap();
-        let recovery = store::recover(&conn, 100, t0.plus_millis(2_000), horizon_ms(&cfg)).unwrap();
+        let recovery = store::project(&conn, &db, None, true).unwrap().into_state();
         let (mut rebuilt, step) = build_engine(&cfg, &recovery, t0.plus_millis(2_000));
         assert!(step.cancels.is_empty() && step.events.is_empty(), "nothing was left unfinished");
 
@@ -404,6 +412,6 @@ mod tests {
             .unwrap();
         assert_eq!(plans.len(), 1, "only the second signal was planned");
         assert_eq!(plans[0].payload["signal_id"], "fine");
-        assert_eq!(plans[0].payload["candidates"].as_array().map(Vec::len), Some(1), "the fleet was re-reported");
+        assert_eq!(plans[0].payload["fleet"]["vehicles"], 1, "the fleet was re-reported");
     }
 }

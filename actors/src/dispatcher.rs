@@ -19,7 +19,9 @@ use std::time::Duration;
 use actix::prelude::*;
 use gridweaver_core::dispatch::fallback::Reallocation;
 use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
+use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::{Event, EventKind};
+use gridweaver_core::learning::tuning::WeightsChange;
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
@@ -58,6 +60,8 @@ pub struct DispatcherActor {
     completed: u64,
     /// While the store cannot commit: why, since when, and how many signals were refused.
     store_failing: Option<StoreOutage>,
+    /// The pending record of ACKs taken.
+    ack_record: Option<SpawnHandle>,
 }
 
 /// The store failed a step; signals are refused until a probe write succeeds.
@@ -70,6 +74,9 @@ struct StoreOutage {
 
 /// How often a failing store is tried again.
 const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// ACKs are recorded at most this long after they arrive, many to an event.
+const ACK_RECORD_DELAY: Duration = Duration::from_millis(50);
 
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
@@ -94,11 +101,25 @@ impl DispatcherActor {
             last_capacity: None,
             completed: 0,
             store_failing: None,
+            ack_record: None,
         }
     }
 
     fn region(&self) -> String {
         self.engine.planner().config().region.clone()
+    }
+
+    /// Records the ACKs taken since the last record within [`ACK_RECORD_DELAY`], in one
+    /// event per attempt (a dispatch that settles records its own at once).
+    fn record_acks_soon(&mut self, ctx: &mut Context<Self>) {
+        if self.ack_record.is_some() || !self.engine.has_unrecorded_acks() {
+            return;
+        }
+        self.ack_record = Some(ctx.run_later(ACK_RECORD_DELAY, |act, ctx| {
+            act.ack_record = None;
+            let step = act.engine.record_acks();
+            act.carry_out(step, ctx);
+        }));
     }
 
     /// Publishes the capacity when it changed (commitments, fleet, or windows ending).
@@ -213,13 +234,9 @@ impl DispatcherActor {
     /// Tries to record that the log failed; success ends the outage.
     fn probe_store(&mut self, ctx: &mut Context<Self>) {
         let Some(outage) = &self.store_failing else { return };
-        let event = Event::new(now(), EventKind::LogRecovered, "dispatcher").region(Some(&self.region())).payload(
-            serde_json::json!({
-                "error": outage.error,
-                "failed_since": outage.since,
-                "signals_refused": outage.refused,
-            }),
-        );
+        let recovered =
+            LogRecovered { error: outage.error.clone(), failed_since: outage.since, signals_refused: outage.refused };
+        let event = Event::of(now(), "dispatcher", &recovered).region(Some(&self.region()));
         let probe = self.store.append(vec![event]).into_actor(self).map(|res, act, ctx| {
             if matches!(res, Ok(Ok(_))) {
                 act.store_recovered(ctx);
@@ -391,7 +408,10 @@ impl Handler<AckIn> for DispatcherActor {
     fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
         let engine = &mut self.engine;
         match guarded("taking an ACK", || engine.on_ack(msg.at, &msg.vehicle, &msg.ack)) {
-            Some(Ok(step)) => self.carry_out(step, ctx),
+            Some(Ok(step)) => {
+                self.carry_out(step, ctx);
+                self.record_acks_soon(ctx);
+            }
             Some(Err(ignored)) => {
                 let topic = self.publisher.topics().vehicle_ack(&msg.vehicle);
                 let raw = serde_json::to_vec(&msg.ack).unwrap_or_default();
@@ -429,21 +449,21 @@ impl Handler<FleetUpdate> for DispatcherActor {
     }
 }
 
-/// New weights for one signal type, from the tuner (already durable).
+/// New weights for one signal type, from the tuner. The dispatcher records the change
+/// and applies it in one go, so that in the log every plan after `WeightsTuned` used them
+/// and none before it did.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct SetWeights {
-    /// The signal type.
-    pub kind: gridweaver_core::model::SignalType,
-    /// Its weights.
-    pub weights: gridweaver_core::allocation::Weights,
-}
+pub struct SetWeights(pub WeightsChange);
 
 impl Handler<SetWeights> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, msg: SetWeights, _ctx: &mut Context<Self>) {
-        self.engine.planner_mut().set_weights(msg.kind, msg.weights);
+    fn handle(&mut self, msg: SetWeights, ctx: &mut Context<Self>) {
+        let change = msg.0;
+        self.engine.planner_mut().set_weights(change.signal_type, change.after);
+        let event = change.event(now(), &self.region());
+        self.carry_out(Step { events: vec![event], ..Step::default() }, ctx);
     }
 }
 

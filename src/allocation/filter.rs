@@ -1,11 +1,11 @@
 //! Which vehicles may take part in a dispatch.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Direction, Signal, Vehicle};
 
 /// Why a vehicle was left out of a dispatch (recorded in `ConstraintApplied`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Exclusion {
     /// Not connected to a charger.

@@ -7,14 +7,14 @@
 //! phase for a single-phase one. Every strategy respects the same rows: the LP as
 //! constraints, the heuristics through [`Room`], which clips each allocation step.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::allocation::Candidate;
 use crate::config::Limits;
 use crate::model::{Direction, Phase, Wiring};
 
 /// One shared limit.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LimitRow {
     /// `site`, `group/<name>` or `phase/L1`..
     pub name: String,

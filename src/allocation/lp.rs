@@ -18,14 +18,14 @@
 
 use clarabel::algebra::CscMatrix;
 use clarabel::solver::{DefaultSettings, DefaultSolver, IPSolver, SolverStatus, SupportedConeT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::allocation::limits::LimitSet;
 use crate::allocation::{objective, shortfall_penalty, Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
 use crate::model::StrategyKind;
 
 /// The solver settings we choose (see the README's LP section for the measurements).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LpSettings {
     /// Iteration cap (the LP converges in 10-15 iterations).
     pub max_iter: u32,
@@ -44,7 +44,7 @@ pub struct LpSettings {
 }
 
 /// The LP's two exact formulations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Formulation {
     /// By class when there are at most a third as many classes as vehicles, else per vehicle.
@@ -74,12 +74,12 @@ impl Default for LpSettings {
 }
 
 /// What the solver did, recorded in `DispatchPlanCreated`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SolverReport {
     /// clarabel's status (`Solved`, `AlmostSolved`, `PrimalInfeasible`, ...).
     pub status: String,
     /// `per_vehicle` or `by_class` (see [`Classes`]).
-    pub formulation: &'static str,
+    pub formulation: String,
     /// Interior-point iterations.
     pub iterations: u32,
     /// Solve time as clarabel measured it, ms.
@@ -157,7 +157,7 @@ impl LpDispatcher {
         let caps: Vec<f64> = caps.iter().map(|c| c.max(0.0)).collect();
         let mut report = SolverReport {
             status: String::new(),
-            formulation: "per_vehicle",
+            formulation: "per_vehicle".to_owned(),
             iterations: 0,
             solve_time_ms: 0.0,
             objective: 0.0,
@@ -178,7 +178,7 @@ impl LpDispatcher {
             Formulation::ByClass => true,
         };
         let (vars, m) = if by_class {
-            report.formulation = "by_class";
+            report.formulation = "by_class".to_owned();
             self.build_by_class(target, &value, &caps, limits, &classes)
         } else {
             self.build(target, &value, &caps, limits)
@@ -626,7 +626,7 @@ mod tests {
                 let (a, ra) = solve(Formulation::PerVehicle).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let (b, rb) = solve(Formulation::ByClass).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 assert_feasible(req, &b, "by class")?;
-                prop_assert_eq!((ra.formulation, rb.formulation), ("per_vehicle", "by_class"));
+                prop_assert_eq!((ra.formulation.as_str(), rb.formulation.as_str()), ("per_vehicle", "by_class"));
                 let (oa, ob) = (objective(&scores, &a, req.target_kw), objective(&scores, &b, req.target_kw));
                 // Both answers are polished (amounts below the minimum order dropped or moved);
                 // where the two optima differ in such a crumb, the objectives differ by at most

@@ -32,7 +32,7 @@ pub(crate) fn err(key: impl fmt::Display, message: impl Into<String>) -> ConfigE
 }
 
 /// A validated config.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// The site name (also the region).
     pub site: String,
@@ -51,7 +51,7 @@ pub struct Config {
 }
 
 /// Validated `mqtt:`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MqttConfig {
     /// Host.
     pub host: String,
@@ -74,7 +74,7 @@ pub struct MqttConfig {
 }
 
 /// Validated `store:`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoreConfig {
     /// SQLite file.
     pub path: String,
@@ -83,7 +83,7 @@ pub struct StoreConfig {
 }
 
 /// Validated `dispatch:`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DispatchConfig {
     /// ACK deadline, ms.
     pub ack_timeout_ms: i64,
@@ -114,7 +114,7 @@ pub struct DispatchConfig {
 }
 
 /// A validated segment.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     /// `lp` (true) or `heuristic`.
     pub lp: bool,
@@ -125,7 +125,7 @@ pub struct Segment {
 }
 
 /// Validated site limits, kW (`None` = unlimited).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Export (up) limit.
     pub export_kw: Option<f64>,
@@ -145,7 +145,7 @@ impl Limits {
 }
 
 /// A validated demand-response program.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Program {
     /// MW needed.
     pub required_mw: f64,

@@ -1,6 +1,6 @@
 //! The dispatches in flight, indexed by order id, with their deadlines.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::dispatch::fallback::Reallocation;
 use crate::model::{Ack, VehicleId};
@@ -12,7 +12,7 @@ use super::Step;
 /// The dispatches in flight, with their order index and deadlines.
 #[derive(Debug, Default)]
 pub struct DispatchBook {
-    pub(super) live: HashMap<String, Dispatch>,
+    pub(super) live: BTreeMap<String, Dispatch>,
     pub(super) orders: HashMap<String, String>,
     pub(super) settled: HashSet<String>,
     pub(super) settled_order: VecDeque<String>,

@@ -3,18 +3,19 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde::Serialize;
-use serde_json::json;
-
 use crate::allocation::limits::LimitSet;
 use crate::allocation::MIN_ORDER_KW;
 use crate::dispatch::fallback::{Fallback, FallbackCandidate, Reallocation};
-use crate::events::{Event, EventKind};
+use crate::events::payload::{
+    order_number, AcksReceived, AcksTimedOut, DispatchCompleted, FallbackApplied, OrdersCancelled, OrdersSent,
+};
+use crate::events::{Event, Payload};
 use crate::model::{
     Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle, VehicleCounts,
     VehicleId,
 };
 use crate::time::Timestamp;
+use serde::Serialize;
 
 use super::Step;
 
@@ -55,16 +56,6 @@ impl FallbackRequest {
         crate::allocation::repair::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
         r
     }
-}
-
-/// The `DispatchCompleted` payload: the outcome plus how it settled.
-#[derive(Serialize)]
-pub(super) struct CompletedPayload<'a> {
-    #[serde(flatten)]
-    outcome: &'a DispatchOutcome,
-    attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    interrupted: Option<&'a str>,
 }
 
 /// A vehicle ordered in a dispatch: its state at planning time and what it accepted.
@@ -133,6 +124,8 @@ pub struct Dispatch {
     pub(super) acknowledged_kw: f64,
     pub(super) counts: VehicleCounts,
     pub(super) interrupted: Option<String>,
+    /// ACKs taken and not yet recorded: when the last arrived, and the batch.
+    pub(super) unrecorded: Option<(Timestamp, AcksReceived)>,
 }
 
 impl Dispatch {
@@ -164,16 +157,18 @@ impl Dispatch {
         self.orders.iter().map(|(o, _)| o.order_id.as_str())
     }
 
-    fn event(&self, now: Timestamp, kind: EventKind, actor: &str) -> Event {
-        Event::new(now, kind, actor).correlation(&self.id).region(Some(&self.region))
+    fn event<P: Payload>(&self, now: Timestamp, actor: &str, payload: &P) -> Event {
+        Event::of(now, actor, payload).correlation(&self.id).region(Some(&self.region))
     }
 
     /// Starts the next attempt with `orders` (none = settle at once).
     pub(super) fn send(&mut self, now: Timestamp, orders: Vec<Order>) -> Step {
         self.attempt += 1;
         let mut step = Step::default();
+        if let Some(sent) = OrdersSent::of(&orders) {
+            step.events.push(self.event(now, "dispatcher", &sent));
+        }
         for o in orders {
-            step.events.push(self.event(now, EventKind::OrderSent, "dispatcher").payload(&o));
             self.allocated_kw += o.power_kw;
             self.index.insert(o.order_id.clone(), self.orders.len());
             self.orders.push((o.clone(), Answer::Pending));
@@ -219,15 +214,15 @@ impl Dispatch {
             }
         };
         self.orders[i].1 = answer;
+        let n = order_number(&ack.order_id).map_or(0, |(_, n)| n);
+        let acks =
+            self.unrecorded.get_or_insert_with(|| (now, AcksReceived { attempt: self.attempt, ..Default::default() }));
+        acks.0 = now;
+        match answer {
+            Answer::Accepted => acks.1.accepted.push(n),
+            _ => acks.1.rejected.push((n, ack.reason.clone())),
+        }
         let mut step = Step::default();
-        step.events.push(self.event(now, EventKind::AckReceived, &format!("vehicle/{from}")).payload(json!({
-            "order_id": ack.order_id,
-            "vehicle_id": from,
-            "status": ack.status,
-            "reason": ack.reason,
-            "power_kw": power,
-            "attempt": self.attempt,
-        })));
         if !self.orders.iter().any(|(o, a)| *a == Answer::Pending && o.attempt == self.attempt) {
             step.merge(self.settle(now));
         }
@@ -244,9 +239,24 @@ impl Dispatch {
         step
     }
 
+    /// Whether ACKs were taken that no event records yet.
+    pub fn has_unrecorded_acks(&self) -> bool {
+        self.unrecorded.is_some()
+    }
+
+    /// The `AckReceived` event of the ACKs taken since the last one (they are recorded in
+    /// one event per attempt: at the latest when the attempt settles, or when the runtime
+    /// asks, shortly after they arrived). Stamped with the time the last of them arrived.
+    pub fn record_acks(&mut self) -> Option<Event> {
+        let (at, acks) = self.unrecorded.take()?;
+        Some(self.event(at, "vehicles", &acks))
+    }
+
     /// Every pending order times out and is withdrawn (`OrderCancelled`, with `reason`).
     fn cancel_pending(&mut self, now: Timestamp, reason: &str) -> Step {
         let mut step = Step::default();
+        step.events.extend(self.record_acks());
+        let mut timed_out = Vec::new();
         for i in 0..self.orders.len() {
             if self.orders[i].1 != Answer::Pending {
                 continue;
@@ -254,13 +264,16 @@ impl Dispatch {
             self.orders[i].1 = Answer::TimedOut;
             self.counts.timed_out += 1;
             let o = &self.orders[i].0;
-            step.events.push(self.event(now, EventKind::AckTimedOut, "supervisor").payload(json!({
-                "order_id": o.order_id, "vehicle_id": o.vehicle_id, "power_kw": o.power_kw, "attempt": o.attempt,
-            })));
-            let cancel = OrderCancel::of(&o.order_id, &self.id, &o.vehicle_id, reason, now);
-            step.events.push(self.event(now, EventKind::OrderCancelled, "supervisor").payload(&cancel));
-            step.cancels.push(cancel);
+            timed_out.push((o.attempt, order_number(&o.order_id).map_or(0, |(_, n)| n)));
+            step.cancels.push(OrderCancel::of(&o.order_id, &self.id, &o.vehicle_id, reason, now));
         }
+        let mut attempts: Vec<u32> = timed_out.iter().map(|(a, _)| *a).collect();
+        attempts.dedup();
+        for attempt in attempts {
+            let orders = timed_out.iter().filter(|(a, _)| *a == attempt).map(|(_, n)| *n).collect();
+            step.events.push(self.event(now, "supervisor", &AcksTimedOut { attempt, orders }));
+        }
+        step.events.extend(cancel_events(now, "supervisor", &self.region, &step.cancels));
         step
     }
 
@@ -279,6 +292,13 @@ impl Dispatch {
     /// vehicles that accepted (outside `fallback: false` segments); the [`Engine`] fills in
     /// what each still has free and the room of the shared limits.
     fn settle(&mut self, now: Timestamp) -> Step {
+        let acks: Vec<Event> = self.record_acks().into_iter().collect();
+        let mut step = self.settle_recorded(now);
+        step.events.splice(0..0, acks);
+        step
+    }
+
+    fn settle_recorded(&mut self, now: Timestamp) -> Step {
         let residual_kw = self.residual_kw();
         let wants_fallback =
             residual_kw >= MIN_ORDER_KW && self.attempt < self.max_attempts && self.fallback != FallbackKind::Noop;
@@ -314,8 +334,7 @@ impl Dispatch {
         let mut rows = Vec::new();
         for (i, (v, remaining)) in request.candidates.iter().enumerate() {
             let power = realloc.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, *remaining);
-            rows.push(json!({"vehicle_id": v.id, "soc": v.soc, "remaining_kw": remaining, "power_kw": power,
-                             "skipped": realloc.skipped.contains(&i)}));
+            rows.push((v.id.clone(), *remaining, power));
             if power >= MIN_ORDER_KW {
                 orders.push(Order {
                     order_id: format!("{}-{}-{}", self.id, self.attempt + 1, orders.len() + 1),
@@ -331,13 +350,21 @@ impl Dispatch {
         }
         let placed: f64 = orders.iter().map(|o| o.power_kw).sum();
         let mut step = Step::default();
-        step.events.push(self.event(now, EventKind::FallbackApplied, "fallback").payload(json!({
-            "fallback": self.fallback,
-            "attempt": self.attempt + 1,
-            "residual_kw": request.residual_kw,
-            "reallocated_kw": placed,
-            "candidates": rows,
-        })));
+        let mut skipped: Vec<usize> = realloc.skipped.iter().copied().filter(|i| *i < rows.len()).collect();
+        skipped.sort_unstable();
+        skipped.dedup();
+        step.events.push(self.event(
+            now,
+            "fallback",
+            &FallbackApplied {
+                fallback: self.fallback,
+                attempt: self.attempt + 1,
+                residual_kw: request.residual_kw,
+                reallocated_kw: placed,
+                candidates: rows,
+                skipped,
+            },
+        ));
         if orders.is_empty() {
             step.merge(self.complete(now));
         } else {
@@ -375,11 +402,15 @@ impl Dispatch {
             vehicles: self.counts,
             completed_at: now,
         };
-        let event = self.event(now, EventKind::DispatchCompleted, "supervisor").payload(CompletedPayload {
-            outcome: &outcome,
-            attempts: self.attempt,
-            interrupted: self.interrupted.as_deref(),
-        });
+        let event = self.event(
+            now,
+            "supervisor",
+            &DispatchCompleted {
+                outcome: outcome.clone(),
+                attempts: self.attempt,
+                interrupted: self.interrupted.clone(),
+            },
+        );
         // An interrupted dispatch says nothing about the vehicles that had no time to answer.
         let answers = match self.interrupted {
             Some(_) => Vec::new(),
@@ -387,4 +418,20 @@ impl Dispatch {
         };
         Step { events: vec![event], outcomes: vec![outcome], answers, ..Step::default() }
     }
+}
+
+/// The `OrderCancelled` events of `cancels`: one per run of cancels of one dispatch for one
+/// reason.
+pub(super) fn cancel_events(now: Timestamp, actor: &str, region: &str, cancels: &[OrderCancel]) -> Vec<Event> {
+    let mut events = Vec::new();
+    for run in cancels.chunk_by(|a, b| a.dispatch_id == b.dispatch_id && a.reason == b.reason) {
+        let first = &run[0];
+        let payload = OrdersCancelled {
+            reason: first.reason.clone(),
+            at: first.at,
+            orders: run.iter().filter_map(|c| order_number(&c.order_id)).collect(),
+        };
+        events.push(Event::of(now, actor, &payload).correlation(&first.dispatch_id).region(Some(region)));
+    }
+    events
 }

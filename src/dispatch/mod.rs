@@ -29,13 +29,12 @@ pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S};
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::json;
-
 use crate::allocation::limits::LimitSet;
 use crate::allocation::{Candidate, MIN_ORDER_KW};
 use crate::config::Limits;
 use crate::dispatch::fallback::Reallocation;
-use crate::events::{Event, EventKind};
+use crate::events::payload::{DispatchInterrupted, VehicleLost};
+use crate::events::Event;
 use crate::model::{Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, Vehicle, VehicleId};
 use crate::time::Timestamp;
 use ledger::{Commitment, Ledger};
@@ -245,25 +244,24 @@ impl Engine {
         orders: &[(String, Order, bool)],
     ) -> Step {
         let region = self.planner.cfg.region.clone();
-        let event = |kind, dispatch_id: &str| {
-            Event::new(now, kind, "supervisor").correlation(dispatch_id).region(Some(&region))
-        };
         let mut step = Step::default();
         for (dispatch_id, signal_id) in unfinished {
-            step.events.push(event(EventKind::DispatchInterrupted, dispatch_id).payload(json!({
-                "dispatch_id": dispatch_id, "signal_id": signal_id,
-                "reason": "found unfinished at start-up: the gateway stopped before it settled"})));
+            let payload = DispatchInterrupted {
+                dispatch_id: dispatch_id.clone(),
+                signal_id: signal_id.clone(),
+                reason: "found unfinished at start-up: the gateway stopped before it settled".to_owned(),
+            };
+            step.events.push(Event::of(now, "supervisor", &payload).correlation(dispatch_id).region(Some(&region)));
         }
         for (signal_id, order, accepted) in orders {
             if *accepted {
                 self.restore(signal_id, order, true);
             } else {
                 let why = "unanswered when the gateway stopped";
-                let cancel = OrderCancel::of(&order.order_id, &order.dispatch_id, &order.vehicle_id, why, now);
-                step.events.push(event(EventKind::OrderCancelled, &order.dispatch_id).payload(&cancel));
-                step.cancels.push(cancel);
+                step.cancels.push(OrderCancel::of(&order.order_id, &order.dispatch_id, &order.vehicle_id, why, now));
             }
         }
+        step.events.extend(machine::cancel_events(now, "supervisor", &region, &step.cancels));
         step
     }
 
@@ -319,13 +317,14 @@ impl Engine {
     fn withdraw(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Step {
         let mut step = self.book.interrupt(now, dispatch_id, why).unwrap_or_default();
         self.release(&step.cancels);
+        let mut cancels = Vec::new();
         for order_id in self.ledger.orders_of(dispatch_id) {
             if let Some(c) = self.ledger.release(&order_id) {
-                let cancel = OrderCancel::of(&c.order_id, &c.dispatch_id, &c.vehicle_id, why, now);
-                step.events.push(self.cancel_event(now, &cancel));
-                step.cancels.push(cancel);
+                cancels.push(OrderCancel::of(&c.order_id, &c.dispatch_id, &c.vehicle_id, why, now));
             }
         }
+        step.events.extend(machine::cancel_events(now, "dispatcher", &self.planner.cfg.region, &cancels));
+        step.cancels.extend(cancels);
         step
     }
 
@@ -343,13 +342,6 @@ impl Engine {
             self.planner.forget_signal(&id);
         }
         Some(step)
-    }
-
-    fn cancel_event(&self, now: Timestamp, cancel: &OrderCancel) -> Event {
-        Event::new(now, EventKind::OrderCancelled, "dispatcher")
-            .correlation(&cancel.dispatch_id)
-            .region(Some(&self.planner.cfg.region))
-            .payload(cancel)
     }
 
     fn commit(&mut self, orders: &[Order]) {
@@ -372,11 +364,10 @@ impl Engine {
         if !lost || change != FleetChange::Lost {
             return (change, event);
         }
-        let released: Vec<String> = self.ledger.release_vehicle(&id).into_iter().map(|c| c.order_id).collect();
-        let event = Event::new(now, EventKind::VehicleLost, format!("vehicle/{id}"))
-            .region(Some(&self.planner.cfg.region))
-            .payload(json!({ "vehicle_id": id, "released_orders": released }));
-        (change, Some(event))
+        let released_orders = self.ledger.release_vehicle(&id).into_iter().map(|c| c.order_id).collect();
+        let actor = format!("vehicle/{id}");
+        let lost = VehicleLost { vehicle_id: id, released_orders };
+        (change, Some(Event::of(now, actor, &lost).region(Some(&self.planner.cfg.region))))
     }
 
     /// Takes an ACK from `from` (the vehicle whose topic it came on).
@@ -392,6 +383,21 @@ impl Engine {
         }
         self.fill_fallback(&mut step);
         Ok(step)
+    }
+
+    /// Whether ACKs were taken that no event records yet (see [`Engine::record_acks`]).
+    pub fn has_unrecorded_acks(&self) -> bool {
+        self.book.live.values().any(Dispatch::has_unrecorded_acks)
+    }
+
+    /// The `AckReceived` events of every ACK taken and not yet recorded, one per attempt.
+    /// ACKs are recorded in batches: the runtime calls this shortly after they arrive, and
+    /// a dispatch records its own before anything else it decides. Until then an ACK is
+    /// known in memory only; a gateway killed meanwhile treats the order as unanswered at
+    /// its next start, and cancels it.
+    pub fn record_acks(&mut self) -> Step {
+        let events = self.book.live.values_mut().filter_map(Dispatch::record_acks).collect();
+        Step { events, ..Step::default() }
     }
 
     /// Settles every attempt whose deadline is at or before `now`: unanswered orders are

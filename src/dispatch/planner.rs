@@ -5,14 +5,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use serde::Serialize;
-use serde_json::json;
 
 use crate::allocation::filter::{Exclusion, VehicleFilter};
 use crate::allocation::limits::LimitSet;
 use crate::allocation::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
-use crate::events::{Event, EventKind};
+use crate::events::payload::{
+    fleet_fingerprint, ConstraintApplied, Excluded, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost,
+    VehicleState,
+};
+use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
-use crate::model::{Direction, FallbackKind, Order, Signal, StrategyKind, Vehicle, VehicleCounts, VehicleId};
+use crate::model::{Direction, Order, Signal, Vehicle, VehicleCounts, VehicleId};
 use crate::time::Timestamp;
 
 use super::ledger::Ledger;
@@ -93,6 +96,11 @@ pub struct Planner {
 /// A default signal length for [`Planner::capacity`], seconds.
 pub const CAPACITY_HORIZON_S: u64 = 900;
 
+/// SoC steps smaller than this (a fraction of the battery: 0.5 %) are not a new state of
+/// a known vehicle: they are neither planned with nor recorded (see
+/// [`Vehicle::same_for_planning`]).
+pub const SOC_DEADBAND: f64 = 0.005;
+
 impl Planner {
     /// A planner with no vehicles.
     pub fn new(cfg: EngineConfig, filter: Box<dyn VehicleFilter>, strategy: Box<dyn Dispatcher>) -> Self {
@@ -119,6 +127,16 @@ impl Planner {
     /// redelivery is still a duplicate.
     pub fn remember_signal(&mut self, id: &str) {
         self.seen.insert(id);
+    }
+
+    /// The signal ids remembered, oldest first.
+    pub fn seen_signals(&self) -> impl Iterator<Item = &str> {
+        self.seen.order.iter().map(String::as_str)
+    }
+
+    /// The number of the last dispatch planned (`d<ms>-<n>`).
+    pub fn dispatch_count(&self) -> u64 {
+        self.dispatches
     }
 
     /// Forgets a signal id (its dispatch could not be recorded), so that it is no duplicate.
@@ -200,13 +218,20 @@ impl Planner {
         self.fleet.values()
     }
 
+    /// Knows `vehicle` as the log last recorded it (start-up; no event).
+    pub fn restore_vehicle(&mut self, vehicle: Vehicle) {
+        self.fleet.insert(vehicle.id.clone(), vehicle);
+    }
+
     /// One vehicle's latest state.
     pub fn vehicle(&self, id: &VehicleId) -> Option<&Vehicle> {
         self.fleet.get(id)
     }
 
-    /// Applies a vehicle's state (`None` = it left); returns the change and, for a
-    /// discovery or a loss, the event to record.
+    /// Applies a vehicle's state (`None` = it left); returns the change and the event to
+    /// record: `VehicleDiscovered`, `VehicleStateChanged` or `VehicleLost`. A state that
+    /// differs from the known one only by a SoC step below [`SOC_DEADBAND`] changes nothing
+    /// and is not recorded, so the fleet a plan sees is always the fleet the log holds.
     pub fn apply_state(
         &mut self,
         now: Timestamp,
@@ -214,22 +239,24 @@ impl Planner {
         state: Option<Vehicle>,
     ) -> (FleetChange, Option<Event>) {
         let actor = format!("vehicle/{id}");
+        let region = Some(self.cfg.region.as_str());
         match state {
             Some(v) => {
-                let event =
-                    Event::new(now, EventKind::VehicleDiscovered, actor).region(Some(&self.cfg.region)).payload(&v);
-                match self.fleet.insert(id, v) {
-                    None => (FleetChange::Discovered, Some(event)),
-                    Some(_) => (FleetChange::Updated, None),
-                }
+                let change = match self.fleet.get(&id) {
+                    None => FleetChange::Discovered,
+                    Some(known) if known.same_for_planning(&v, SOC_DEADBAND) => return (FleetChange::Unchanged, None),
+                    Some(_) => FleetChange::Updated,
+                };
+                let payload = VehicleState { vehicle: v, discovered: change == FleetChange::Discovered };
+                let event = Event::of(now, actor, &payload).region(region);
+                self.fleet.insert(id, payload.vehicle);
+                (change, Some(event))
             }
             None => match self.fleet.remove(&id) {
                 Some(_) => {
                     self.participation.remove(&id);
-                    let event = Event::new(now, EventKind::VehicleLost, actor)
-                        .region(Some(&self.cfg.region))
-                        .payload(json!({ "vehicle_id": id }));
-                    (FleetChange::Lost, Some(event))
+                    let lost = VehicleLost { vehicle_id: id, released_orders: Vec::new() };
+                    (FleetChange::Lost, Some(Event::of(now, actor, &lost).region(region)))
                 }
                 None => (FleetChange::Unchanged, None),
             },
@@ -325,7 +352,7 @@ impl Planner {
         self.dispatches += 1;
         let dispatch_id = format!("d{}-{}", now.as_millis(), self.dispatches);
         let region = Some(self.cfg.region.as_str());
-        let ev = |kind| Event::new(now, kind, "dispatcher").correlation(&dispatch_id).region(region);
+        let ev = |e: Event| e.correlation(&dispatch_id).region(region);
 
         let predicted = self.predicted(now);
         let (candidates, excluded) =
@@ -338,29 +365,28 @@ impl Planner {
         let allocation = self.strategy.allocate(&req);
 
         let mut events = vec![
-            ev(EventKind::SignalReceived).payload(&signal),
-            ev(EventKind::ConstraintApplied).payload(json!({
-                "eligible": candidates.len(),
-                "excluded": excluded.iter().map(|(id, why)| json!({"vehicle_id": id, "reason": why})).collect::<Vec<_>>(),
-                "capacity_kw": capacity_kw,
-                "target_kw": target_kw,
-                "target_capped_to_capacity": capacity_kw < target_kw,
-                "limits": limits.rows,
-            })),
+            ev(Event::of(now, "dispatcher", &SignalReceived { signal: signal.clone() })),
+            ev(Event::of(
+                now,
+                "dispatcher",
+                &ConstraintApplied {
+                    eligible: candidates.len(),
+                    excluded: excluded
+                        .iter()
+                        .map(|(id, why)| Excluded { vehicle_id: (*id).clone(), reason: *why })
+                        .collect(),
+                    capacity_kw,
+                    target_kw,
+                    target_capped_to_capacity: capacity_kw < target_kw,
+                    limits: limits.rows.clone(),
+                },
+            )),
         ];
         let until = signal.end();
         let mut orders = Vec::new();
         let mut slots = HashMap::new();
-        let mut plan_rows = Vec::with_capacity(candidates.len());
         for (i, c) in candidates.iter().enumerate() {
             let power = allocation.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, c.capacity_kw);
-            plan_rows.push(PlanRow {
-                vehicle: c.vehicle,
-                capacity_kw: c.capacity_kw,
-                participation: c.participation,
-                score: allocation.scores.get(i).copied(),
-                power_kw: power,
-            });
             if power < MIN_ORDER_KW {
                 continue;
             }
@@ -382,29 +408,36 @@ impl Planner {
             .zip(allocation.power_kw.iter().chain(std::iter::repeat(&0.0)))
             .map(|(c, p)| if *p >= MIN_ORDER_KW { p.clamp(0.0, c.capacity_kw) } else { 0.0 })
             .collect();
-        let limit_loads: Vec<LoadRow<'_>> = limits
+        let limit_loads: Vec<LoadRow> = limits
             .loads(&powers)
             .into_iter()
             .zip(&limits.rows)
-            .map(|(load_kw, row)| LoadRow { name: &row.name, load_kw, cap_kw: row.cap_kw })
+            .map(|(load_kw, row)| LoadRow { name: row.name.clone(), load_kw, cap_kw: row.cap_kw })
             .collect();
-        let mut predicted_ids: Vec<&VehicleId> = predicted.keys().collect();
-        predicted_ids.sort();
-        events.push(ev(EventKind::DispatchPlanCreated).payload(PlanPayload {
-            dispatch_id: &dispatch_id,
-            signal_id: &signal.id,
-            strategy: allocation.strategy,
-            note: allocation.note.as_deref(),
-            solver: allocation.solver.as_ref(),
-            weights: allocation.weights.as_ref(),
-            predicted_availability: predicted_ids,
-            fallback: self.cfg.fallback,
-            target_kw,
-            allocated_kw,
-            rounds: allocation.rounds,
-            limit_loads,
-            candidates: plan_rows,
-        }));
+        let mut predicted_availability: Vec<VehicleId> = predicted.keys().cloned().collect();
+        predicted_availability.sort();
+        events.push(ev(Event::of(
+            now,
+            "dispatcher",
+            &PlanCreated {
+                dispatch_id: dispatch_id.clone(),
+                signal_id: signal.id.clone(),
+                strategy: allocation.strategy,
+                note: allocation.note.clone(),
+                solver: allocation.solver.clone(),
+                weights: allocation.weights,
+                predicted_availability,
+                fallback: self.cfg.fallback,
+                target_kw,
+                allocated_kw,
+                rounds: allocation.rounds,
+                limit_loads,
+                fleet: Some(FleetRef {
+                    vehicles: self.fleet.len(),
+                    fingerprint: fleet_fingerprint(self.fleet.values()),
+                }),
+            },
+        )));
 
         self.note_participation(orders.iter().map(|o| &o.vehicle_id));
 
@@ -426,6 +459,7 @@ impl Planner {
             acknowledged_kw: 0.0,
             counts: VehicleCounts::default(),
             interrupted: None,
+            unrecorded: None,
         };
         let mut step = Step { events, ..Step::default() };
         step.merge(dispatch.send(now, orders));
@@ -465,40 +499,4 @@ fn candidates<'a>(
         out.push(Candidate { vehicle: v, capacity_kw, participation });
     }
     (out, excluded)
-}
-
-/// One candidate in `DispatchPlanCreated`.
-#[derive(Serialize)]
-struct PlanRow<'a> {
-    vehicle: &'a Vehicle,
-    capacity_kw: f64,
-    participation: f64,
-    score: Option<f64>,
-    power_kw: f64,
-}
-
-/// A shared row's load in `DispatchPlanCreated`.
-#[derive(Serialize)]
-struct LoadRow<'a> {
-    name: &'a str,
-    load_kw: f64,
-    cap_kw: f64,
-}
-
-/// The `DispatchPlanCreated` payload: the inputs, the strategy's report and the result.
-#[derive(Serialize)]
-struct PlanPayload<'a> {
-    dispatch_id: &'a str,
-    signal_id: &'a str,
-    strategy: StrategyKind,
-    note: Option<&'a str>,
-    solver: Option<&'a crate::allocation::lp::SolverReport>,
-    weights: Option<&'a crate::allocation::Weights>,
-    predicted_availability: Vec<&'a VehicleId>,
-    fallback: FallbackKind,
-    target_kw: f64,
-    allocated_kw: f64,
-    rounds: u32,
-    limit_loads: Vec<LoadRow<'a>>,
-    candidates: Vec<PlanRow<'a>>,
 }

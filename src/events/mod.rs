@@ -11,6 +11,12 @@ use serde_json::Value;
 
 use crate::time::Timestamp;
 
+pub mod payload;
+pub mod projection;
+
+pub use payload::{decode, Decoded, Payload, PayloadError};
+pub use projection::{DispatchProjection, ProjectedState, ProjectionError};
+
 macro_rules! event_kinds {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// The contract's event kinds.
@@ -83,6 +89,10 @@ event_kinds! {
     /// The event log could be written again after it failed (since when, why, how many
     /// signals were refused meanwhile).
     LogRecovered,
+    /// A known vehicle's state changed in a way that matters to a plan.
+    VehicleStateChanged,
+    /// The validated configuration in force (at start-up, and whenever it changes).
+    ConfigRecorded,
 }
 
 impl EventKind {
@@ -121,6 +131,12 @@ impl Event {
     /// An event with an empty payload; fill it in with the builder methods.
     pub fn new(ts: Timestamp, kind: EventKind, actor: impl Into<String>) -> Self {
         Self { ts, kind, correlation_id: None, actor: actor.into(), region: None, payload: "{}".to_owned() }
+    }
+
+    /// The event recording `payload`, written in its current version.
+    pub fn of<P: Payload>(ts: Timestamp, actor: impl Into<String>, payload: &P) -> Self {
+        let versioned = payload::Versioned { v: P::VERSION, payload };
+        Self::new(ts, payload.kind(), actor).payload(versioned)
     }
 
     /// Sets the correlation id.
@@ -240,7 +256,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 24);
+        assert_eq!(EventKind::ALL.len(), 26);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 

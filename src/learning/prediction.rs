@@ -20,7 +20,7 @@ use crate::model::VehicleId;
 use crate::time::Timestamp;
 
 /// Settings of the [`PredictionEngine`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PredictionConfig {
     /// Age at which an observation weighs half, days.
     pub half_life_days: f64,

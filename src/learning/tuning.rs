@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::Weights;
-use crate::events::{Event, EventKind};
+use crate::events::Event;
 use crate::model::{DispatchOutcome, SignalType};
 use crate::time::Timestamp;
 
@@ -35,10 +35,9 @@ pub struct WeightsChange {
 impl WeightsChange {
     /// The `WeightsTuned` event recording this change.
     pub fn event(&self, now: Timestamp, region: &str) -> Event {
-        Event::new(now, EventKind::WeightsTuned, "tuner")
+        Event::of(now, "tuner", &crate::events::payload::WeightsTuned { change: self.clone() })
             .correlation(&self.dispatch_id)
             .region(Some(region))
-            .payload(self)
     }
 }
 
@@ -201,6 +200,7 @@ impl LearningTuner for AckBasedTuner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::EventKind;
     use crate::model::{Direction, FallbackKind, StrategyKind, VehicleCounts};
 
     fn outcome(kind: SignalType, accepted: u32, rejected: u32, timed_out: u32) -> DispatchOutcome {

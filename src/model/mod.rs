@@ -288,6 +288,14 @@ impl Vehicle {
         }
     }
 
+    /// Whether `other` is this state as far as a plan can tell: every field equal, and the
+    /// SoC within `soc_deadband` (a fraction of the battery) of this one. The gateway
+    /// records a vehicle's state only when it changes beyond that, so a fleet that drifts
+    /// by a few Wh does not write a row per vehicle per report.
+    pub fn same_for_planning(&self, other: &Vehicle, soc_deadband: f64) -> bool {
+        (self.soc - other.soc).abs() < soc_deadband && *self == Vehicle { soc: self.soc, ..other.clone() }
+    }
+
     /// The power rating in a direction, kW.
     pub fn rating_kw(&self, direction: Direction) -> f64 {
         match direction {

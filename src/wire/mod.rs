@@ -145,12 +145,14 @@ pub fn rejection_event(
         Ok(v) if payload.len() <= KEEP => v,
         _ => Value::String(String::from_utf8_lossy(&payload[..payload.len().min(KEEP / 4)]).into_owned()),
     };
-    Event::new(now, kind, actor).region(Some(region)).payload(serde_json::json!({
-        "topic": topic,
-        "error": error,
-        "bytes": payload.len(),
-        "message": message,
-    }))
+    let rejected = crate::events::payload::Rejected {
+        topic: topic.to_owned(),
+        error: error.to_owned(),
+        bytes: payload.len(),
+        message,
+        signal: kind == EventKind::SignalRejected,
+    };
+    Event::of(now, actor, &rejected).region(Some(region))
 }
 
 impl Rejection {

@@ -216,6 +216,32 @@ impl Gateway {
         assert!(out.status.success(), "events failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON row")).collect()
     }
+
+    /// The rows of `sql` on the log, read-only, as a `sqlite3` user would run it: each row
+    /// a JSON object by column name.
+    pub fn query(&self, sql: &str) -> Vec<Value> {
+        let conn = rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open the log");
+        let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let mut rows = stmt.query([]).expect("query");
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().expect("a row") {
+            let mut obj = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                let v = match r.get_ref(i).expect("a column") {
+                    rusqlite::types::ValueRef::Null => Value::Null,
+                    rusqlite::types::ValueRef::Integer(n) => Value::from(n),
+                    rusqlite::types::ValueRef::Real(x) => Value::from(x),
+                    rusqlite::types::ValueRef::Text(t) => Value::from(String::from_utf8_lossy(t).into_owned()),
+                    rusqlite::types::ValueRef::Blob(b) => Value::from(b.len()),
+                };
+                obj.insert(name.clone(), v);
+            }
+            out.push(Value::Object(obj));
+        }
+        out
+    }
 }
 
 impl Drop for Gateway {

@@ -10,37 +10,16 @@
 //! The table is the contract's `events` table. Triggers refuse UPDATE and DELETE, so the
 //! log is append-only even against a careless `sqlite3` session.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use gridweaver_core::allocation::Weights;
-use gridweaver_core::events::{Event, EventKind, StoredEvent};
-use gridweaver_core::learning::tuning::WeightsChange;
-use gridweaver_core::model::{Order, SignalType, VehicleId};
+use gridweaver_core::events::{DispatchProjection, Event, EventKind, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
-/// The schema: the contract's table, indexes for the CLI's filters, append-only triggers.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-  seq            INTEGER PRIMARY KEY,
-  ts_ms          INTEGER NOT NULL,
-  kind           TEXT    NOT NULL,
-  correlation_id TEXT,
-  actor          TEXT    NOT NULL,
-  region         TEXT,
-  payload        TEXT    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id);
-CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind);
-CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
-  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
-";
+pub mod schema;
 
 /// What can go wrong with the event log.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +47,22 @@ pub enum StoreError {
         seq: i64,
         /// The parser's answer.
         error: serde_json::Error,
+    },
+    /// A row the projection cannot read.
+    #[error("{}: {error}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Which row, and why.
+        error: gridweaver_core::events::ProjectionError,
+    },
+    /// A log written by a newer build.
+    #[error("the event log has schema version {found}; this build knows up to {known}: use a newer gridweaver")]
+    NewerSchema {
+        /// Its version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
     },
     /// A read or write failed.
     #[error("event log: {0}")]
@@ -116,7 +111,7 @@ pub struct StoreHandle {
 /// Opens (creating if needed) the database at `path` and applies the schema.
 pub fn open_writer(path: &Path, sync_full: bool) -> Result<Connection, StoreError> {
     let open = |error| StoreError::Open { path: path.to_owned(), error };
-    let conn = Connection::open(path).map_err(open)?;
+    let mut conn = Connection::open(path).map_err(open)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(mode, "SQLite refused WAL mode; continuing in {mode} mode");
@@ -126,7 +121,7 @@ pub fn open_writer(path: &Path, sync_full: bool) -> Result<Connection, StoreErro
     // A small page cache: the writer appends and reads little (the gateway's RAM budget;
     // at 1,000 vehicles SQLite was 2 MB of the gateway's 8 MB live heap with 1 MiB here).
     conn.pragma_update(None, "cache_size", -512)?;
-    conn.execute_batch(SCHEMA).map_err(open)?;
+    schema::migrate(&mut conn)?;
     Ok(conn)
 }
 
@@ -134,10 +129,11 @@ impl StoreHandle {
     /// Starts the writer thread on `conn`.
     pub fn start(conn: Connection) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
         let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+        let chain = schema::last_hash(&conn)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let join = thread::Builder::new()
             .name("store".into())
-            .spawn(move || writer(conn, rx, u64::try_from(next).unwrap_or(1)))
+            .spawn(move || writer(conn, rx, u64::try_from(next).unwrap_or(1), chain))
             .map_err(StoreError::Thread)?;
         Ok((StoreHandle { tx }, join))
     }
@@ -169,7 +165,7 @@ impl StoreHandle {
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64, mut chain: String) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -188,9 +184,10 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
                 Err(_) => break,
             }
         }
-        match write_batch(&mut conn, &batch, next) {
-            Ok((after, mut rendered)) => {
+        match write_batch(&mut conn, &batch, next, &chain) {
+            Ok((after, hash, mut rendered)) => {
                 next = after;
+                chain = hash;
                 let mut seq = next - rendered.iter().map(Vec::len).sum::<usize>() as u64;
                 for (req, rows) in batch.drain(..).zip(rendered.drain(..)) {
                     match req {
@@ -228,33 +225,53 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64) {
 /// before the writer thread owns the connection.
 pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> Result<(), StoreError> {
     let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
-    write_batch(conn, &[Request::Append { events, reply: None }], u64::try_from(next).unwrap_or(1))?;
+    let chain = schema::last_hash(conn)?;
+    write_batch(conn, &[Request::Append { events, reply: None }], u64::try_from(next).unwrap_or(1), &chain)?;
     Ok(())
 }
 
-/// Writes every append of `batch` in one transaction. Returns the next seq and, per
-/// request, its rows rendered as JSON.
-fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> Result<(u64, Vec<Vec<String>>), StoreError> {
+/// Writes every append of `batch` in one transaction, each row chained to the one before
+/// (`chain`: the last row's hash). Returns the next seq, the last hash and, per request,
+/// its rows rendered as JSON.
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[Request],
+    mut seq: u64,
+    chain: &str,
+) -> Result<(u64, String, Vec<Vec<String>>), StoreError> {
     let tx = conn.transaction()?;
     let mut rendered = Vec::with_capacity(batch.len());
+    let mut hash = chain.to_owned();
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
+        let mut link = tx.prepare_cached("INSERT INTO event_chain (seq, hash) VALUES (?1, ?2)")?;
         for req in batch {
             let mut rows = Vec::new();
             if let Request::Append { events, .. } = req {
                 for e in events {
                     let payload = e.payload.as_str();
+                    let row = schema::RowRef {
+                        seq: i64::try_from(seq)?,
+                        ts_ms: e.ts.as_millis(),
+                        kind: e.kind.as_str(),
+                        correlation_id: e.correlation_id.as_deref(),
+                        actor: &e.actor,
+                        region: e.region.as_deref(),
+                        payload,
+                    };
                     insert.execute(params![
-                        i64::try_from(seq)?,
-                        e.ts.as_millis(),
-                        e.kind.as_str(),
-                        e.correlation_id,
-                        e.actor,
-                        e.region,
-                        payload
+                        row.seq,
+                        row.ts_ms,
+                        row.kind,
+                        row.correlation_id,
+                        row.actor,
+                        row.region,
+                        row.payload
                     ])?;
+                    hash = schema::chain_hash(&hash, &row);
+                    link.execute(params![row.seq, hash])?;
                     rows.push(tail_json(seq, e, payload));
                     seq += 1;
                 }
@@ -263,7 +280,7 @@ fn write_batch(conn: &mut Connection, batch: &[Request], mut seq: u64) -> Result
         }
     }
     tx.commit()?;
-    Ok((seq, rendered))
+    Ok((seq, hash, rendered))
 }
 
 /// Live-tail payloads larger than this are replaced by a note of their size: the tail is
@@ -334,245 +351,106 @@ impl Reader {
     pub fn for_each<E: From<StoreError>>(
         &self,
         q: &Query,
-        mut f: impl FnMut(StoredEvent) -> Result<(), E>,
+        f: impl FnMut(StoredEvent) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut sql =
-            String::from("SELECT seq, ts_ms, kind, correlation_id, actor, region, payload FROM events WHERE 1=1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        if let Some(k) = q.kind {
-            sql.push_str(" AND kind = ?");
-            args.push(k.as_str().to_owned().into());
-        }
-        if let Some(c) = &q.correlation {
-            sql.push_str(" AND correlation_id = ?");
-            args.push(c.clone().into());
-        }
-        if let Some(t) = q.since_ms {
-            sql.push_str(" AND ts_ms >= ?");
-            args.push(t.into());
-        }
-        if let Some(t) = q.until_ms {
-            sql.push_str(" AND ts_ms <= ?");
-            args.push(t.into());
-        }
-        sql.push_str(" ORDER BY seq");
-        let mut stmt = self.conn.prepare(&sql).map_err(StoreError::from)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(StoreError::from)?;
-        while let Some(r) = rows.next().map_err(StoreError::from)? {
-            let payload: String = r.get(6).map_err(StoreError::from)?;
-            let seq: i64 = r.get(0).map_err(StoreError::from)?;
-            f(StoredEvent {
-                seq: u64::try_from(seq).unwrap_or(0),
-                ts_ms: r.get(1).map_err(StoreError::from)?,
-                kind: r.get(2).map_err(StoreError::from)?,
-                correlation_id: r.get(3).map_err(StoreError::from)?,
-                actor: r.get(4).map_err(StoreError::from)?,
-                region: r.get(5).map_err(StoreError::from)?,
-                payload: serde_json::from_str(&payload).map_err(|error| StoreError::BadPayload {
-                    path: self.path.clone(),
-                    seq,
-                    error,
-                })?,
-            })?;
-        }
-        Ok(())
+        for_each_row(&self.conn, &self.path, q, f)
     }
 }
 
-/// What a restart needs from the log.
-#[derive(Debug, Default)]
-pub struct Recovery {
-    /// Ids of signals already received (newest last), for duplicate detection.
-    pub signal_ids: Vec<String>,
-    /// Highest leader term seen on a signal.
-    pub highest_term: Option<u64>,
-    /// Dispatches planned but never completed: (dispatch id, signal id).
-    pub unfinished: Vec<(String, String)>,
-    /// The latest tuned weights per signal type (from `WeightsTuned`).
-    pub tuned: Vec<(SignalType, Weights)>,
-    /// Answers to orders of the last 30 days (vehicle, when, accepted?), oldest first.
-    pub answers: Vec<(VehicleId, Timestamp, bool)>,
-    /// Orders still committed (not rejected, timed out or cancelled, window not over), with
-    /// their signal id and whether they were accepted, in the order they were sent.
-    pub commitments: Vec<(String, Order, bool)>,
-    /// The vehicles each of the last dispatches ordered in its first attempt, oldest
-    /// first (the fairness scores are replayed from them).
-    pub participation: Vec<Vec<VehicleId>>,
-    /// The dispatch counter of the last dispatch planned (`d<ms>-<n>`), so that ids stay
-    /// unique across restarts and clock steps.
-    pub dispatches: u64,
-}
-
-/// The orders that `conn` says are still committed at `now`: sent within `horizon_ms`
-/// before `now`, never rejected, timed out or cancelled, with a window ending after `now`.
-fn committed_orders(
+/// Calls `f` on every event of `conn` matching `q`, in seq order, without collecting them.
+fn for_each_row<E: From<StoreError>>(
     conn: &Connection,
-    now: Timestamp,
-    horizon_ms: i64,
-) -> Result<Vec<(String, Order, bool)>, StoreError> {
-    let since = now.as_millis().saturating_sub(horizon_ms);
-    let mut signal_of: HashMap<String, String> = HashMap::new();
-    let mut stmt = conn.prepare(
-        "SELECT correlation_id, json_extract(payload, '$.signal_id') FROM events
-         WHERE kind = 'DispatchPlanCreated' AND ts_ms >= ?1",
-    )?;
-    let mut rows = stmt.query([since])?;
-    while let Some(r) = rows.next()? {
-        if let (Some(d), Some(sig)) = (r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?) {
-            signal_of.insert(d, sig);
-        }
+    path: &Path,
+    q: &Query,
+    mut f: impl FnMut(StoredEvent) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut sql = String::from("SELECT seq, ts_ms, kind, correlation_id, actor, region, payload FROM events WHERE 1=1");
+    let mut args: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(k) = q.kind {
+        sql.push_str(" AND kind = ?");
+        args.push(k.as_str().to_owned().into());
     }
-    let mut orders: Vec<(Order, bool)> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut released: HashSet<String> = HashSet::new();
-    let mut stmt = conn.prepare(
-        "SELECT kind, payload, json_extract(payload, '$.order_id'), json_extract(payload, '$.status') FROM events
-         WHERE kind IN ('OrderSent', 'AckReceived', 'AckTimedOut', 'OrderCancelled') AND ts_ms >= ?1 ORDER BY seq",
-    )?;
-    let mut rows = stmt.query([since])?;
-    while let Some(r) = rows.next()? {
-        let kind: String = r.get(0)?;
-        let Some(order_id) = r.get::<_, Option<String>>(2)? else { continue };
-        match kind.as_str() {
-            "OrderSent" => {
-                let payload: String = r.get(1)?;
-                match serde_json::from_str::<Order>(&payload) {
-                    Ok(o) if o.until > now => {
-                        index.insert(order_id, orders.len());
-                        orders.push((o, false));
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "an OrderSent event could not be read; skipped"),
-                }
-            }
-            "AckReceived" if r.get::<_, Option<String>>(3)?.as_deref() == Some("accepted") => {
-                if let Some(i) = index.get(&order_id) {
-                    orders[*i].1 = true;
-                }
-            }
-            _ => {
-                released.insert(order_id);
-            }
-        }
+    if let Some(c) = &q.correlation {
+        sql.push_str(" AND correlation_id = ?");
+        args.push(c.clone().into());
     }
-    Ok(orders
-        .into_iter()
-        .filter(|(o, _)| !released.contains(&o.order_id))
-        .map(|(o, accepted)| (signal_of.get(&o.dispatch_id).cloned().unwrap_or_default(), o, accepted))
-        .collect())
+    if let Some(t) = q.since_ms {
+        sql.push_str(" AND ts_ms >= ?");
+        args.push(t.into());
+    }
+    if let Some(t) = q.until_ms {
+        sql.push_str(" AND ts_ms <= ?");
+        args.push(t.into());
+    }
+    sql.push_str(" ORDER BY seq");
+    let mut stmt = conn.prepare(&sql).map_err(StoreError::from)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(StoreError::from)?;
+    while let Some(r) = rows.next().map_err(StoreError::from)? {
+        let payload: String = r.get(6).map_err(StoreError::from)?;
+        let seq: i64 = r.get(0).map_err(StoreError::from)?;
+        f(StoredEvent {
+            seq: u64::try_from(seq).unwrap_or(0),
+            ts_ms: r.get(1).map_err(StoreError::from)?,
+            kind: r.get(2).map_err(StoreError::from)?,
+            correlation_id: r.get(3).map_err(StoreError::from)?,
+            actor: r.get(4).map_err(StoreError::from)?,
+            region: r.get(5).map_err(StoreError::from)?,
+            payload: serde_json::from_str(&payload).map_err(|error| StoreError::BadPayload {
+                path: path.to_owned(),
+                seq,
+                error,
+            })?,
+        })?;
+    }
+    Ok(())
 }
 
-/// Dispatches whose first-attempt orders are replayed into the fairness scores: after this
-/// many, a score has decayed below what the planner keeps (0.9^100 < 1e-3).
-const PARTICIPATION_DISPATCHES: i64 = 100;
-
-/// The vehicles each of the last `n` dispatches ordered in its first attempt, oldest first.
-fn first_attempts(conn: &Connection, n: i64) -> Result<Vec<Vec<VehicleId>>, StoreError> {
-    let since: i64 = conn.query_row(
-        "SELECT COALESCE(MIN(seq), 0) FROM (SELECT seq FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT ?1)",
-        [n],
-        |r| r.get(0),
-    )?;
-    // A plan opens a dispatch (even one that ordered nothing: the scores decay all the
-    // same); its first-attempt orders follow it in the same step.
-    let mut stmt = conn.prepare(
-        "SELECT kind, json_extract(payload, '$.vehicle_id') FROM events
-         WHERE seq >= ?1 AND (kind = 'DispatchPlanCreated'
-           OR (kind = 'OrderSent' AND json_extract(payload, '$.attempt') = 1)) ORDER BY seq",
-    )?;
-    let mut rows = stmt.query([since])?;
-    let mut out: Vec<Vec<VehicleId>> = Vec::new();
-    while let Some(r) = rows.next()? {
-        let kind: String = r.get(0)?;
-        match (kind.as_str(), r.get::<_, Option<String>>(1)?, out.last_mut()) {
-            ("DispatchPlanCreated", _, _) => out.push(Vec::new()),
-            (_, Some(v), Some(last)) => last.extend(VehicleId::parse(&v)),
-            _ => {}
+/// Folds the log at `conn` into the projection, in seq order, stopping before the first
+/// row stamped after `to` (the whole log without it). A row the projection cannot read
+/// stops the fold with an error when `strict`; otherwise it is logged and skipped (the
+/// gateway starts on what it can read rather than not at all).
+pub fn project(
+    conn: &Connection,
+    path: &Path,
+    to: Option<Timestamp>,
+    strict: bool,
+) -> Result<DispatchProjection, StoreError> {
+    let mut projection = DispatchProjection::new();
+    let result = for_each_row(conn, path, &Query::default(), |row| {
+        if to.is_some_and(|to| row.ts_ms > to.as_millis()) {
+            return Err(Stop::Done);
         }
-    }
-    Ok(out)
-}
-
-/// [`recover`] from a read-only connection to the log at `path`.
-pub fn recover_path(path: &Path, remembered: usize, now: Timestamp, horizon_ms: i64) -> Result<Recovery, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|error| StoreError::Open { path: path.to_owned(), error })?;
-    recover(&conn, remembered, now, horizon_ms)
-}
-
-/// Reads what a restart needs, from the writer's connection: `remembered` signal ids, and
-/// the orders still committed at `now` among those sent in the `horizon_ms` before it.
-pub fn recover(conn: &Connection, remembered: usize, now: Timestamp, horizon_ms: i64) -> Result<Recovery, StoreError> {
-    let mut rec = Recovery::default();
-    let mut stmt = conn.prepare(
-        "SELECT json_extract(payload, '$.id'), json_extract(payload, '$.leader_term') FROM events
-         WHERE kind = 'SignalReceived' ORDER BY seq DESC LIMIT ?1",
-    )?;
-    let mut rows = stmt.query([i64::try_from(remembered).unwrap_or(i64::MAX)])?;
-    while let Some(r) = rows.next()? {
-        if let Some(id) = r.get::<_, Option<String>>(0)? {
-            rec.signal_ids.push(id);
-        }
-        if let Some(term) = r.get::<_, Option<i64>>(1)? {
-            let term = u64::try_from(term).unwrap_or(0);
-            rec.highest_term = rec.highest_term.max(Some(term));
-        }
-    }
-    rec.signal_ids.reverse();
-    let mut stmt = conn.prepare(
-        "SELECT p.correlation_id, json_extract(p.payload, '$.signal_id') FROM events p
-         WHERE p.kind = 'DispatchPlanCreated' AND NOT EXISTS (
-           SELECT 1 FROM events c WHERE c.correlation_id = p.correlation_id
-             AND c.kind IN ('DispatchCompleted', 'DispatchInterrupted'))
-         ORDER BY p.seq",
-    )?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        let id: Option<String> = r.get(0)?;
-        let signal: Option<String> = r.get(1)?;
-        if let Some(id) = id {
-            rec.unfinished.push((id, signal.unwrap_or_default()));
-        }
-    }
-    let mut stmt = conn.prepare("SELECT payload FROM events WHERE kind = 'WeightsTuned' ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        let payload: String = r.get(0)?;
-        match serde_json::from_str::<WeightsChange>(&payload) {
-            Ok(c) => {
-                rec.tuned.retain(|(t, _)| *t != c.signal_type);
-                rec.tuned.push((c.signal_type, c.after));
-            }
-            Err(e) => tracing::warn!(error = %e, "a WeightsTuned event could not be read; skipped"),
-        }
-    }
-    let mut stmt = conn.prepare(
-        "SELECT ts_ms, json_extract(payload, '$.vehicle_id'), kind = 'AckReceived' AND json_extract(payload, '$.status') = 'accepted'
-         FROM events WHERE kind IN ('AckReceived', 'AckTimedOut')
-           AND ts_ms >= (SELECT COALESCE(MAX(ts_ms), 0) FROM events) - 30 * 86400000
-         ORDER BY seq DESC LIMIT 200000",
-    )?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        if let Some(vehicle) = r.get::<_, Option<String>>(1)? {
-            if let Some(id) = VehicleId::parse(&vehicle) {
-                rec.answers.push((id, Timestamp::from_millis(r.get(0)?), r.get(2)?));
+        match projection.apply(&row) {
+            Ok(()) => Ok(()),
+            Err(error) if strict => Err(Stop::Error(StoreError::Unreadable { path: path.to_owned(), error })),
+            Err(e) => {
+                tracing::error!(error = %e, "an event could not be read back; skipped");
+                Ok(())
             }
         }
+    });
+    match result {
+        Ok(()) | Err(Stop::Done) => Ok(projection),
+        Err(Stop::Error(e)) => Err(e),
     }
-    rec.answers.reverse();
-    rec.commitments = committed_orders(conn, now, horizon_ms)?;
-    rec.participation = first_attempts(conn, PARTICIPATION_DISPATCHES)?;
-    let last: Option<String> = conn
-        .query_row(
-            "SELECT correlation_id FROM events WHERE kind = 'DispatchPlanCreated' ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?
-        .flatten();
-    rec.dispatches = last.and_then(|id| id.rsplit('-').next().and_then(|n| n.parse().ok())).unwrap_or(0);
-    Ok(rec)
+}
+
+/// Why a fold stopped early.
+enum Stop {
+    Done,
+    Error(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Error(e)
+    }
+}
+
+/// [`project`] the log at `path`, read-only.
+pub fn project_path(path: &Path, to: Option<Timestamp>, strict: bool) -> Result<DispatchProjection, StoreError> {
+    let reader = Reader::open(path)?;
+    project(&reader.conn, path, to, strict)
 }
 
 #[cfg(test)]
@@ -589,10 +467,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
         let (store, join) = StoreHandle::start(open_writer(&path, true).unwrap()).unwrap();
-        let a = store.append(vec![ev(EventKind::SignalReceived, "d1", serde_json::json!({"id": "s1"}))]);
+        let signal = serde_json::json!({"v": 1, "id": "s1", "type": "afrr", "direction": "up", "power_kw": 5.0,
+            "start": "2026-12-01T00:00:00Z", "duration_s": 60});
+        let a = store.append(vec![ev(EventKind::SignalReceived, "d1", signal)]);
         store.record(vec![ev(EventKind::AckReceived, "d1", serde_json::json!({}))]);
         let b = store.append(vec![
-            ev(EventKind::DispatchPlanCreated, "d1", serde_json::json!({"signal_id": "s1"})),
+            ev(
+                EventKind::DispatchPlanCreated,
+                "d1",
+                serde_json::json!({"v": 2, "dispatch_id": "d1", "signal_id": "s1",
+                "strategy": "equal", "note": null, "solver": null, "weights": null, "predicted_availability": [],
+                "fallback": "noop", "target_kw": 5.0, "allocated_kw": 3.5, "rounds": 1, "limit_loads": []}),
+            ),
             ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 3.5})),
         ]);
         let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
@@ -606,9 +492,11 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         assert!(conn.execute("UPDATE events SET kind = 'x'", []).is_err());
         assert!(conn.execute("DELETE FROM events", []).is_err());
-        let rec = recover(&conn, 100, Timestamp::from_millis(2_000), 86_400_000).unwrap();
-        assert_eq!(rec.signal_ids, vec!["s1".to_owned()]);
-        assert_eq!(rec.unfinished, vec![("d1".to_owned(), "s1".to_owned())]);
+        let state = project(&conn, &path, None, false).unwrap().into_state();
+        assert_eq!(state.signal_ids, vec!["s1".to_owned()]);
+        assert_eq!(state.unfinished(), vec![("d1".to_owned(), "s1".to_owned())]);
+        let strict = project(&conn, &path, None, true).err().unwrap().to_string();
+        assert!(strict.contains("event 2: AckReceived payload"), "the empty ACK row is named: {strict}");
 
         let reader = Reader::open(&path).unwrap();
         let mut seqs = Vec::new();
@@ -641,5 +529,97 @@ mod tests {
         Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
         let foreign = Reader::open(&other).err().unwrap().to_string();
         assert!(foreign.contains("no `events` table"), "{foreign}");
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::schema::{self, ChainBreak};
+    use super::*;
+
+    /// A log as a version 1 gateway left it: the contract's table, no schema version, rows
+    /// of the fixture file.
+    fn v1_log(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL,
+               correlation_id TEXT, actor TEXT NOT NULL, region TEXT, payload TEXT NOT NULL);",
+        )
+        .unwrap();
+        let rows = include_str!("../../../tests/fixtures/events-v1.jsonl");
+        for (i, line) in rows.lines().enumerate() {
+            let r: StoredEvent = serde_json::from_str(line).unwrap();
+            conn.execute(
+                "INSERT INTO events VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![i as i64 + 1, r.ts_ms, r.kind, r.correlation_id, r.actor, r.region, r.payload.to_string()],
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_version_1_log_is_migrated_chained_and_readable_through_the_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        v1_log(&path);
+        let mut conn = open_writer(&path, false).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, schema::VERSION);
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(29), "every old row is chained");
+        let orders: i64 = conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0)).unwrap();
+        assert_eq!(orders, 2, "both version 1 OrderSent rows");
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(count("SELECT COUNT(*) FROM answers WHERE answer = 'accepted'"), 2);
+        assert_eq!(count("SELECT COUNT(*) FROM answers WHERE answer = 'timed_out'"), 2);
+        assert_eq!(count("SELECT COUNT(*) FROM cancellations"), 2);
+        assert_eq!(count("SELECT COUNT(*) FROM dispatches WHERE delivered_kw > 0"), 2);
+        // New rows follow the chain, and the projection reads old and new alike.
+        let e = Event::of(
+            Timestamp::from_millis(5),
+            "gateway",
+            &gridweaver_core::events::payload::LogRecovered {
+                error: "x".into(),
+                failed_since: Timestamp::from_millis(1),
+                signals_refused: 0,
+            },
+        );
+        append_direct(&mut conn, vec![e]).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(30));
+        assert!(project(&conn, &path, None, true).is_ok());
+        drop(conn);
+        // Opening again changes nothing.
+        let conn = open_writer(&path, false).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(30));
+    }
+
+    #[test]
+    fn an_edited_or_removed_row_breaks_the_chain_at_that_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        v1_log(&path);
+        let conn = open_writer(&path, false).unwrap();
+        // Someone with write access drops the triggers and edits a row.
+        conn.execute_batch(
+            "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;
+             UPDATE events SET payload = replace(payload, '80.0', '8.0') WHERE seq = 11",
+        )
+        .unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Mismatch(11)));
+        let path2 = dir.path().join("log2.db");
+        v1_log(&path2);
+        let conn = open_writer(&path2, false).unwrap();
+        conn.execute_batch("DROP TRIGGER events_no_delete; DELETE FROM events WHERE seq = 7").unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Missing(7)));
+        conn.execute("INSERT INTO events VALUES (100, 1, 'LogRecovered', NULL, 'me', NULL, '{}')", []).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Unchained(100)));
+    }
+
+    #[test]
+    fn a_log_from_a_newer_build_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        let err = open_writer(&path, false).err().unwrap().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
     }
 }

@@ -1,0 +1,296 @@
+//! The log's schema: the contract's `events` table and what we keep around it (indexes,
+//! append-only triggers, the hash chain, views for `sqlite3` users), its version in
+//! `PRAGMA user_version`, and the migrations from older versions.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use sha2::{Digest, Sha256};
+
+use super::StoreError;
+
+/// The schema version this build writes.
+pub const VERSION: i64 = 2;
+
+/// Version 1: the contract's table, indexes for the CLI's filters, append-only triggers.
+/// Logs written before schema versions existed have exactly this (with `user_version` 0).
+const V1: &str = "
+CREATE TABLE IF NOT EXISTS events (
+  seq            INTEGER PRIMARY KEY,
+  ts_ms          INTEGER NOT NULL,
+  kind           TEXT    NOT NULL,
+  correlation_id TEXT,
+  actor          TEXT    NOT NULL,
+  region         TEXT,
+  payload        TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_correlation ON events (correlation_id);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+  BEGIN SELECT RAISE(ABORT, 'the events table is append-only'); END;
+";
+
+/// Version 2: the hash chain. Row `seq`'s hash covers its content and the hash of the row
+/// before it ([`chain_hash`]); it is written in the same transaction as the row.
+const V2: &str = "
+CREATE TABLE IF NOT EXISTS event_chain (
+  seq  INTEGER PRIMARY KEY,
+  hash TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS event_chain_no_update BEFORE UPDATE ON event_chain
+  BEGIN SELECT RAISE(ABORT, 'the event chain is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS event_chain_no_delete BEFORE DELETE ON event_chain
+  BEGIN SELECT RAISE(ABORT, 'the event chain is append-only'); END;
+";
+
+/// Views for the common questions, made anew at every open (they hold no data). Each reads
+/// both the batched rows of today (`v` 2) and the one-row-per-order rows of version 1.
+const VIEWS: &str = "
+DROP VIEW IF EXISTS orders;
+CREATE VIEW orders AS
+  SELECT e.seq AS sent_seq, e.ts_ms AS sent_ms, e.correlation_id AS dispatch_id,
+         e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-'
+           || (json_extract(e.payload, '$.first') + o.key) AS order_id,
+         json_extract(e.payload, '$.attempt') AS attempt,
+         json_extract(o.value, '$[0]') AS vehicle_id,
+         json_extract(o.value, '$[1]') AS power_kw,
+         json_extract(e.payload, '$.direction') AS direction,
+         json_extract(e.payload, '$.start') AS start,
+         json_extract(e.payload, '$.until') AS until
+  FROM events e, json_each(e.payload, '$.orders') o
+  WHERE e.kind = 'OrderSent' AND json_extract(e.payload, '$.v') >= 2
+  UNION ALL
+  SELECT seq, ts_ms, correlation_id, json_extract(payload, '$.order_id'), json_extract(payload, '$.attempt'),
+         json_extract(payload, '$.vehicle_id'), json_extract(payload, '$.power_kw'),
+         json_extract(payload, '$.direction'), json_extract(payload, '$.start'), json_extract(payload, '$.until')
+  FROM events WHERE kind = 'OrderSent' AND json_extract(payload, '$.v') IS NULL;
+
+DROP VIEW IF EXISTS answers;
+CREATE VIEW answers AS
+  SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-' || a.value AS order_id,
+         'accepted' AS answer, NULL AS reason
+  FROM events e, json_each(e.payload, '$.accepted') a WHERE e.kind = 'AckReceived'
+  UNION ALL
+  SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-'
+           || json_extract(r.value, '$[0]'), 'rejected', json_extract(r.value, '$[1]')
+  FROM events e, json_each(e.payload, '$.rejected') r WHERE e.kind = 'AckReceived'
+  UNION ALL
+  SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-' || t.value,
+         'timed_out', NULL
+  FROM events e, json_each(e.payload, '$.orders') t WHERE e.kind = 'AckTimedOut'
+  UNION ALL
+  SELECT seq, ts_ms, json_extract(payload, '$.order_id'),
+         CASE kind WHEN 'AckTimedOut' THEN 'timed_out' ELSE json_extract(payload, '$.status') END,
+         json_extract(payload, '$.reason')
+  FROM events WHERE kind IN ('AckReceived', 'AckTimedOut') AND json_extract(payload, '$.v') IS NULL;
+
+DROP VIEW IF EXISTS order_answers;
+CREATE VIEW order_answers AS
+  SELECT o.*, a.answer, a.reason, a.seq AS answer_seq, a.ts_ms AS answer_ms
+  FROM orders o LEFT JOIN answers a ON a.order_id = o.order_id;
+
+DROP VIEW IF EXISTS cancellations;
+CREATE VIEW cancellations AS
+  SELECT e.seq, e.ts_ms, e.correlation_id AS dispatch_id,
+         e.correlation_id || '-' || json_extract(c.value, '$[0]') || '-' || json_extract(c.value, '$[1]') AS order_id,
+         json_extract(e.payload, '$.reason') AS reason
+  FROM events e, json_each(e.payload, '$.orders') c
+  WHERE e.kind = 'OrderCancelled' AND json_extract(e.payload, '$.v') >= 2
+  UNION ALL
+  SELECT seq, ts_ms, correlation_id, json_extract(payload, '$.order_id'), json_extract(payload, '$.reason')
+  FROM events WHERE kind = 'OrderCancelled' AND json_extract(payload, '$.v') IS NULL;
+
+DROP VIEW IF EXISTS dispatches;
+CREATE VIEW dispatches AS
+  SELECT correlation_id AS dispatch_id, json_extract(payload, '$.signal_id') AS signal_id,
+         json_extract(payload, '$.type') AS type, json_extract(payload, '$.direction') AS direction,
+         json_extract(payload, '$.requested_kw') AS requested_kw,
+         json_extract(payload, '$.allocated_kw') AS allocated_kw,
+         json_extract(payload, '$.acknowledged_kw') AS delivered_kw,
+         json_extract(payload, '$.shortfall_kw') AS shortfall_kw,
+         json_extract(payload, '$.strategy') AS strategy, json_extract(payload, '$.fallback') AS fallback,
+         json_extract(payload, '$.attempts') AS attempts, json_extract(payload, '$.interrupted') AS interrupted,
+         ts_ms AS completed_ms, seq
+  FROM events WHERE kind = 'DispatchCompleted';
+";
+
+/// Brings the schema at `conn` to [`VERSION`], in one transaction. A log written by a newer
+/// build is refused rather than changed.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > VERSION {
+        return Err(StoreError::NewerSchema { found, known: VERSION });
+    }
+    let tx = conn.transaction()?;
+    if found < 1 {
+        tx.execute_batch(V1)?;
+    }
+    if found < 2 {
+        tx.execute_batch(V2)?;
+        backfill_chain(&tx)?;
+    }
+    tx.execute_batch(VIEWS)?;
+    tx.pragma_update(None, "user_version", VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Chains every row that has no hash yet (a version 1 log's rows), in seq order.
+fn backfill_chain(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let mut prev = last_hash(tx)?;
+    let mut stmt = tx.prepare(
+        "SELECT seq, ts_ms, kind, correlation_id, actor, region, payload FROM events
+         WHERE seq > (SELECT COALESCE(MAX(seq), 0) FROM event_chain) ORDER BY seq",
+    )?;
+    let mut insert = tx.prepare("INSERT INTO event_chain (seq, hash) VALUES (?1, ?2)")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let row = OwnedRow::read(r)?;
+        prev = chain_hash(&prev, &row.as_ref());
+        insert.execute(params![row.seq, prev])?;
+    }
+    Ok(())
+}
+
+/// The hash of the last chained row ("" before the first).
+pub fn last_hash(conn: &Connection) -> Result<String, StoreError> {
+    Ok(conn
+        .query_row("SELECT hash FROM event_chain ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or_default())
+}
+
+/// One row's content, as the chain covers it.
+pub struct RowRef<'a> {
+    /// `seq`.
+    pub seq: i64,
+    /// `ts_ms`.
+    pub ts_ms: i64,
+    /// `kind`.
+    pub kind: &'a str,
+    /// `correlation_id`.
+    pub correlation_id: Option<&'a str>,
+    /// `actor`.
+    pub actor: &'a str,
+    /// `region`.
+    pub region: Option<&'a str>,
+    /// `payload`, as stored.
+    pub payload: &'a str,
+}
+
+/// A row read back: columns 0..=6 of a query are the table's, in its order.
+struct OwnedRow {
+    seq: i64,
+    ts_ms: i64,
+    kind: String,
+    correlation_id: Option<String>,
+    actor: String,
+    region: Option<String>,
+    payload: String,
+}
+
+impl OwnedRow {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<OwnedRow> {
+        Ok(OwnedRow {
+            seq: r.get(0)?,
+            ts_ms: r.get(1)?,
+            kind: r.get(2)?,
+            correlation_id: r.get(3)?,
+            actor: r.get(4)?,
+            region: r.get(5)?,
+            payload: r.get(6)?,
+        })
+    }
+
+    fn as_ref(&self) -> RowRef<'_> {
+        RowRef {
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            kind: &self.kind,
+            correlation_id: self.correlation_id.as_deref(),
+            actor: &self.actor,
+            region: self.region.as_deref(),
+            payload: &self.payload,
+        }
+    }
+}
+
+/// SHA-256 over the previous row's hash and every column of `row`, each length-prefixed
+/// (so that no two different rows encode alike), lower-case hex.
+pub fn chain_hash(prev: &str, row: &RowRef<'_>) -> String {
+    let mut h = Sha256::new();
+    let mut field = |bytes: Option<&[u8]>| match bytes {
+        Some(b) => {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        None => h.update(u64::MAX.to_le_bytes()),
+    };
+    field(Some(prev.as_bytes()));
+    field(Some(&row.seq.to_le_bytes()));
+    field(Some(&row.ts_ms.to_le_bytes()));
+    field(Some(row.kind.as_bytes()));
+    field(row.correlation_id.map(str::as_bytes));
+    field(Some(row.actor.as_bytes()));
+    field(row.region.map(str::as_bytes));
+    field(Some(row.payload.as_bytes()));
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What [`verify_chain`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChainBreak {
+    /// Row `seq` does not match its hash (edited, or the chain row was).
+    Mismatch(i64),
+    /// Row `seq` has no hash.
+    Unchained(i64),
+    /// A hash for row `seq`, which is not in the log (removed).
+    Missing(i64),
+}
+
+impl std::fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainBreak::Mismatch(s) => {
+                write!(f, "event {s} does not match its hash: the row (or its hash) was changed")
+            }
+            ChainBreak::Unchained(s) => write!(f, "event {s} has no hash: it was added outside the gateway"),
+            ChainBreak::Missing(s) => write!(f, "event {s} is chained but missing: rows were removed"),
+        }
+    }
+}
+
+/// Checks the chain over the whole log: `Ok(rows checked)`, or the first row that breaks it.
+pub fn verify_chain(conn: &Connection) -> Result<Result<u64, ChainBreak>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT e.seq, e.ts_ms, e.kind, e.correlation_id, e.actor, e.region, e.payload, c.seq, c.hash
+         FROM event_chain c LEFT JOIN events e ON e.seq = c.seq
+         UNION ALL
+         SELECT e.seq, e.ts_ms, e.kind, e.correlation_id, e.actor, e.region, e.payload, NULL, NULL
+         FROM events e WHERE e.seq NOT IN (SELECT seq FROM event_chain)
+         ORDER BY 8, 1",
+    )?;
+    // Unchained rows sort first (NULL chain seq); any of them is a break.
+    let mut rows = stmt.query([])?;
+    let mut prev = String::new();
+    let mut checked = 0u64;
+    while let Some(r) = rows.next()? {
+        let chain_seq: Option<i64> = r.get(7)?;
+        let seq: Option<i64> = r.get(0)?;
+        let (Some(chain_seq), Some(seq)) = (chain_seq, seq) else {
+            return Ok(Err(match (chain_seq, seq) {
+                (None, Some(seq)) => ChainBreak::Unchained(seq),
+                (Some(c), _) => ChainBreak::Missing(c),
+                (None, None) => continue,
+            }));
+        };
+        let row = OwnedRow::read(r)?;
+        let hash: String = r.get(8)?;
+        if row.seq != seq || chain_hash(&prev, &row.as_ref()) != hash {
+            return Ok(Err(ChainBreak::Mismatch(chain_seq)));
+        }
+        prev = hash;
+        checked += 1;
+    }
+    Ok(Ok(checked))
+}

@@ -1,0 +1,702 @@
+//! One typed, versioned payload per event kind.
+//!
+//! Every payload is written with a version field `v` (see [`Payload::VERSION`]) and read
+//! back through [`decode`], which also reads every older version of it (upcasting): rows
+//! written before versions existed have no `v` and are version 1. Readers (the
+//! projection, replay, audit) only ever see the current shape.
+//!
+//! The log is lean by construction: a vehicle's state is its own event when it changes
+//! ([`VehicleState`]), a plan refers to the fleet as the log holds it at the plan
+//! ([`FleetRef`]), and the orders, ACKs, timeouts and cancels of one attempt are one event
+//! each, with orders named by number (`<dispatch id>-<attempt>-<n>`, see [`order_id`]).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::allocation::filter::Exclusion;
+use crate::allocation::limits::LimitRow;
+use crate::allocation::lp::SolverReport;
+use crate::allocation::Weights;
+use crate::learning::tuning::WeightsChange;
+use crate::model::{DispatchOutcome, FallbackKind, Order, OrderDirection, Signal, StrategyKind, Vehicle, VehicleId};
+use crate::time::Timestamp;
+
+use super::EventKind;
+
+/// A typed event payload: its kind and the version it is written in.
+pub trait Payload: Serialize + DeserializeOwned {
+    /// The version written today.
+    const VERSION: u32;
+    /// The kind it records.
+    fn kind(&self) -> EventKind;
+}
+
+/// The payload as written: `v` first, then the payload's own fields.
+#[derive(Serialize)]
+pub(super) struct Versioned<'a, P: Serialize> {
+    pub(super) v: u32,
+    #[serde(flatten)]
+    pub(super) payload: &'a P,
+}
+
+/// The id of order `n` of `attempt` of `dispatch_id`: how every order is named.
+pub fn order_id(dispatch_id: &str, attempt: u32, n: u32) -> String {
+    format!("{dispatch_id}-{attempt}-{n}")
+}
+
+/// The attempt and number of an order id made by [`order_id`].
+pub fn order_number(order_id: &str) -> Option<(u32, u32)> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let n = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some((attempt, n))
+}
+
+macro_rules! payload {
+    ($ty:ty, $kind:ident, $version:literal) => {
+        impl Payload for $ty {
+            const VERSION: u32 = $version;
+            fn kind(&self) -> EventKind {
+                EventKind::$kind
+            }
+        }
+    };
+}
+
+/// `SignalReceived`: the signal as decoded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalReceived {
+    /// The signal.
+    #[serde(flatten)]
+    pub signal: Signal,
+}
+payload!(SignalReceived, SignalReceived, 1);
+
+/// `SignalRejected` or `InputRejected`: an inbound message that was refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The topic it came on.
+    pub topic: String,
+    /// Why, naming the field.
+    pub error: String,
+    /// Its size.
+    pub bytes: usize,
+    /// The message as JSON when it parsed and was small, else an excerpt as a string.
+    pub message: Value,
+    /// A signal (`SignalRejected`) or other input (`InputRejected`).
+    #[serde(skip)]
+    pub signal: bool,
+}
+
+impl Payload for Rejected {
+    const VERSION: u32 = 1;
+    fn kind(&self) -> EventKind {
+        if self.signal {
+            EventKind::SignalRejected
+        } else {
+            EventKind::InputRejected
+        }
+    }
+}
+
+/// A vehicle left out of a dispatch, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Excluded {
+    /// The vehicle.
+    pub vehicle_id: VehicleId,
+    /// Why.
+    pub reason: Exclusion,
+}
+
+/// `ConstraintApplied`: what the plan was allowed to use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstraintApplied {
+    /// Candidates left after the filter.
+    pub eligible: usize,
+    /// Vehicles left out.
+    pub excluded: Vec<Excluded>,
+    /// Their free capacity, kW.
+    pub capacity_kw: f64,
+    /// The request, kW.
+    pub target_kw: f64,
+    /// Whether the request exceeds the capacity.
+    pub target_capped_to_capacity: bool,
+    /// The shared limits, less what is committed.
+    pub limits: Vec<LimitRow>,
+}
+payload!(ConstraintApplied, ConstraintApplied, 1);
+
+/// A limit row's load under a plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadRow {
+    /// The row.
+    pub name: String,
+    /// Planned load, kW.
+    pub load_kw: f64,
+    /// Its free room, kW.
+    pub cap_kw: f64,
+}
+
+/// The fleet a plan saw: the vehicles the log holds just before the plan (the fold of
+/// `VehicleDiscovered`, `VehicleStateChanged` and `VehicleLost`), and a fingerprint of them
+/// so that a replay can tell it rebuilt the same inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetRef {
+    /// Vehicles known.
+    pub vehicles: usize,
+    /// [`fleet_fingerprint`] of them, hex.
+    pub fingerprint: String,
+}
+
+/// `DispatchPlanCreated`: the allocation decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanCreated {
+    /// The dispatch.
+    pub dispatch_id: String,
+    /// Its signal.
+    pub signal_id: String,
+    /// The strategy that decided.
+    pub strategy: StrategyKind,
+    /// Why that strategy, or what the repair did.
+    pub note: Option<String>,
+    /// The LP's report, when it ran.
+    pub solver: Option<SolverReport>,
+    /// The weights used, for the weighted strategies.
+    pub weights: Option<Weights>,
+    /// Vehicles whose availability came from the prediction.
+    pub predicted_availability: Vec<VehicleId>,
+    /// The fallback of this dispatch.
+    pub fallback: FallbackKind,
+    /// The request after capping, kW.
+    pub target_kw: f64,
+    /// Ordered in the first attempt, kW.
+    pub allocated_kw: f64,
+    /// Rounds of the heuristic.
+    pub rounds: u32,
+    /// Load per limit row.
+    pub limit_loads: Vec<LoadRow>,
+    /// The fleet it planned with (absent in version 1 rows, which inlined every candidate).
+    #[serde(default)]
+    pub fleet: Option<FleetRef>,
+}
+payload!(PlanCreated, DispatchPlanCreated, 2);
+
+/// `OrderSent`: the orders of one attempt, numbered from `first`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrdersSent {
+    /// The attempt.
+    pub attempt: u32,
+    /// Discharge or charge.
+    pub direction: OrderDirection,
+    /// Window start.
+    pub start: Timestamp,
+    /// Window end.
+    pub until: Timestamp,
+    /// Number of the first order (the rest follow).
+    pub first: u32,
+    /// `[vehicle, kW]` per order.
+    pub orders: Vec<(VehicleId, f64)>,
+}
+payload!(OrdersSent, OrderSent, 2);
+
+impl OrdersSent {
+    /// The event for `orders` (one attempt of one dispatch, numbered consecutively).
+    pub fn of(orders: &[Order]) -> Option<OrdersSent> {
+        let o = orders.first()?;
+        Some(OrdersSent {
+            attempt: o.attempt,
+            direction: o.direction,
+            start: o.start,
+            until: o.until,
+            first: order_number(&o.order_id).map_or(1, |(_, n)| n),
+            orders: orders.iter().map(|o| (o.vehicle_id.clone(), o.power_kw)).collect(),
+        })
+    }
+
+    /// The orders, as they were published.
+    pub fn to_orders(&self, dispatch_id: &str) -> Vec<Order> {
+        (self.first..)
+            .zip(&self.orders)
+            .map(|(n, (vehicle, kw))| Order {
+                order_id: order_id(dispatch_id, self.attempt, n),
+                dispatch_id: dispatch_id.to_owned(),
+                vehicle_id: vehicle.clone(),
+                direction: self.direction,
+                power_kw: *kw,
+                start: self.start,
+                until: self.until,
+                attempt: self.attempt,
+            })
+            .collect()
+    }
+}
+
+/// `AckReceived`: answers to orders of one attempt, by order number.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AcksReceived {
+    /// The attempt.
+    pub attempt: u32,
+    /// Orders accepted.
+    pub accepted: Vec<u32>,
+    /// Orders rejected, with the vehicle's reason.
+    pub rejected: Vec<(u32, Option<String>)>,
+}
+payload!(AcksReceived, AckReceived, 2);
+
+/// `AckTimedOut`: orders of one attempt without an answer by the deadline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AcksTimedOut {
+    /// The attempt.
+    pub attempt: u32,
+    /// Their numbers.
+    pub orders: Vec<u32>,
+}
+payload!(AcksTimedOut, AckTimedOut, 2);
+
+/// `OrderCancelled`: orders of one dispatch withdrawn for one reason, `[attempt, n]` each.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrdersCancelled {
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: Timestamp,
+    /// `[attempt, number]` per order.
+    pub orders: Vec<(u32, u32)>,
+}
+payload!(OrdersCancelled, OrderCancelled, 2);
+
+/// A fallback candidate: `[vehicle, remaining kW, reallocated kW]`.
+pub type FallbackRow = (VehicleId, f64, f64);
+
+/// `FallbackApplied`: the residual of a dispatch reallocated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FallbackApplied {
+    /// The fallback.
+    pub fallback: FallbackKind,
+    /// The attempt it opens.
+    pub attempt: u32,
+    /// What was left to place, kW.
+    pub residual_kw: f64,
+    /// What it placed, kW.
+    pub reallocated_kw: f64,
+    /// Every candidate it was offered.
+    pub candidates: Vec<FallbackRow>,
+    /// Indexes of the candidates it skipped.
+    pub skipped: Vec<usize>,
+}
+payload!(FallbackApplied, FallbackApplied, 2);
+
+/// `DispatchCompleted`: the outcome and how it settled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchCompleted {
+    /// The outcome.
+    #[serde(flatten)]
+    pub outcome: DispatchOutcome,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why it ended early (replaced, gateway shutdown), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+}
+payload!(DispatchCompleted, DispatchCompleted, 1);
+
+/// `WeightsTuned`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightsTuned {
+    /// The change.
+    #[serde(flatten)]
+    pub change: WeightsChange,
+}
+payload!(WeightsTuned, WeightsTuned, 1);
+
+/// `VehicleDiscovered` (first state) or `VehicleStateChanged` (a change that matters).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VehicleState {
+    /// The state.
+    #[serde(flatten)]
+    pub vehicle: Vehicle,
+    /// First state (`VehicleDiscovered`) or a change.
+    #[serde(skip)]
+    pub discovered: bool,
+}
+
+impl Payload for VehicleState {
+    const VERSION: u32 = 1;
+    fn kind(&self) -> EventKind {
+        if self.discovered {
+            EventKind::VehicleDiscovered
+        } else {
+            EventKind::VehicleStateChanged
+        }
+    }
+}
+
+/// `VehicleLost`: the vehicle cleared its retained state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VehicleLost {
+    /// The vehicle.
+    pub vehicle_id: VehicleId,
+    /// Orders whose commitments it released.
+    #[serde(default)]
+    pub released_orders: Vec<String>,
+}
+payload!(VehicleLost, VehicleLost, 1);
+
+/// `DispatchInterrupted`: a dispatch found unfinished at start-up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchInterrupted {
+    /// The dispatch.
+    pub dispatch_id: String,
+    /// Its signal.
+    pub signal_id: String,
+    /// Why.
+    pub reason: String,
+}
+payload!(DispatchInterrupted, DispatchInterrupted, 1);
+
+/// `LogRecovered`: the log could be written again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogRecovered {
+    /// What failed.
+    pub error: String,
+    /// Since when.
+    pub failed_since: Timestamp,
+    /// Signals refused meanwhile.
+    pub signals_refused: u64,
+}
+payload!(LogRecovered, LogRecovered, 1);
+
+/// `ConfigRecorded`: the validated configuration in force from now on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRecorded {
+    /// SHA-256 of `config` as written here, hex.
+    pub hash: String,
+    /// The configuration (the YAML's keys, defaults filled in).
+    pub config: Value,
+}
+payload!(ConfigRecorded, ConfigRecorded, 1);
+
+impl ConfigRecorded {
+    /// The record of `config`.
+    pub fn of(config: &crate::config::Config) -> ConfigRecorded {
+        // A config is plain data with string keys: serializing it cannot fail.
+        let config = serde_json::to_value(config).unwrap_or(Value::Null);
+        ConfigRecorded { hash: sha256_hex(config.to_string().as_bytes()), config }
+    }
+
+    /// The configuration recorded.
+    pub fn config(&self) -> Result<crate::config::Config, serde_json::Error> {
+        crate::config::Config::deserialize(&self.config)
+    }
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A payload read back, in its current shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoded {
+    /// `SignalReceived`.
+    SignalReceived(SignalReceived),
+    /// `SignalRejected`, `InputRejected`.
+    Rejected(Rejected),
+    /// `ConstraintApplied`.
+    ConstraintApplied(ConstraintApplied),
+    /// `DispatchPlanCreated`.
+    PlanCreated(PlanCreated),
+    /// `OrderSent`.
+    OrdersSent(OrdersSent),
+    /// `AckReceived`.
+    AcksReceived(AcksReceived),
+    /// `AckTimedOut`.
+    AcksTimedOut(AcksTimedOut),
+    /// `OrderCancelled`.
+    OrdersCancelled(OrdersCancelled),
+    /// `FallbackApplied`.
+    FallbackApplied(FallbackApplied),
+    /// `DispatchCompleted`.
+    DispatchCompleted(DispatchCompleted),
+    /// `WeightsTuned`.
+    WeightsTuned(WeightsTuned),
+    /// `VehicleDiscovered`, `VehicleStateChanged`.
+    VehicleState(VehicleState),
+    /// `VehicleLost`.
+    VehicleLost(VehicleLost),
+    /// `DispatchInterrupted`.
+    DispatchInterrupted(DispatchInterrupted),
+    /// `LogRecovered`.
+    LogRecovered(LogRecovered),
+    /// `ConfigRecorded`.
+    ConfigRecorded(ConfigRecorded),
+    /// A kind with no typed payload yet (bids, transfers, programs, leadership).
+    Untyped(EventKind),
+}
+
+/// A payload that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// No such kind.
+    #[error("unknown event kind `{0}`")]
+    UnknownKind(String),
+    /// A version newer than this build knows.
+    #[error("{kind} payload version {got} is newer than this build reads (at most {max})")]
+    TooNew {
+        /// The kind.
+        kind: EventKind,
+        /// Its version.
+        got: u64,
+        /// The newest known.
+        max: u32,
+    },
+    /// The fields do not match the kind and version.
+    #[error("{kind} payload (version {v}): {error}")]
+    Shape {
+        /// The kind.
+        kind: EventKind,
+        /// Its version.
+        v: u64,
+        /// serde's answer.
+        error: serde_json::Error,
+    },
+}
+
+/// Reads a stored payload of `kind`, upcasting older versions to the current shape.
+pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
+    let kind = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
+    let v = payload.get("v").and_then(Value::as_u64).unwrap_or(1);
+    let shape = |error| PayloadError::Shape { kind, v, error };
+    fn read<P: Payload>(kind: EventKind, v: u64, payload: &Value) -> Result<P, PayloadError> {
+        if v > u64::from(P::VERSION) {
+            return Err(PayloadError::TooNew { kind, got: v, max: P::VERSION });
+        }
+        P::deserialize(payload).map_err(|error| PayloadError::Shape { kind, v, error })
+    }
+    use EventKind as K;
+    Ok(match kind {
+        K::SignalReceived => Decoded::SignalReceived(read(kind, v, payload)?),
+        K::SignalRejected | K::InputRejected => {
+            let mut r: Rejected = read(kind, v, payload)?;
+            r.signal = kind == K::SignalRejected;
+            Decoded::Rejected(r)
+        }
+        K::ConstraintApplied => Decoded::ConstraintApplied(read(kind, v, payload)?),
+        K::DispatchPlanCreated => Decoded::PlanCreated(read(kind, v, payload)?),
+        K::OrderSent if v == 1 => {
+            let o = Order::deserialize(payload).map_err(shape)?;
+            let mut sent = OrdersSent::of(std::slice::from_ref(&o)).unwrap_or_else(|| unreachable!());
+            sent.first = order_number(&o.order_id).map_or(1, |(_, n)| n);
+            Decoded::OrdersSent(sent)
+        }
+        K::OrderSent => Decoded::OrdersSent(read(kind, v, payload)?),
+        K::AckReceived if v == 1 => {
+            let a = v1::Ack::deserialize(payload).map_err(shape)?;
+            let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
+            let mut acks = AcksReceived { attempt: a.attempt, ..AcksReceived::default() };
+            match a.status.as_str() {
+                "accepted" => acks.accepted.push(n),
+                _ => acks.rejected.push((n, a.reason)),
+            }
+            Decoded::AcksReceived(acks)
+        }
+        K::AckReceived => Decoded::AcksReceived(read(kind, v, payload)?),
+        K::AckTimedOut if v == 1 => {
+            let a = v1::Timeout::deserialize(payload).map_err(shape)?;
+            let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
+            Decoded::AcksTimedOut(AcksTimedOut { attempt: a.attempt, orders: vec![n] })
+        }
+        K::AckTimedOut => Decoded::AcksTimedOut(read(kind, v, payload)?),
+        K::OrderCancelled if v == 1 => {
+            let c = crate::model::OrderCancel::deserialize(payload).map_err(shape)?;
+            let number = order_number(&c.order_id)
+                .ok_or_else(|| shape(serde::de::Error::custom(format!("order id `{}` has no number", c.order_id))))?;
+            Decoded::OrdersCancelled(OrdersCancelled { reason: c.reason, at: c.at, orders: vec![number] })
+        }
+        K::OrderCancelled => Decoded::OrdersCancelled(read(kind, v, payload)?),
+        K::FallbackApplied if v == 1 => {
+            let f = v1::Fallback::deserialize(payload).map_err(shape)?;
+            let skipped = f.candidates.iter().enumerate().filter(|(_, c)| c.skipped).map(|(i, _)| i).collect();
+            Decoded::FallbackApplied(FallbackApplied {
+                fallback: f.fallback,
+                attempt: f.attempt,
+                residual_kw: f.residual_kw,
+                reallocated_kw: f.reallocated_kw,
+                candidates: f.candidates.into_iter().map(|c| (c.vehicle_id, c.remaining_kw, c.power_kw)).collect(),
+                skipped,
+            })
+        }
+        K::FallbackApplied => Decoded::FallbackApplied(read(kind, v, payload)?),
+        K::DispatchCompleted => Decoded::DispatchCompleted(read(kind, v, payload)?),
+        K::WeightsTuned => Decoded::WeightsTuned(read(kind, v, payload)?),
+        K::VehicleDiscovered | K::VehicleStateChanged => {
+            let mut s: VehicleState = read(kind, v, payload)?;
+            s.discovered = kind == K::VehicleDiscovered;
+            Decoded::VehicleState(s)
+        }
+        K::VehicleLost => Decoded::VehicleLost(read(kind, v, payload)?),
+        K::DispatchInterrupted => Decoded::DispatchInterrupted(read(kind, v, payload)?),
+        K::LogRecovered => Decoded::LogRecovered(read(kind, v, payload)?),
+        K::ConfigRecorded => Decoded::ConfigRecorded(read(kind, v, payload)?),
+        K::DemandResponseActivated
+        | K::CurtailmentRecorded
+        | K::BidSubmitted
+        | K::BidAccepted
+        | K::BidRejected
+        | K::BidExpired
+        | K::TransferOrdered
+        | K::LeaderElected => Decoded::Untyped(kind),
+    })
+}
+
+/// Version 1 shapes (one row per order, ACK, timeout and cancel) that differ from today's.
+mod v1 {
+    use serde::Deserialize;
+
+    use crate::model::{FallbackKind, VehicleId};
+
+    #[derive(Deserialize)]
+    pub(super) struct Ack {
+        pub(super) order_id: String,
+        pub(super) status: String,
+        pub(super) reason: Option<String>,
+        pub(super) attempt: u32,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Timeout {
+        pub(super) order_id: String,
+        pub(super) attempt: u32,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct FallbackRow {
+        pub(super) vehicle_id: VehicleId,
+        pub(super) remaining_kw: f64,
+        pub(super) power_kw: f64,
+        pub(super) skipped: bool,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct Fallback {
+        pub(super) fallback: FallbackKind,
+        pub(super) attempt: u32,
+        pub(super) residual_kw: f64,
+        pub(super) reallocated_kw: f64,
+        pub(super) candidates: Vec<FallbackRow>,
+    }
+
+    /// The number of an order of `attempt`.
+    pub(super) fn number(order_id: &str, attempt: u32) -> Result<u32, serde_json::Error> {
+        match super::order_number(order_id) {
+            Some((a, n)) if a == attempt => Ok(n),
+            _ => Err(serde::de::Error::custom(format!("order id `{order_id}` is not an order of attempt {attempt}"))),
+        }
+    }
+}
+
+/// A fingerprint of a fleet's states (FNV-1a over their JSON, in id order): equal for
+/// equal fleets on every machine.
+pub fn fleet_fingerprint<'a>(fleet: impl IntoIterator<Item = &'a Vehicle>) -> String {
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    for v in fleet {
+        // Serializing a vehicle cannot fail (no maps with non-string keys).
+        if let Ok(bytes) = serde_json::to_vec(v) {
+            h.write(&bytes);
+        }
+        h.write(b"\n");
+    }
+    format!("{:016x}", h.0)
+}
+
+struct Fnv(u64);
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{DispatchProjection, Event, StoredEvent};
+
+    /// Rows as the gateway wrote them before payloads had versions (from a demo run, plus
+    /// the kinds a demo does not produce), one per line.
+    const V1_ROWS: &str = include_str!("../../tests/fixtures/events-v1.jsonl");
+
+    fn v1_rows() -> Vec<StoredEvent> {
+        V1_ROWS.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn every_version_1_row_reads_in_todays_shape() {
+        let rows = v1_rows();
+        let mut kinds = std::collections::BTreeSet::new();
+        for row in &rows {
+            let decoded = decode(&row.kind, &row.payload).unwrap_or_else(|e| panic!("seq {}: {e}", row.seq));
+            kinds.insert(row.kind.clone());
+            match decoded {
+                Decoded::OrdersSent(o) => {
+                    let id = row.payload["order_id"].as_str().unwrap();
+                    let orders = o.to_orders(row.correlation_id.as_deref().unwrap());
+                    assert_eq!(orders.len(), 1);
+                    assert_eq!(orders[0].order_id, id, "the order keeps its id");
+                    assert_eq!(orders[0].power_kw, row.payload["power_kw"].as_f64().unwrap());
+                }
+                Decoded::AcksReceived(a) => {
+                    let (_, n) = order_number(row.payload["order_id"].as_str().unwrap()).unwrap();
+                    assert_eq!(a.accepted, vec![n]);
+                }
+                Decoded::AcksTimedOut(t) => assert_eq!(t.orders.len(), 1),
+                Decoded::OrdersCancelled(c) => assert_eq!(c.reason, row.payload["reason"].as_str().unwrap()),
+                Decoded::FallbackApplied(f) => {
+                    assert_eq!(f.candidates.len(), row.payload["candidates"].as_array().unwrap().len());
+                }
+                Decoded::PlanCreated(p) => assert!(p.fleet.is_none(), "version 1 plans inlined their fleet"),
+                Decoded::VehicleLost(l) if l.vehicle_id.as_str() == "ev049" => assert!(l.released_orders.is_empty()),
+                Decoded::Untyped(k) => panic!("{k} has a typed payload"),
+                _ => {}
+            }
+        }
+        assert_eq!(kinds.len(), 16, "the fixture covers every kind a version 1 gateway wrote: {kinds:?}");
+        // And the projection folds them.
+        let mut p = DispatchProjection::new();
+        for row in &rows {
+            p.apply(row).unwrap();
+        }
+        assert_eq!(p.state().signal_ids.len(), 2);
+        assert!(p.state().weights.contains_key(&crate::model::SignalType::Fcr));
+    }
+
+    #[test]
+    fn todays_payloads_read_back_equal_and_newer_versions_are_refused() {
+        let sent = OrdersSent {
+            attempt: 2,
+            direction: crate::model::OrderDirection::Discharge,
+            start: Timestamp::from_millis(1_000),
+            until: Timestamp::from_millis(61_000),
+            first: 1,
+            orders: vec![(VehicleId::from("a"), 1.5), (VehicleId::from("b"), 0.1 + 0.2)],
+        };
+        let e = Event::of(Timestamp::from_millis(5), "dispatcher", &sent).correlation("d1");
+        let row = StoredEvent::new(1, e);
+        assert_eq!(row.payload["v"], 2);
+        assert_eq!(decode(&row.kind, &row.payload).unwrap(), Decoded::OrdersSent(sent.clone()));
+        assert_eq!(sent.to_orders("d1")[1].order_id, "d1-2-2");
+        let mut newer = row.payload.clone();
+        newer["v"] = 3.into();
+        let err = decode("OrderSent", &newer).unwrap_err().to_string();
+        assert!(err.contains("version 3 is newer"), "{err}");
+        assert!(decode("NoSuchKind", &newer).is_err());
+        assert_eq!(order_number("d1796165615160-1-2-18"), Some((2, 18)));
+        assert_eq!(order_number("x"), None);
+    }
+}

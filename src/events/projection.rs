@@ -1,0 +1,323 @@
+//! The gateway's state as a fold of its event log.
+//!
+//! [`DispatchProjection`] reads events in seq order and keeps what the gateway knows at
+//! that point: the fleet, the dispatches in flight and the last ones settled, the orders
+//! still committed, tuned weights, the answers the prediction learns from, participation,
+//! the signal ids already seen and the dispatch numbering. At start-up the runtime builds
+//! its engine from it ([`ProjectedState`]); `gridweaver replay` prints it as of a time;
+//! `gridweaver audit` re-runs each decision on it. Memory is bounded: every history it
+//! keeps has a cap, and orders leave it when their window ends.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::allocation::Weights;
+use crate::model::{DispatchOutcome, Order, SignalType, Vehicle, VehicleId};
+use crate::time::Timestamp;
+
+use super::payload::{order_id, ConfigRecorded, Decoded};
+use super::{decode, PayloadError, StoredEvent};
+
+/// Signal ids remembered for duplicate detection.
+pub const REMEMBERED_SIGNALS: usize = 100_000;
+/// Answers kept for the prediction: at most this many, of the last [`ANSWER_DAYS`] days.
+pub const REMEMBERED_ANSWERS: usize = 200_000;
+/// Days of answers kept for the prediction.
+pub const ANSWER_DAYS: i64 = 30;
+/// Dispatches whose first-attempt vehicles are kept for the fairness scores: after this
+/// many, a score has decayed below what the planner keeps (0.9^100 < 1e-3).
+pub const PARTICIPATION_DISPATCHES: usize = 100;
+/// Settled dispatches whose outcome is kept.
+pub const REMEMBERED_OUTCOMES: usize = 100;
+
+/// What became of an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderAnswer {
+    /// Sent, not answered.
+    Pending,
+    /// The vehicle accepted.
+    Accepted,
+    /// The vehicle refused.
+    Rejected,
+    /// No answer by the deadline.
+    TimedOut,
+}
+
+/// A dispatch planned and not yet settled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectedDispatch {
+    /// Its signal.
+    pub signal_id: String,
+    /// When it was planned.
+    pub planned_at: Timestamp,
+    /// Attempts sent so far.
+    pub attempts: u32,
+    /// Every order sent: vehicle, kW, answer.
+    pub orders: BTreeMap<String, (VehicleId, f64, OrderAnswer)>,
+}
+
+/// An order whose power is still committed (sent or accepted, not released).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectedCommitment {
+    /// The signal of its dispatch.
+    pub signal_id: String,
+    /// The order.
+    pub order: Order,
+    /// Whether the vehicle accepted it.
+    pub accepted: bool,
+}
+
+/// The gateway's state after the events folded so far.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ProjectedState {
+    /// The last event folded.
+    pub seq: u64,
+    /// Its time.
+    pub ts: Option<Timestamp>,
+    /// The configuration in force, as last recorded.
+    pub config: Option<ConfigRecorded>,
+    /// The vehicles known, by id.
+    pub fleet: BTreeMap<VehicleId, Vehicle>,
+    /// Signal ids seen, oldest first (at most [`REMEMBERED_SIGNALS`]; printed as a count
+    /// and the last few).
+    #[serde(serialize_with = "count_and_tail")]
+    pub signal_ids: VecDeque<String>,
+    /// The highest leader term on a signal.
+    pub highest_term: Option<u64>,
+    /// The number of the last dispatch planned (`d<ms>-<n>`).
+    pub dispatches: u64,
+    /// Dispatches planned and not settled, by id.
+    pub in_flight: BTreeMap<String, ProjectedDispatch>,
+    /// Dispatches settled (completed or interrupted).
+    pub settled: u64,
+    /// The last settled outcomes, oldest first (at most [`REMEMBERED_OUTCOMES`]).
+    pub outcomes: VecDeque<DispatchOutcome>,
+    /// Orders still committed, by order id.
+    pub commitments: BTreeMap<String, ProjectedCommitment>,
+    /// Tuned weights per signal type.
+    pub weights: BTreeMap<SignalType, Weights>,
+    /// Answers to orders (vehicle, when the dispatch settled, accepted?), oldest first
+    /// (printed as a count and the last few).
+    #[serde(serialize_with = "count_and_tail")]
+    pub answers: VecDeque<(VehicleId, Timestamp, bool)>,
+    /// The vehicles each of the last dispatches ordered in its first attempt, oldest first.
+    pub participation: VecDeque<Vec<VehicleId>>,
+    /// Inbound messages refused.
+    pub rejected: u64,
+}
+
+impl ProjectedState {
+    /// Dispatches in flight as (dispatch id, signal id), in id order.
+    pub fn unfinished(&self) -> Vec<(String, String)> {
+        self.in_flight.iter().map(|(id, d)| (id.clone(), d.signal_id.clone())).collect()
+    }
+
+    /// Orders still committed at `now` (window not over), in the order they were sent,
+    /// with their signal id and whether they were accepted.
+    pub fn commitments_at(&self, now: Timestamp) -> Vec<(String, Order, bool)> {
+        let mut out: Vec<&ProjectedCommitment> = self.commitments.values().filter(|c| c.order.until > now).collect();
+        out.sort_by_key(|c| sent_order(&c.order));
+        out.into_iter().map(|c| (c.signal_id.clone(), c.order.clone(), c.accepted)).collect()
+    }
+}
+
+/// Long histories print as `{"count": n, "last": [the last 10]}`.
+fn count_and_tail<S: serde::Serializer, T: Serialize>(v: &VecDeque<T>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut out = s.serialize_struct("History", 2)?;
+    out.serialize_field("count", &v.len())?;
+    let last: Vec<&T> = v.iter().skip(v.len().saturating_sub(10)).collect();
+    out.serialize_field("last", &last)?;
+    out.end()
+}
+
+/// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
+fn sent_order(o: &Order) -> (u64, u32, u32) {
+    let dispatch = o.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let (attempt, n) = super::payload::order_number(&o.order_id).unwrap_or((0, 0));
+    (dispatch, attempt, n)
+}
+
+/// A row the projection could not fold.
+#[derive(Debug, thiserror::Error)]
+#[error("event {seq}: {error}")]
+pub struct ProjectionError {
+    /// The row.
+    pub seq: u64,
+    /// Why.
+    pub error: PayloadError,
+}
+
+/// The fold.
+#[derive(Clone, Debug, Default)]
+pub struct DispatchProjection {
+    state: ProjectedState,
+}
+
+impl DispatchProjection {
+    /// Nothing folded yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The state so far.
+    pub fn state(&self) -> &ProjectedState {
+        &self.state
+    }
+
+    /// The state, taken.
+    pub fn into_state(self) -> ProjectedState {
+        self.state
+    }
+
+    /// Folds one stored row.
+    pub fn apply(&mut self, row: &StoredEvent) -> Result<(), ProjectionError> {
+        let decoded = decode(&row.kind, &row.payload).map_err(|error| ProjectionError { seq: row.seq, error })?;
+        self.apply_decoded(row.seq, Timestamp::from_millis(row.ts_ms), row.correlation_id.as_deref(), decoded);
+        Ok(())
+    }
+
+    /// Folds one event already decoded.
+    pub fn apply_decoded(&mut self, seq: u64, ts: Timestamp, correlation: Option<&str>, event: Decoded) {
+        let s = &mut self.state;
+        s.seq = seq;
+        s.ts = Some(ts);
+        let corr = correlation.unwrap_or_default();
+        match event {
+            Decoded::SignalReceived(e) => {
+                s.signal_ids.push_back(e.signal.id);
+                if s.signal_ids.len() > REMEMBERED_SIGNALS {
+                    s.signal_ids.pop_front();
+                }
+                if let Some(term) = e.signal.leader_term {
+                    s.highest_term = s.highest_term.max(Some(term));
+                }
+            }
+            Decoded::Rejected(_) => s.rejected += 1,
+            Decoded::PlanCreated(p) => {
+                if let Some(n) = p.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()) {
+                    s.dispatches = s.dispatches.max(n);
+                }
+                s.participation.push_back(Vec::new());
+                if s.participation.len() > PARTICIPATION_DISPATCHES {
+                    s.participation.pop_front();
+                }
+                let d =
+                    ProjectedDispatch { signal_id: p.signal_id, planned_at: ts, attempts: 0, orders: BTreeMap::new() };
+                s.in_flight.insert(p.dispatch_id, d);
+            }
+            Decoded::OrdersSent(sent) => {
+                let signal_id = s.in_flight.get(corr).map(|d| d.signal_id.clone()).unwrap_or_default();
+                if sent.attempt == 1 {
+                    if let Some(last) = s.participation.back_mut() {
+                        last.extend(sent.orders.iter().map(|(v, _)| v.clone()));
+                    }
+                }
+                let orders = sent.to_orders(corr);
+                if let Some(d) = s.in_flight.get_mut(corr) {
+                    d.attempts = d.attempts.max(sent.attempt);
+                    for o in &orders {
+                        d.orders.insert(o.order_id.clone(), (o.vehicle_id.clone(), o.power_kw, OrderAnswer::Pending));
+                    }
+                }
+                for order in orders {
+                    let c = ProjectedCommitment { signal_id: signal_id.clone(), order, accepted: false };
+                    s.commitments.insert(c.order.order_id.clone(), c);
+                }
+            }
+            Decoded::AcksReceived(acks) => {
+                for n in acks.accepted {
+                    let id = order_id(corr, acks.attempt, n);
+                    s.answer(corr, &id, OrderAnswer::Accepted);
+                    if let Some(c) = s.commitments.get_mut(&id) {
+                        c.accepted = true;
+                    }
+                }
+                for (n, _) in acks.rejected {
+                    let id = order_id(corr, acks.attempt, n);
+                    s.answer(corr, &id, OrderAnswer::Rejected);
+                    s.commitments.remove(&id);
+                }
+            }
+            Decoded::AcksTimedOut(t) => {
+                for n in t.orders {
+                    let id = order_id(corr, t.attempt, n);
+                    s.answer(corr, &id, OrderAnswer::TimedOut);
+                    s.commitments.remove(&id);
+                }
+            }
+            Decoded::OrdersCancelled(c) => {
+                for (attempt, n) in c.orders {
+                    s.commitments.remove(&order_id(corr, attempt, n));
+                }
+            }
+            Decoded::DispatchCompleted(done) => {
+                if let Some(d) = s.in_flight.remove(corr) {
+                    if done.interrupted.is_none() {
+                        for (vehicle, _, answer) in d.orders.into_values() {
+                            s.answers.push_back((vehicle, ts, answer == OrderAnswer::Accepted));
+                        }
+                    }
+                }
+                s.settled += 1;
+                s.outcomes.push_back(done.outcome);
+                if s.outcomes.len() > REMEMBERED_OUTCOMES {
+                    s.outcomes.pop_front();
+                }
+                s.prune(ts);
+            }
+            Decoded::DispatchInterrupted(i) => {
+                if s.in_flight.remove(&i.dispatch_id).is_some() {
+                    s.settled += 1;
+                }
+            }
+            Decoded::WeightsTuned(w) => {
+                s.weights.insert(w.change.signal_type, w.change.after);
+            }
+            Decoded::VehicleState(v) => {
+                s.fleet.insert(v.vehicle.id.clone(), v.vehicle);
+            }
+            Decoded::VehicleLost(lost) => {
+                s.fleet.remove(&lost.vehicle_id);
+                for id in &lost.released_orders {
+                    s.commitments.remove(id);
+                }
+                for ordered in &mut s.participation {
+                    ordered.retain(|v| *v != lost.vehicle_id);
+                }
+            }
+            Decoded::ConfigRecorded(c) => {
+                // A run starts with an empty fleet: the gateway learns it again from the
+                // vehicles' retained states.
+                s.fleet.clear();
+                s.config = Some(c);
+            }
+            Decoded::ConstraintApplied(_)
+            | Decoded::FallbackApplied(_)
+            | Decoded::LogRecovered(_)
+            | Decoded::Untyped(_) => {}
+        }
+    }
+}
+
+impl ProjectedState {
+    fn answer(&mut self, dispatch_id: &str, order_id: &str, answer: OrderAnswer) {
+        if let Some(o) = self.in_flight.get_mut(dispatch_id).and_then(|d| d.orders.get_mut(order_id)) {
+            o.2 = answer;
+        }
+    }
+
+    /// Drops what no longer matters at `now`: commitments whose window ended, answers
+    /// older than [`ANSWER_DAYS`] or beyond [`REMEMBERED_ANSWERS`].
+    fn prune(&mut self, now: Timestamp) {
+        self.commitments.retain(|_, c| c.order.until > now);
+        let since = now.as_millis().saturating_sub(ANSWER_DAYS * 86_400_000);
+        while self.answers.front().is_some_and(|(_, at, _)| at.as_millis() < since)
+            || self.answers.len() > REMEMBERED_ANSWERS
+        {
+            self.answers.pop_front();
+        }
+    }
+}
