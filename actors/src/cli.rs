@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gridweaver_core::config::Config;
+use gridweaver_core::events::audit::Auditor;
 use gridweaver_core::events::{decode, Decoded, EventKind, StoredEvent};
 use gridweaver_core::time::Timestamp;
 
@@ -73,6 +74,24 @@ pub enum Command {
         #[arg(long)]
         until: Option<String>,
         /// One JSON object per line (the row, payload inlined) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verifies the log's hash chain, then re-runs every recorded decision (plan, fallback,
+    /// tuning) on the inputs the log held before it, under the configuration recorded then;
+    /// lists every decision whose result differs beyond 1e-6 relative. Exit 0 only when the
+    /// chain holds and every decision matches.
+    Audit {
+        /// The SQLite event log.
+        #[arg(long)]
+        db: PathBuf,
+        /// Only decisions at or after this RFC 3339 time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only decisions at or before this RFC 3339 time.
+        #[arg(long)]
+        to: Option<String>,
+        /// The report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -174,6 +193,10 @@ fn run(command: Command) -> Result<(), Failure> {
             let q = Query { kind, correlation, since_ms, until_ms };
             print_events(&db, &q, json).map_err(Failure::Runtime)
         }
+        Command::Audit { db, from, to, json } => {
+            let (from, to) = (time_arg("--from", from)?, time_arg("--to", to)?);
+            audit(&db, from, to, json).map_err(Failure::Runtime)
+        }
         Command::Replay { db, to } => {
             let to = time_arg("--to", to)?;
             let state = crate::store::project_path(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
@@ -189,6 +212,58 @@ fn run(command: Command) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// `gridweaver audit`: the chain first, then the decisions.
+fn audit(db: &Path, from: Option<Timestamp>, to: Option<Timestamp>, json: bool) -> anyhow::Result<()> {
+    let reader = Reader::open(db)?;
+    let chained = crate::store::schema::verify_chain(reader.connection())?;
+    let mut auditor = Auditor::new(from, to);
+    if chained.is_ok() {
+        reader.for_each(&Query::default(), |row| auditor.apply(&row).map_err(anyhow::Error::from))?;
+    }
+    let report = auditor.finish();
+    if json {
+        let chain = match &chained {
+            Ok(rows) => serde_json::json!({ "ok": true, "rows": rows }),
+            Err(broken) => serde_json::json!({ "ok": false, "error": broken.to_string() }),
+        };
+        println!("{}", serde_json::json!({ "chain": chain, "report": report }));
+    } else {
+        match &chained {
+            Ok(rows) => println!("hash chain: ok ({rows} rows)"),
+            Err(broken) => println!("hash chain: BROKEN: {broken}"),
+        }
+        if chained.is_ok() {
+            println!(
+                "re-ran {} plans, {} fallbacks, {} weight changes over {} rows; {} differ",
+                report.plans,
+                report.fallbacks,
+                report.tunings,
+                report.rows,
+                report.findings.len()
+            );
+            if !report.time_limited.is_empty() {
+                println!("cut short by the LP's time limit (not comparable): seq {:?}", report.time_limited);
+            }
+            if report.not_checked > 0 {
+                println!("{} decisions could not be re-run: no configuration recorded before them", report.not_checked);
+            }
+            for f in &report.findings {
+                println!("  seq {} {} {}: {}", f.seq, f.decision, f.dispatch_id.as_deref().unwrap_or("-"), f.detail);
+            }
+        }
+    }
+    if let Err(broken) = chained {
+        anyhow::bail!("the log does not match its hash chain: {broken}");
+    }
+    anyhow::ensure!(
+        report.findings.is_empty(),
+        "{} recorded decisions differ from today's code",
+        report.findings.len()
+    );
+    anyhow::ensure!(report.not_checked == 0, "{} recorded decisions could not be re-run", report.not_checked);
+    Ok(())
 }
 
 /// An optional RFC 3339 time argument.

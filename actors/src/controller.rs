@@ -8,18 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::allocation::filter::SimpleVehicleFilter;
-use gridweaver_core::allocation::policy::Strategies;
-use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
-use gridweaver_core::allocation::SmartDispatcher;
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::fallback;
-use gridweaver_core::dispatch::{Engine, EngineConfig, Planner, Step};
+use gridweaver_core::dispatch::{build, Engine, Planner, Step};
 use gridweaver_core::events::payload::ConfigRecorded;
 use gridweaver_core::events::{Event, ProjectedState};
-use gridweaver_core::learning::prediction::PredictionEngine;
-use gridweaver_core::learning::tuning::{AckBasedTuner, LearningTuner};
-use gridweaver_core::model::{StrategyKind, VehicleId};
+use gridweaver_core::learning::tuning::LearningTuner;
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -91,54 +85,9 @@ fn read_state(cfg: &Config, conn: Option<&rusqlite::Connection>) -> Result<Proje
     Ok(projection.into_state())
 }
 
-/// The planner for `cfg`, remembering what `recovery` read from the log.
+/// The planner for `cfg`, remembering what the log says ([`gridweaver_core::dispatch::build`]).
 pub fn build_planner(cfg: &Config, recovery: &ProjectedState) -> Planner {
-    let d = &cfg.dispatch;
-    let engine = EngineConfig {
-        region: cfg.site.clone(),
-        ack_timeout_ms: d.ack_timeout_ms,
-        fallback: d.fallback,
-        limits: d.limits.clone(),
-        no_fallback_segments: d.segments.iter().filter(|(_, s)| !s.fallback).map(|(n, _)| n.clone()).collect(),
-        max_in_flight: d.max_in_flight,
-        max_start_ahead_ms: i64::try_from(d.max_start_ahead_s.saturating_mul(1000)).unwrap_or(i64::MAX),
-        max_duration_s: d.max_duration_s,
-        ..EngineConfig::default()
-    };
-    let smart = SmartDispatcher {
-        weights: d.weights,
-        max_rounds: d.max_rounds,
-        fairness: d.fairness,
-        ..SmartDispatcher::default()
-    };
-    let mut strategies = Strategies::new(d.strategy, smart.clone(), d.lp.clone());
-    strategies.lp_first = d.lp_first;
-    if d.strategy == StrategyKind::Segmented {
-        let segmented = SegmentedSmartDispatcher::new(d.segments.clone(), smart).with_lp_settings(d.lp.clone());
-        strategies.segmented = Some(Box::new(segmented));
-    }
-    let mut planner = Planner::new(engine, Box::new(SimpleVehicleFilter), Box::new(strategies));
-    for id in &recovery.signal_ids {
-        planner.remember_signal(id);
-    }
-    if let Some(term) = recovery.highest_term {
-        planner.remember_term(term);
-    }
-    planner.remember_dispatches(recovery.dispatches);
-    let participation: Vec<Vec<VehicleId>> = recovery.participation.iter().cloned().collect();
-    planner.remember_participation(&participation);
-    for (kind, weights) in &recovery.weights {
-        planner.set_weights(*kind, *weights);
-    }
-    if let Some(p) = &cfg.prediction {
-        planner.set_prediction(PredictionEngine::new(p.clone()));
-        let answers: Vec<_> = recovery.answers.iter().cloned().collect();
-        planner.observe_answers(&answers);
-    }
-    for v in recovery.fleet.values() {
-        planner.restore_vehicle(v.clone());
-    }
-    planner
+    build::planner(cfg, recovery)
 }
 
 /// The engine for `cfg` as the log leaves it, and the step that closes what the last run
@@ -157,19 +106,14 @@ pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (E
 
 /// The tuner for `cfg`, with the weights the log says it had tuned.
 pub fn build_tuner(cfg: &Config, recovery: &ProjectedState) -> Option<Box<dyn LearningTuner>> {
-    let tc = cfg.tuner.clone()?;
-    let mut tuner = match AckBasedTuner::with_config(cfg.dispatch.weights, tc) {
-        Ok(t) => t,
+    match build::tuner(cfg, recovery)? {
+        Ok(t) => Some(Box::new(t)),
         Err(e) => {
             // Unreachable with a validated config; the gateway runs on without tuning.
             tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
-            return None;
+            None
         }
-    };
-    for (kind, weights) in &recovery.weights {
-        tuner.restore(*kind, *weights);
     }
-    Some(Box::new(tuner))
 }
 
 /// The running gateway.
@@ -287,7 +231,9 @@ mod tests {
     use std::cell::Cell;
     use std::rc::Rc;
 
-    use gridweaver_core::allocation::{Allocation, AllocationRequest, Dispatcher};
+    use gridweaver_core::allocation::filter::SimpleVehicleFilter;
+    use gridweaver_core::allocation::{Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
+    use gridweaver_core::dispatch::EngineConfig;
     use gridweaver_core::model::{Direction, Signal, SignalType, StrategyKind, Vehicle};
 
     use super::*;

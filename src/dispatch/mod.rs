@@ -18,6 +18,7 @@
 //! ```
 
 mod book;
+pub mod build;
 pub mod fallback;
 pub mod ledger;
 mod machine;

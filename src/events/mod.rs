@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::time::Timestamp;
 
+pub mod audit;
 pub mod payload;
 pub mod projection;
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::Serialize;
 
 use crate::allocation::Weights;
-use crate::model::{DispatchOutcome, Order, SignalType, Vehicle, VehicleId};
+use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
 use super::payload::{order_id, ConfigRecorded, Decoded};
@@ -45,17 +45,39 @@ pub enum OrderAnswer {
     TimedOut,
 }
 
+/// An order of a dispatch in flight.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectedOrder {
+    /// Its attempt.
+    pub attempt: u32,
+    /// Its number in the attempt.
+    pub n: u32,
+    /// The vehicle.
+    pub vehicle_id: VehicleId,
+    /// kW ordered.
+    pub power_kw: f64,
+    /// What became of it.
+    pub answer: OrderAnswer,
+}
+
 /// A dispatch planned and not yet settled.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProjectedDispatch {
-    /// Its signal.
+    /// Its signal's id.
     pub signal_id: String,
+    /// The signal (absent when the log lacks its `SignalReceived`).
+    pub signal: Option<Signal>,
     /// When it was planned.
     pub planned_at: Timestamp,
     /// Attempts sent so far.
     pub attempts: u32,
-    /// Every order sent: vehicle, kW, answer.
-    pub orders: BTreeMap<String, (VehicleId, f64, OrderAnswer)>,
+    /// Every order sent, in the order they were sent (by attempt and number).
+    #[serde(serialize_with = "values")]
+    pub orders: BTreeMap<(u32, u32), ProjectedOrder>,
+}
+
+fn values<S: serde::Serializer, K, V: Serialize>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(m.values())
 }
 
 /// An order whose power is still committed (sent or accepted, not released).
@@ -106,6 +128,9 @@ pub struct ProjectedState {
     pub participation: VecDeque<Vec<VehicleId>>,
     /// Inbound messages refused.
     pub rejected: u64,
+    /// The last signal received, until its plan claims it.
+    #[serde(skip)]
+    pub(crate) last_signal: Option<Signal>,
 }
 
 impl ProjectedState {
@@ -187,13 +212,14 @@ impl DispatchProjection {
         let corr = correlation.unwrap_or_default();
         match event {
             Decoded::SignalReceived(e) => {
-                s.signal_ids.push_back(e.signal.id);
+                s.signal_ids.push_back(e.signal.id.clone());
                 if s.signal_ids.len() > REMEMBERED_SIGNALS {
                     s.signal_ids.pop_front();
                 }
                 if let Some(term) = e.signal.leader_term {
                     s.highest_term = s.highest_term.max(Some(term));
                 }
+                s.last_signal = Some(e.signal);
             }
             Decoded::Rejected(_) => s.rejected += 1,
             Decoded::PlanCreated(p) => {
@@ -204,8 +230,14 @@ impl DispatchProjection {
                 if s.participation.len() > PARTICIPATION_DISPATCHES {
                     s.participation.pop_front();
                 }
-                let d =
-                    ProjectedDispatch { signal_id: p.signal_id, planned_at: ts, attempts: 0, orders: BTreeMap::new() };
+                let signal = s.last_signal.take().filter(|g| g.id == p.signal_id);
+                let d = ProjectedDispatch {
+                    signal_id: p.signal_id,
+                    signal,
+                    planned_at: ts,
+                    attempts: 0,
+                    orders: BTreeMap::new(),
+                };
                 s.in_flight.insert(p.dispatch_id, d);
             }
             Decoded::OrdersSent(sent) => {
@@ -218,8 +250,15 @@ impl DispatchProjection {
                 let orders = sent.to_orders(corr);
                 if let Some(d) = s.in_flight.get_mut(corr) {
                     d.attempts = d.attempts.max(sent.attempt);
-                    for o in &orders {
-                        d.orders.insert(o.order_id.clone(), (o.vehicle_id.clone(), o.power_kw, OrderAnswer::Pending));
+                    for (n, o) in (sent.first..).zip(&orders) {
+                        let order = ProjectedOrder {
+                            attempt: sent.attempt,
+                            n,
+                            vehicle_id: o.vehicle_id.clone(),
+                            power_kw: o.power_kw,
+                            answer: OrderAnswer::Pending,
+                        };
+                        d.orders.insert((sent.attempt, n), order);
                     }
                 }
                 for order in orders {
@@ -230,21 +269,21 @@ impl DispatchProjection {
             Decoded::AcksReceived(acks) => {
                 for n in acks.accepted {
                     let id = order_id(corr, acks.attempt, n);
-                    s.answer(corr, &id, OrderAnswer::Accepted);
+                    s.answer(corr, (acks.attempt, n), OrderAnswer::Accepted);
                     if let Some(c) = s.commitments.get_mut(&id) {
                         c.accepted = true;
                     }
                 }
                 for (n, _) in acks.rejected {
                     let id = order_id(corr, acks.attempt, n);
-                    s.answer(corr, &id, OrderAnswer::Rejected);
+                    s.answer(corr, (acks.attempt, n), OrderAnswer::Rejected);
                     s.commitments.remove(&id);
                 }
             }
             Decoded::AcksTimedOut(t) => {
                 for n in t.orders {
                     let id = order_id(corr, t.attempt, n);
-                    s.answer(corr, &id, OrderAnswer::TimedOut);
+                    s.answer(corr, (t.attempt, n), OrderAnswer::TimedOut);
                     s.commitments.remove(&id);
                 }
             }
@@ -256,8 +295,8 @@ impl DispatchProjection {
             Decoded::DispatchCompleted(done) => {
                 if let Some(d) = s.in_flight.remove(corr) {
                     if done.interrupted.is_none() {
-                        for (vehicle, _, answer) in d.orders.into_values() {
-                            s.answers.push_back((vehicle, ts, answer == OrderAnswer::Accepted));
+                        for o in d.orders.into_values() {
+                            s.answers.push_back((o.vehicle_id, ts, o.answer == OrderAnswer::Accepted));
                         }
                     }
                 }
@@ -303,9 +342,9 @@ impl DispatchProjection {
 }
 
 impl ProjectedState {
-    fn answer(&mut self, dispatch_id: &str, order_id: &str, answer: OrderAnswer) {
-        if let Some(o) = self.in_flight.get_mut(dispatch_id).and_then(|d| d.orders.get_mut(order_id)) {
-            o.2 = answer;
+    fn answer(&mut self, dispatch_id: &str, order: (u32, u32), answer: OrderAnswer) {
+        if let Some(o) = self.in_flight.get_mut(dispatch_id).and_then(|d| d.orders.get_mut(&order)) {
+            o.answer = answer;
         }
     }
 

@@ -347,6 +347,11 @@ impl Reader {
         Ok(Reader { conn, path: path.to_owned() })
     }
 
+    /// The read-only connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
     /// Calls `f` on every event matching `q`, in seq order, without collecting them.
     pub fn for_each<E: From<StoreError>>(
         &self,
