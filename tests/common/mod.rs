@@ -115,6 +115,16 @@ impl Gateway {
         Gateway::start_with(broker, site, "", dispatch)
     }
 
+    /// [`Gateway::start`] with the event log at `db`.
+    pub fn start_at(broker: &Mosquitto, site: &str, dispatch: &str, db: &std::path::Path) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("gateway.yaml");
+        let mut g = Gateway { child: None, dir, db: db.to_owned(), config, prefix: format!("gridweaver/{site}") };
+        g.configure(broker, site, "", dispatch);
+        g.spawn();
+        g
+    }
+
     /// [`Gateway::start`] with `mqtt` appended to the config's mqtt section (flow-map
     /// entries, e.g. `client_id: gw, prefix: depot/a`).
     pub fn start_with(broker: &Mosquitto, site: &str, mqtt: &str, dispatch: &str) -> Gateway {
@@ -308,6 +318,17 @@ impl Operator {
                 return Some(x);
             }
             self.seen.push((t, p));
+        }
+    }
+
+    /// Moves every message that arrives within `within` (and all already queued) to `seen`.
+    pub fn drain(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Ok(m) = self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            self.seen.push(m);
+        }
+        while let Ok(m) = self.rx.try_recv() {
+            self.seen.push(m);
         }
     }
 
