@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod allocation;
+pub mod bounded;
 pub mod config;
 pub mod dispatch;
 pub mod events;

@@ -493,6 +493,48 @@ struct SizeResult {
     up_kw: f64,
     dir: Option<PathBuf>,
     problems: Vec<String>,
+    /// What the dispatches wrote to the event log.
+    log_bytes: Option<LogBytes>,
+}
+
+/// Bytes the event log took per dispatch at this fleet size.
+#[derive(Clone, Copy, Debug)]
+struct LogBytes {
+    dispatches: usize,
+    /// Rows those dispatches added.
+    rows: i64,
+    /// Growth of the database (vacuumed, with and without those rows), per dispatch.
+    growth: f64,
+    /// `write_bytes` of /proc/<pid>/io over the dispatches (WAL, checkpoints), per dispatch.
+    written: f64,
+}
+
+/// `write_bytes` of /proc/<pid>/io: what the process caused to be written to storage.
+fn write_bytes(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).context("read /proc/<pid>/io")?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no write_bytes in /proc/<pid>/io")
+}
+
+/// The database's size with and without the rows after `seq`, both vacuumed into copies.
+fn growth_after(db: &Path, seq: i64, dir: &Path) -> Result<(i64, u64)> {
+    let conn = rusqlite::Connection::open(db)?;
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM events WHERE seq > ?1", [seq], |r| r.get(0))?;
+    let (full, trimmed) = (dir.join("full.db"), dir.join("trimmed.db"));
+    for p in [&full, &trimmed] {
+        let _ = std::fs::remove_file(p);
+        conn.execute("VACUUM INTO ?1", [p.display().to_string()])?;
+    }
+    let cut = rusqlite::Connection::open(&trimmed)?;
+    cut.execute_batch(&format!(
+        "DROP TRIGGER events_no_delete; DROP TRIGGER event_chain_no_delete;
+         DELETE FROM events WHERE seq > {seq}; DELETE FROM event_chain WHERE seq > {seq}; VACUUM;"
+    ))?;
+    drop(cut);
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    Ok((rows, size(&full).saturating_sub(size(&trimmed))))
 }
 
 /// The fleet: seeded, every vehicle plugged in and with SoC 0.3..0.9, so each one is a
@@ -890,6 +932,7 @@ async fn with_sim(cx: &Ctx<'_>, sim: &Simulator, ids: &[String]) -> Result<SizeR
         up_kw: 0.0,
         dir: None,
         problems: Vec::new(),
+        log_bytes: None,
     };
     let mut gateway = Gateway::start(tmp.path(), broker, prefix, n, opts)?;
     let measured = async {
@@ -899,6 +942,14 @@ async fn with_sim(cx: &Ctx<'_>, sim: &Simulator, ids: &[String]) -> Result<SizeR
         let up_kw = wait_capacity(&mut client, &mut gateway, prefix, n).await?;
         result.up_kw = up_kw;
         result.idle = Some(read_memory(gateway.pid)?);
+        // Let the fleet's discoveries reach the log, then mark where the dispatches begin.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_seq: i64 = rusqlite::Connection::open(&gateway.db)?.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM events",
+            [],
+            |r| r.get(0),
+        )?;
+        let idle_written = write_bytes(gateway.pid)?;
         eprintln!(
             "N={n}: dispatch, {} + {} rounds (up_kw {up_kw:.1}, signal {:.1} kW)",
             opts.warmup,
@@ -906,16 +957,19 @@ async fn with_sim(cx: &Ctx<'_>, sim: &Simulator, ids: &[String]) -> Result<SizeR
             up_kw / 2.0
         );
         let samples = dispatches(cx, &mut client, &mut gateway, up_kw, &mut result).await?;
+        // The last ACK batches are recorded within 50 ms.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let written = write_bytes(gateway.pid)?.saturating_sub(idle_written);
         result.at_end = Some(read_memory(gateway.pid)?);
         if result.after10.is_none() {
             result.after10 = result.at_end.map(|m| (opts.warmup + opts.rounds, m));
             result.smaps = smaps_summary(gateway.pid).ok();
         }
         client.close().await;
-        anyhow::Ok(samples)
+        anyhow::Ok((samples, idle_seq, written))
     }
     .await;
-    let samples = match measured {
+    let (samples, idle_seq, written) = match measured {
         Ok(s) => s,
         Err(e) => {
             let _ = gateway.terminate();
@@ -925,6 +979,18 @@ async fn with_sim(cx: &Ctx<'_>, sim: &Simulator, ids: &[String]) -> Result<SizeR
         }
     };
     let status = gateway.terminate()?;
+    let dispatched = opts.warmup + opts.rounds;
+    match growth_after(&gateway.db, idle_seq, tmp.path()) {
+        Ok((rows, growth)) => {
+            result.log_bytes = Some(LogBytes {
+                dispatches: dispatched,
+                rows,
+                growth: growth as f64 / dispatched as f64,
+                written: written as f64 / dispatched as f64,
+            });
+        }
+        Err(e) => result.problems.push(format!("N={n}: cannot measure the log's growth: {e:#}")),
+    }
     result.gateway_exit = status.to_string();
     result.gateway_clean_exit = status.success();
     if !status.success() {
@@ -1026,6 +1092,25 @@ fn report(broker: &Mosquitto, opts: &Options, results: &[SizeResult], load: (&st
             r.dispatch.median_ms / r.raw.median_ms,
             if r.anomalies.is_empty() { "yes".to_owned() } else { format!("NO ({} rounds)", r.anomalies.len()) },
         );
+    }
+    let _ = writeln!(w, "\nEvent log per dispatch (target <= 128 KB at 1,000 vehicles):\n");
+    let _ = writeln!(
+        w,
+        "| N | dispatches | rows per dispatch | database growth per dispatch | written (/proc io) per dispatch |"
+    );
+    let _ = writeln!(w, "|---:|---:|---:|---:|---:|");
+    for r in results {
+        if let Some(b) = r.log_bytes {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.1} | {:.1} KB | {:.1} KB |",
+                r.n,
+                b.dispatches,
+                b.rows as f64 / b.dispatches as f64,
+                b.growth / 1024.0,
+                b.written / 1024.0
+            );
+        }
     }
     let _ = writeln!(w, "\nGateway memory (/proc/<pid>/status):\n");
     let _ = writeln!(w, "| N | idle VmRSS | after K dispatches: VmRSS | VmHWM | at end: VmRSS | VmHWM | target |");

@@ -13,7 +13,6 @@ use gridweaver_core::dispatch::fallback;
 use gridweaver_core::dispatch::{build, Engine, Planner, Step};
 use gridweaver_core::events::payload::ConfigRecorded;
 use gridweaver_core::events::{Event, ProjectedState};
-use gridweaver_core::learning::tuning::LearningTuner;
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
@@ -24,7 +23,6 @@ use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreError, StoreHandle};
 use crate::supervisor::Supervisor;
-use crate::tuner::TunerActor;
 
 /// Why the gateway could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -95,25 +93,17 @@ pub fn build_planner(cfg: &Config, recovery: &ProjectedState) -> Planner {
 /// unanswered orders are cancelled; accepted orders whose window is still open are
 /// committed again.
 pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (Engine, Step) {
-    let mut engine = Engine::new(build_planner(cfg, recovery));
+    let mut engine = build::engine(cfg, recovery).unwrap_or_else(|e| {
+        // Unreachable with a validated config; the gateway runs on without tuning.
+        tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
+        Engine::new(build_planner(cfg, recovery))
+    });
     let unfinished = recovery.unfinished();
     let step = engine.recover(t, &unfinished, &recovery.commitments_at(t));
     if !unfinished.is_empty() {
         tracing::warn!(count = unfinished.len(), "dispatches interrupted by the last stop are recorded");
     }
     (engine, step)
-}
-
-/// The tuner for `cfg`, with the weights the log says it had tuned.
-pub fn build_tuner(cfg: &Config, recovery: &ProjectedState) -> Option<Box<dyn LearningTuner>> {
-    match build::tuner(cfg, recovery)? {
-        Ok(t) => Some(Box::new(t)),
-        Err(e) => {
-            // Unreachable with a validated config; the gateway runs on without tuning.
-            tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
-            None
-        }
-    }
 }
 
 /// The running gateway.
@@ -146,7 +136,6 @@ impl Controller {
         eventloop.set_network_options(net);
         let publisher = Publisher::new(client, topics.clone());
 
-        let tuner = build_tuner(cfg, &recovery);
         let first = std::cell::Cell::new(Some(recovery));
         let engine_cfg = cfg.clone();
         let rebuild: EngineFactory = Box::new(move || {
@@ -166,9 +155,8 @@ impl Controller {
         let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
         let supervisor =
             Supervisor::new(dispatcher.clone(), store.clone(), publisher.clone(), cfg.site.clone()).start();
-        let tuner = tuner.map(|t| TunerActor::new(t, dispatcher.clone()).start());
         dispatcher
-            .try_send(Connect { tuner, resync: supervisor.clone().recipient() })
+            .try_send(Connect { resync: supervisor.clone().recipient() })
             .map_err(|_| ControllerError::NotStarted("the dispatcher"))?;
         let routes = Routes {
             dispatcher: dispatcher.clone(),
@@ -336,7 +324,7 @@ mod tests {
         let (st, pb) = (store.clone(), publisher.clone());
         let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
         let supervisor = Supervisor::new(dispatcher.clone(), store.clone(), publisher, "default".into()).start();
-        dispatcher.send(Connect { tuner: None, resync: supervisor.clone().recipient() }).await.unwrap();
+        dispatcher.send(Connect { resync: supervisor.clone().recipient() }).await.unwrap();
         let v = Vehicle::new("ev1", 0.8, 60.0, 11.0);
         supervisor.send(VehicleStateIn { id: v.id.clone(), state: Some(v), at: now() }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

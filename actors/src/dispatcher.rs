@@ -21,7 +21,6 @@ use gridweaver_core::dispatch::fallback::Reallocation;
 use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
 use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::{Event, EventKind};
-use gridweaver_core::learning::tuning::WeightsChange;
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
@@ -29,7 +28,6 @@ use crate::fallback::{FallbackActor, Reallocate};
 use crate::guard::guarded;
 use crate::publish::{now, reject, Publisher};
 use crate::store::StoreHandle;
-use crate::tuner::{Learn, TunerActor};
 
 /// How often the retained `<p>/capacity` is refreshed when it changed, at most.
 const CAPACITY_EVERY: Duration = Duration::from_millis(250);
@@ -50,7 +48,6 @@ pub struct DispatcherActor {
     /// Carried out once the actor runs: the recovery step of the engine just built.
     recovery: Option<Step>,
     fallback: Addr<FallbackActor>,
-    tuner: Option<Addr<TunerActor>>,
     resync: Option<Recipient<Resync>>,
     store: StoreHandle,
     publisher: Publisher,
@@ -75,8 +72,9 @@ struct StoreOutage {
 /// How often a failing store is tried again.
 const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// ACKs are recorded at most this long after they arrive, many to an event.
-const ACK_RECORD_DELAY: Duration = Duration::from_millis(50);
+/// ACKs are recorded at most this long after they arrive, many to an event (most
+/// dispatches settle sooner and record theirs with the outcome, in one commit).
+const ACK_RECORD_DELAY: Duration = Duration::from_millis(200);
 
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
@@ -92,7 +90,6 @@ impl DispatcherActor {
             rebuild,
             recovery: Some(recovery),
             fallback,
-            tuner: None,
             resync: None,
             store,
             publisher,
@@ -139,10 +136,8 @@ impl DispatcherActor {
     /// Carries out a step: events durable first, then cancels, orders, outcomes and the
     /// live tail; a fallback request goes to the FallbackActor; the timer is re-armed.
     fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
-        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers } = step;
-        if !answers.is_empty() {
-            self.engine.planner_mut().observe_answers(&answers);
-        }
+        // The engine has learnt from the answers already (prediction, tuner).
+        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers: _ } = step;
         self.capacity_dirty |= !orders.is_empty() || !cancels.is_empty() || !outcomes.is_empty();
         if events.is_empty() {
             if let Some(request) = fallback {
@@ -183,11 +178,6 @@ impl DispatcherActor {
             for outcome in outcomes {
                 act.publisher.outcome(&outcome);
                 act.completed += 1;
-                if let Some(tuner) = &act.tuner {
-                    if tuner.try_send(Learn(outcome)).is_err() {
-                        tracing::warn!("the tuner is busy; one outcome is not learned from");
-                    }
-                }
             }
             act.publisher.tail(appended.rows);
             if let Some(request) = fallback {
@@ -331,12 +321,10 @@ impl Supervised for DispatcherActor {
     }
 }
 
-/// Connects the tuner and the fleet's owner (both started after the dispatcher).
+/// Connects the fleet's owner (started after the dispatcher).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {
-    /// Learns from outcomes.
-    pub tuner: Option<Addr<TunerActor>>,
     /// Re-reports the fleet after a restart.
     pub resync: Recipient<Resync>,
 }
@@ -345,7 +333,6 @@ impl Handler<Connect> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _ctx: &mut Context<Self>) {
-        self.tuner = msg.tuner;
         self.resync = Some(msg.resync);
     }
 }
@@ -446,24 +433,6 @@ impl Handler<FleetUpdate> for DispatcherActor {
             self.store.record(vec![e]);
         }
         self.capacity_dirty = true;
-    }
-}
-
-/// New weights for one signal type, from the tuner. The dispatcher records the change
-/// and applies it in one go, so that in the log every plan after `WeightsTuned` used them
-/// and none before it did.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetWeights(pub WeightsChange);
-
-impl Handler<SetWeights> for DispatcherActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetWeights, ctx: &mut Context<Self>) {
-        let change = msg.0;
-        self.engine.planner_mut().set_weights(change.signal_type, change.after);
-        let event = change.event(now(), &self.region());
-        self.carry_out(Step { events: vec![event], ..Step::default() }, ctx);
     }
 }
 

@@ -33,7 +33,6 @@ pub mod publish;
 pub mod sim;
 pub mod store;
 pub mod supervisor;
-pub mod tuner;
 pub mod vehicle;
 
 /// Mailbox capacity of the actors fed from outside (signals, states, ACKs): a whole

@@ -1,6 +1,8 @@
 //! The dispatches in flight, indexed by order id, with their deadlines.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
+
+use crate::bounded::BoundedSet;
 
 use crate::dispatch::fallback::Reallocation;
 use crate::model::{Ack, VehicleId};
@@ -10,12 +12,17 @@ use super::machine::{AckIgnored, Dispatch, FallbackRequest};
 use super::Step;
 
 /// The dispatches in flight, with their order index and deadlines.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DispatchBook {
     pub(super) live: BTreeMap<String, Dispatch>,
     pub(super) orders: HashMap<String, String>,
-    pub(super) settled: HashSet<String>,
-    pub(super) settled_order: VecDeque<String>,
+    pub(super) settled: BoundedSet<String>,
+}
+
+impl Default for DispatchBook {
+    fn default() -> Self {
+        Self { live: BTreeMap::new(), orders: HashMap::new(), settled: BoundedSet::new(SETTLED_DISPATCHES_KEPT) }
+    }
 }
 
 /// Settled dispatches remembered, so that a late ACK to one of their orders is called late
@@ -147,12 +154,6 @@ impl DispatchBook {
         for id in d.order_ids() {
             self.orders.remove(id);
         }
-        self.settled.insert(d.id.clone());
-        self.settled_order.push_back(d.id);
-        while self.settled_order.len() > SETTLED_DISPATCHES_KEPT {
-            if let Some(old) = self.settled_order.pop_front() {
-                self.settled.remove(&old);
-            }
-        }
+        self.settled.insert(d.id);
     }
 }

@@ -12,7 +12,7 @@ use crate::learning::prediction::PredictionEngine;
 use crate::learning::tuning::{AckBasedTuner, LearningTuner, TunerError};
 use crate::model::{StrategyKind, VehicleId};
 
-use super::{EngineConfig, Planner};
+use super::{Engine, EngineConfig, Planner};
 
 /// The engine settings of `cfg`.
 pub fn engine_config(cfg: &Config) -> EngineConfig {
@@ -95,4 +95,11 @@ pub fn tuner(cfg: &Config, recovery: &ProjectedState) -> Option<Result<AckBasedT
         }
         t
     }))
+}
+
+/// The engine of `cfg` as `recovery` leaves it: planner and tuner (nothing in flight or
+/// committed yet: see [`Engine::recover`]).
+pub fn engine(cfg: &Config, recovery: &ProjectedState) -> Result<Engine, TunerError> {
+    let tuner = tuner(cfg, recovery).transpose()?.map(|t| Box::new(t) as Box<dyn LearningTuner>);
+    Ok(Engine::new(planner(cfg, recovery)).with_tuner(tuner))
 }

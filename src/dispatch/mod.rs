@@ -36,6 +36,7 @@ use crate::config::Limits;
 use crate::dispatch::fallback::Reallocation;
 use crate::events::payload::{DispatchInterrupted, VehicleLost};
 use crate::events::Event;
+use crate::learning::tuning::LearningTuner;
 use crate::model::{Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, Vehicle, VehicleId};
 use crate::time::Timestamp;
 use ledger::{Commitment, Ledger};
@@ -195,12 +196,37 @@ pub struct Engine {
     /// Signal id -> dispatch id, for signals that may still be replaced (in flight or with
     /// commitments in force).
     streams: BTreeMap<String, String>,
+    /// Learns weights from each outcome, in the step that settles it.
+    tuner: Option<Box<dyn LearningTuner>>,
 }
 
 impl Engine {
     /// An engine around `planner`, with nothing in flight or committed.
     pub fn new(planner: Planner) -> Self {
-        Self { planner, book: DispatchBook::new(), ledger: Ledger::new(), streams: BTreeMap::new() }
+        Self { planner, book: DispatchBook::new(), ledger: Ledger::new(), streams: BTreeMap::new(), tuner: None }
+    }
+
+    /// Tunes the strategy's weights with `tuner`: a change is applied and recorded
+    /// (`WeightsTuned`) in the step that settles the dispatch it learned from, so that in
+    /// the log every plan after the change used it and none before did.
+    pub fn with_tuner(mut self, tuner: Option<Box<dyn LearningTuner>>) -> Self {
+        self.tuner = tuner;
+        self
+    }
+
+    /// What a step teaches: the answers of settled dispatches feed the prediction, their
+    /// outcomes the tuner.
+    fn learn(&mut self, now: Timestamp, step: &mut Step) {
+        if !step.answers.is_empty() {
+            self.planner.observe_answers(&step.answers);
+        }
+        let Some(tuner) = self.tuner.as_mut() else { return };
+        for outcome in &step.outcomes {
+            if let Some(change) = tuner.observe(outcome) {
+                self.planner.set_weights(change.signal_type, change.after);
+                step.events.push(change.event(now, &self.planner.cfg.region));
+            }
+        }
     }
 
     /// The planner (fleet view, strategy, memory of signals).
@@ -303,6 +329,7 @@ impl Engine {
         self.book.insert(dispatch);
         step.merge(first);
         self.commit(&step.orders);
+        self.learn(now, &mut step);
         Ok(step)
     }
 
@@ -338,10 +365,11 @@ impl Engine {
             return None;
         }
         let signal_id = self.book.live.get(dispatch_id).map(|d| d.signal().id.clone());
-        let step = self.withdraw(now, dispatch_id, why);
+        let mut step = self.withdraw(now, dispatch_id, why);
         if let Some(id) = signal_id {
             self.planner.forget_signal(&id);
         }
+        self.learn(now, &mut step);
         Some(step)
     }
 
@@ -383,6 +411,7 @@ impl Engine {
             }
         }
         self.fill_fallback(&mut step);
+        self.learn(now, &mut step);
         Ok(step)
     }
 
@@ -409,6 +438,7 @@ impl Engine {
         for step in &mut steps {
             self.release(&step.cancels);
             self.fill_fallback(step);
+            self.learn(now, step);
         }
         steps
     }
@@ -448,8 +478,9 @@ impl Engine {
 
     /// The fallback's answer for `request`; its orders are committed.
     pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
-        let step = self.book.apply_fallback(now, request, realloc);
+        let mut step = self.book.apply_fallback(now, request, realloc);
         self.commit(&step.orders);
+        self.learn(now, &mut step);
         step
     }
 
@@ -457,9 +488,10 @@ impl Engine {
     /// cancelled. Accepted orders stay in force until their window ends (the vehicles were
     /// told to deliver until then); a restart restores them as commitments.
     pub fn shutdown(&mut self, now: Timestamp, why: &str) -> Vec<Step> {
-        let steps = self.book.shutdown(now, why);
-        for step in &steps {
+        let mut steps = self.book.shutdown(now, why);
+        for step in &mut steps {
             self.release(&step.cancels);
+            self.learn(now, step);
         }
         steps
     }

@@ -2,13 +2,14 @@
 //! memory of signals; it turns an admitted signal into a dispatch planned against the
 //! commitment ledger.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
 use crate::allocation::filter::{Exclusion, VehicleFilter};
 use crate::allocation::limits::LimitSet;
 use crate::allocation::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
+use crate::bounded::BoundedSet;
 use crate::events::payload::{
     fleet_fingerprint, ConstraintApplied, Excluded, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost,
     VehicleState,
@@ -48,38 +49,6 @@ pub struct Capacity {
     pub at: Timestamp,
 }
 
-/// Signal ids seen, bounded: the oldest are forgotten first.
-#[derive(Debug, Default)]
-struct SeenIds {
-    set: HashSet<String>,
-    order: VecDeque<String>,
-    cap: usize,
-}
-
-impl SeenIds {
-    /// Forgets `id` (rare: a dispatch that could not be recorded), O(n).
-    fn remove(&mut self, id: &str) {
-        if self.set.remove(id) {
-            self.order.retain(|x| x != id);
-        }
-    }
-
-    /// Remembers `id`; false if it was already there.
-    fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
-            return false;
-        }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
-        while self.order.len() > self.cap.max(1) {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        true
-    }
-}
-
 /// Owns the fleet view, the filter, the strategy and the fairness scores; plans dispatches.
 pub struct Planner {
     pub(super) cfg: EngineConfig,
@@ -88,7 +57,8 @@ pub struct Planner {
     strategy: Box<dyn Dispatcher>,
     participation: HashMap<VehicleId, f64>,
     prediction: Option<PredictionEngine>,
-    seen: SeenIds,
+    /// Signal ids seen, bounded: the oldest are forgotten first.
+    seen: BoundedSet<String>,
     highest_term: Option<u64>,
     dispatches: u64,
 }
@@ -104,7 +74,7 @@ pub const SOC_DEADBAND: f64 = 0.005;
 impl Planner {
     /// A planner with no vehicles.
     pub fn new(cfg: EngineConfig, filter: Box<dyn VehicleFilter>, strategy: Box<dyn Dispatcher>) -> Self {
-        let seen = SeenIds { cap: cfg.remembered_signals, ..SeenIds::default() };
+        let seen = BoundedSet::new(cfg.remembered_signals);
         Self {
             cfg,
             fleet: BTreeMap::new(),
@@ -126,12 +96,12 @@ impl Planner {
     /// Remembers a signal id received before a restart (from the event log), so that a
     /// redelivery is still a duplicate.
     pub fn remember_signal(&mut self, id: &str) {
-        self.seen.insert(id);
+        self.seen.insert(id.to_owned());
     }
 
     /// The signal ids remembered, oldest first.
     pub fn seen_signals(&self) -> impl Iterator<Item = &str> {
-        self.seen.order.iter().map(String::as_str)
+        self.seen.iter().map(String::as_str)
     }
 
     /// The number of the last dispatch planned (`d<ms>-<n>`).
@@ -322,7 +292,7 @@ impl Planner {
         if let Some(region) = signal.region.as_ref().filter(|r| **r != self.cfg.region) {
             return Err(SignalRefused::OtherRegion { got: region.clone(), ours: self.cfg.region.clone() });
         }
-        if self.seen.set.contains(&signal.id) {
+        if self.seen.contains(signal.id.as_str()) {
             return Err(SignalRefused::Duplicate(signal.id.clone()));
         }
         if let (Some(got), Some(highest)) = (signal.leader_term, self.highest_term) {
@@ -345,7 +315,7 @@ impl Planner {
     /// Plans a dispatch for an admitted `signal` against what `ledger` leaves free. Returns
     /// the dispatch (to hand to the [`DispatchBook`]) and its first step.
     pub(super) fn plan(&mut self, now: Timestamp, signal: Signal, ledger: &Ledger) -> (Dispatch, Step) {
-        self.seen.insert(&signal.id);
+        self.seen.insert(signal.id.clone());
         if let Some(term) = signal.leader_term {
             self.remember_term(term);
         }

@@ -430,8 +430,7 @@ mod tests {
     fn run(cfg: &Config, recorded: &Config) -> MemoryStore {
         let mut log = MemoryStore::default();
         log.append(&[Event::of(T0, "gateway", &ConfigRecorded::of(recorded))]).unwrap();
-        let mut engine = Engine::new(build::planner(cfg, &ProjectedState::default()));
-        let mut tuner = build::tuner(cfg, &ProjectedState::default()).unwrap().unwrap();
+        let mut engine = build::engine(cfg, &ProjectedState::default()).unwrap();
         let mut lp = LpDispatcher::default();
         for i in 0..12 {
             let mut v = Vehicle::new(format!("v{i:02}"), 0.3 + 0.05 * i as f64, 70.0, 8.0 + i as f64);
@@ -458,16 +457,16 @@ mod tests {
             steps.extend(engine.on_timeout(now.plus_millis(2_500)));
             for mut step in steps {
                 let request = step.fallback.take();
-                log_step(&mut log, &mut tuner, &mut engine, now, step);
+                log_step(&mut log, step);
                 if let Some(req) = request {
                     let realloc = req.reallocate(by_kind(cfg.dispatch.fallback).as_ref(), &mut lp);
                     let next = engine.apply_fallback(now.plus_millis(2_500), &req, &realloc);
                     let orders = next.orders.clone();
-                    log_step(&mut log, &mut tuner, &mut engine, now, next);
+                    log_step(&mut log, next);
                     for o in &orders {
                         let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
                         let done = engine.on_ack(now.plus_millis(2_600), &o.vehicle_id, &ack).unwrap();
-                        log_step(&mut log, &mut tuner, &mut engine, now, done);
+                        log_step(&mut log, done);
                     }
                 }
             }
@@ -475,15 +474,8 @@ mod tests {
         log
     }
 
-    fn log_step(log: &mut MemoryStore, tuner: &mut AckBasedTuner, engine: &mut Engine, now: Timestamp, step: Step) {
+    fn log_step(log: &mut MemoryStore, step: Step) {
         log.append(&step.events).unwrap();
-        engine.planner_mut().observe_answers(&step.answers);
-        for outcome in &step.outcomes {
-            if let Some(change) = tuner.observe(outcome) {
-                engine.planner_mut().set_weights(change.signal_type, change.after);
-                log.append(&[change.event(now, "north")]).unwrap();
-            }
-        }
     }
 
     fn audit(log: &MemoryStore) -> AuditReport {

@@ -1,0 +1,183 @@
+//! The event log's throughput, measured on a generated but real run (the core engine plans
+//! every dispatch; vehicles accept or reject; the tuner tunes):
+//!
+//! 1. append: the same rows through the store (writer thread, group commit, hash chain,
+//!    durable: `synchronous=FULL`, the default) and through a bare rusqlite insert loop in
+//!    one transaction into the same schema, in the same run;
+//! 2. replay: the log folded into the projection (`store::project`);
+//! 3. audit: every plan, fallback and weight change of a log re-run (`Auditor`).
+//!
+//! `cargo bench -p gridweaver-actors --bench log -- [--events 1000000] [--audit-dispatches 10000]
+//!  [--audit-vehicles 100]`
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use gridweaver_actors::store::{self, Query, Reader, StoreError, StoreHandle};
+use gridweaver_core::config::Config;
+use gridweaver_core::dispatch::build;
+use gridweaver_core::events::audit::Auditor;
+use gridweaver_core::events::payload::ConfigRecorded;
+use gridweaver_core::events::{Event, ProjectedState};
+use gridweaver_core::model::{Ack, AckStatus, Direction, Signal, SignalType, Vehicle};
+use gridweaver_core::time::Timestamp;
+use rusqlite::params;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A run of the gateway's core: `steps` of events, as the dispatcher hands them to the store.
+fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Vec<Event>> {
+    let cfg = Config::from_yaml("site: bench\nstore: { path: x.db }\ndispatch: { ack_timeout_seconds: 1 }\n")
+        .expect("a valid config");
+    let empty = ProjectedState::default();
+    let mut engine = build::engine(&cfg, &empty).expect("a valid tuner");
+    let t0 = Timestamp::from_millis(1_795_000_000_000);
+    let mut steps = vec![vec![Event::of(t0, "gateway", &ConfigRecorded::of(&cfg))]];
+    let mut fleet = Vec::new();
+    for i in 0..vehicles {
+        let v = Vehicle::new(format!("ev{i:05}"), 0.3 + 0.6 * (i % 97) as f64 / 97.0, 60.0, 7.0 + (i % 15) as f64);
+        fleet.extend(engine.on_state(t0, v.id.clone(), Some(v)).1);
+    }
+    steps.push(fleet);
+    let mut events: usize = steps.iter().map(Vec::len).sum();
+    let mut k = 0u64;
+    while events < min_events && (k as usize) < max_dispatches {
+        let now = t0.plus_millis(2_000 * (k as i64 + 1));
+        let direction = if k % 3 == 0 { Direction::Down } else { Direction::Up };
+        let signal = Signal::new(format!("s{k}"), SignalType::ALL[(k % 5) as usize], direction, 20.0, now);
+        k += 1;
+        let Ok(step) = engine.on_signal(now, Signal { duration_s: 1, ..signal }) else { continue };
+        let orders = step.orders.clone();
+        let mut batch = step.events;
+        for (j, o) in orders.iter().enumerate() {
+            let status = if j % 10 == 9 { AckStatus::Rejected } else { AckStatus::Accepted };
+            let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
+            if let Ok(s) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) {
+                batch.extend(s.events);
+            }
+        }
+        events += batch.len();
+        steps.push(batch);
+    }
+    steps
+}
+
+fn bare_insert(path: &Path, steps: &[Vec<Event>]) -> Result<f64> {
+    // The same schema as the store's (indexes, chain table, views), no chain written.
+    let mut conn = store::open_writer(path, true)?;
+    let start = Instant::now();
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare(
+            "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for (seq, e) in (1i64..).zip(steps.iter().flatten()) {
+            insert.execute(params![
+                seq,
+                e.ts.as_millis(),
+                e.kind.as_str(),
+                e.correlation_id,
+                e.actor,
+                e.region,
+                e.payload
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn through_store(path: &Path, steps: Vec<Vec<Event>>) -> Result<f64> {
+    let conn = store::open_writer(path, true)?;
+    let (store, join) = StoreHandle::start(conn)?;
+    let start = Instant::now();
+    let mut last = None;
+    for step in steps {
+        last = Some(store.append(step));
+    }
+    if let Some(rx) = last {
+        rx.blocking_recv().context("the store answered")?.map_err(anyhow::Error::msg)?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(store);
+    join.join().map_err(|_| anyhow::anyhow!("the store thread panicked"))?;
+    Ok(elapsed)
+}
+
+fn main() -> Result<()> {
+    let target = arg("--events", 1_000_000);
+    let audit_dispatches = arg("--audit-dispatches", 10_000);
+    let audit_vehicles = arg("--audit-vehicles", 100);
+    let dir = tempfile::tempdir()?;
+
+    let t = Instant::now();
+    let steps = generate(target, usize::MAX, 20);
+    let rows: usize = steps.iter().map(Vec::len).sum();
+    let dispatches = steps.len() - 2;
+    let bytes: usize = steps.iter().flatten().map(|e| e.payload.len()).sum();
+    println!(
+        "generated {rows} events ({dispatches} dispatches of 20 vehicles, {:.1} MB of payloads) in {:.1} s",
+        bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+
+    let bare = bare_insert(&dir.path().join("bare.db"), &steps)?;
+    let steps_count = steps.len();
+    let stored = through_store(&dir.path().join("store.db"), steps)?;
+    println!("\nappend, {rows} rows, synchronous=FULL:");
+    println!("  bare rusqlite, one transaction, no chain: {:.2} s, {:.0} rows/s", bare, rows as f64 / bare);
+    println!(
+        "  store ({steps_count} appends, group commit, hash chain): {:.2} s, {:.0} rows/s = {:.0} % of bare",
+        stored,
+        rows as f64 / stored,
+        100.0 * bare / stored
+    );
+
+    let db = dir.path().join("store.db");
+    let t = Instant::now();
+    let state = store::project_path(&db, None, true)?.into_state();
+    let replay = t.elapsed().as_secs_f64();
+    println!(
+        "\nreplay: {} events folded in {:.2} s ({:.0} events/s); {} dispatches settled, {} vehicles",
+        state.seq,
+        replay,
+        state.seq as f64 / replay,
+        state.settled,
+        state.fleet.len()
+    );
+
+    let t = Instant::now();
+    let steps = generate(usize::MAX, audit_dispatches, audit_vehicles);
+    let rows: usize = steps.iter().map(Vec::len).sum();
+    let audit_db = dir.path().join("audit.db");
+    through_store(&audit_db, steps)?;
+    println!(
+        "\naudit log: {audit_dispatches} dispatches of {audit_vehicles} vehicles, {rows} events (made in {:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let reader = Reader::open(&audit_db)?;
+    let chain = store::schema::verify_chain(reader.connection())?;
+    let chained = t.elapsed().as_secs_f64();
+    let mut auditor = Auditor::new(None, None);
+    reader.for_each(&Query::default(), |row| {
+        auditor.apply(&row).map_err(|e| StoreError::Thread(std::io::Error::other(e.to_string())))
+    })?;
+    let report = auditor.finish();
+    let audit = t.elapsed().as_secs_f64();
+    println!(
+        "audit: chain {} in {:.2} s; {} plans and {} weight changes re-run in {:.2} s in all ({:.2} ms per dispatch); {} differ",
+        if chain.is_ok() { "ok" } else { "BROKEN" },
+        chained,
+        report.plans,
+        report.tunings,
+        audit,
+        1e3 * audit / audit_dispatches as f64,
+        report.findings.len()
+    );
+    Ok(())
+}
