@@ -101,7 +101,15 @@ fn twenty_kills_leave_a_whole_log_and_nothing_published_unrecorded() {
         g.restart();
         std::thread::sleep(Duration::from_millis(200 + rng.below(600)));
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // The live tail's pipeline counts what it delivered, on `status` (every 10 s).
+    let status = op
+        .wait_for(Duration::from_secs(15), |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/status") && v["events"]["delivered"].as_u64() > Some(0)).then_some(v)
+        })
+        .expect("status with the pipeline's counters");
+    assert_eq!(status["state"], "online");
+    assert_eq!(status["events"]["refused"], 0, "{status}");
     op.drain(Duration::from_millis(500));
     assert!(g.terminate().success(), "{}", g.log());
     let on_wire = orders_seen(&op);

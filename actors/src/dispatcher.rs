@@ -20,6 +20,7 @@ use actix::prelude::*;
 use gridweaver_core::dispatch::fallback::Reallocation;
 use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
 use gridweaver_core::events::payload::LogRecovered;
+use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
@@ -59,6 +60,12 @@ pub struct DispatcherActor {
     store_failing: Option<StoreOutage>,
     /// The pending record of ACKs taken.
     ack_record: Option<SpawnHandle>,
+    /// The live tail's pipeline.
+    tail: UnifiedPipeline<String>,
+    /// Connected to the broker (the bridge said so).
+    online: bool,
+    /// Shutting down: `status` is the bridge's to publish (offline).
+    stopping: bool,
 }
 
 /// The store failed a step; signals are refused until a probe write succeeds.
@@ -68,6 +75,12 @@ struct StoreOutage {
     refused: u64,
     probe: SpawnHandle,
 }
+
+/// Rows the live tail holds between a commit and its publish.
+const TAIL_CAPACITY: usize = 32_768;
+
+/// How often `status` carries fresh pipeline counters.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// How often a failing store is tried again.
 const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -99,6 +112,9 @@ impl DispatcherActor {
             completed: 0,
             store_failing: None,
             ack_record: None,
+            tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
+            online: false,
+            stopping: false,
         }
     }
 
@@ -117,6 +133,28 @@ impl DispatcherActor {
             let step = act.engine.record_acks();
             act.carry_out(step, ctx);
         }));
+    }
+
+    /// Hands durable rows to the live tail through its pipeline (de-duplicated by seq,
+    /// in seq order, bounded: a row it cannot take is counted as refused, never queued
+    /// without limit; the tail is QoS 0 and for watching, the log has every row).
+    fn tail(&mut self, appended: crate::store::Appended, labels: Vec<(EventKind, Option<String>)>) {
+        let t = now();
+        for ((row, (kind, region)), seq) in appended.rows.into_iter().zip(labels).zip(appended.first_seq..) {
+            let envelope = Envelope { id: None, seq: Some(seq), kind, region, item: row };
+            if self.tail.submit(t, envelope).is_err() {
+                tracing::debug!(seq, "the live tail is full; a row is left to the log");
+            }
+        }
+        let rows = self.tail.drain(t).into_iter().map(|e| e.item).collect();
+        self.publisher.tail(rows);
+    }
+
+    /// Publishes `status` with the pipeline's counters (while online and not stopping).
+    fn publish_status(&self) {
+        if self.online && !self.stopping {
+            self.publisher.status_with(&serde_json::json!({ "events": self.tail.counters() }));
+        }
     }
 
     /// Publishes the capacity when it changed (commitments, fleet, or windows ending).
@@ -149,6 +187,7 @@ impl DispatcherActor {
         let (queued, rows) = (std::time::Instant::now(), events.len());
         // The dispatches this step is about: if it cannot be recorded, they are closed.
         let touched: BTreeSet<String> = events.iter().filter_map(|e| e.correlation_id.clone()).collect();
+        let labels: Vec<(EventKind, Option<String>)> = events.iter().map(|e| (e.kind, e.region.clone())).collect();
         let durable = self.store.append(events);
         let after = durable.into_actor(self).map(move |res, act, ctx| {
             let appended = match res {
@@ -179,7 +218,7 @@ impl DispatcherActor {
                 act.publisher.outcome(&outcome);
                 act.completed += 1;
             }
-            act.publisher.tail(appended.rows);
+            act.tail(appended, labels);
             if let Some(request) = fallback {
                 act.run_fallback(request, ctx);
             }
@@ -301,6 +340,7 @@ impl Actor for DispatcherActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(crate::MAILBOX);
         ctx.run_interval(CAPACITY_EVERY, |act, _| act.publish_capacity());
+        ctx.run_interval(STATUS_EVERY, |act, _| act.publish_status());
         if let Some(step) = self.recovery.take() {
             self.carry_out(step, ctx);
         }
@@ -445,6 +485,8 @@ impl Handler<Reconnected> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, _: Reconnected, _ctx: &mut Context<Self>) {
+        self.online = true;
+        self.publish_status();
         self.last_capacity = None;
         self.capacity_dirty = true;
         self.publish_capacity();
@@ -475,6 +517,7 @@ impl Handler<Shutdown> for DispatcherActor {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        self.stopping = true;
         let engine = &mut self.engine;
         let steps = guarded("shutting down", || engine.shutdown(now(), "gateway shutdown")).unwrap_or_default();
         let settled = steps.len();

@@ -198,6 +198,15 @@ impl Publisher {
         }
     }
 
+    /// `<p>/status`, QoS 1, retained: `online`, with `extra`'s fields (counters).
+    pub fn status_with(&self, extra: &serde_json::Value) {
+        let mut body = serde_json::json!({ "state": "online" });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        self.json(self.topics.status(), QoS::AtLeastOnce, true, &body);
+    }
+
     /// `<p>/status`, QoS 1, retained: `online` or `offline`.
     pub fn status(&self, online: bool) {
         let state = if online { "online" } else { "offline" };

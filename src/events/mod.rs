@@ -13,6 +13,7 @@ use crate::time::Timestamp;
 
 pub mod audit;
 pub mod payload;
+pub mod pipeline;
 pub mod projection;
 
 pub use payload::{decode, Decoded, Payload, PayloadError};
@@ -21,7 +22,7 @@ pub use projection::{DispatchProjection, ProjectedState, ProjectionError};
 macro_rules! event_kinds {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// The contract's event kinds.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         pub enum EventKind {
             $($(#[$doc])* $name,)*
         }
