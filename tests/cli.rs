@@ -139,3 +139,40 @@ fn audit_and_replay_read_the_demo_log_and_an_edit_is_caught() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("event {edited} does not match its hash")), "{text}");
 }
+
+#[test]
+fn migrate_starts_a_new_log_from_a_snapshot_and_refuses_an_existing_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let snap = dir.path().join("snapshot.json");
+    std::fs::write(
+        &snap,
+        r#"{"site": "depot1", "taken_at": "2026-12-01T06:00:00Z",
+            "fleet": [{"id": "ev1", "soc": 0.6, "capacity_kwh": 60, "max_charge_kw": 11, "max_discharge_kw": 11,
+                       "plugged_in": true}],
+            "weights": {"mfrr": {"soc": 0.5, "time": 0.3, "priority": 0.3, "availability": 0.8, "price": 0.1, "wear": 0.4}},
+            "programs": {}}"#,
+    )
+    .expect("write");
+    let db = dir.path().join("new.db");
+    let out = gridweaver().args(["migrate", "--snapshot"]).arg(&snap).arg("--db").arg(&db).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = gridweaver().args(["replay", "--db"]).arg(&db).output().expect("replay");
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(state["weights"]["mfrr"]["availability"], 0.8);
+    assert_eq!(state["fleet"]["ev1"]["soc"], 0.6);
+    let out = gridweaver().args(["audit", "--db"]).arg(&db).output().expect("audit");
+    assert!(
+        out.status.success(),
+        "imported weights are inputs, not decisions: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let again = gridweaver().args(["migrate", "--snapshot"]).arg(&snap).arg("--db").arg(&db).output().expect("run");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+    std::fs::write(&snap, r#"{"site": "x", "fleet": [{"id": "ev1", "soc": "full"}]}"#).expect("write");
+    let bad = gridweaver().args(["migrate", "--snapshot"]).arg(&snap).arg("--db").arg(dir.path().join("b.db")).output();
+    let bad = bad.expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fleet[0]"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

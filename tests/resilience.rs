@@ -107,7 +107,14 @@ fn a_dispatch_cut_off_by_a_crash_is_recorded_as_interrupted_at_the_next_start() 
     assert!(g.events(Some("DispatchCompleted")).is_empty());
     g.restart();
     assert!(status_is(&mut op, "online"));
-    let interrupted = g.events(Some("DispatchInterrupted"));
+    // The recovery step is recorded as the dispatcher starts, which is not ordered with
+    // the bridge's `online`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut interrupted = g.events(Some("DispatchInterrupted"));
+    while interrupted.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        interrupted = g.events(Some("DispatchInterrupted"));
+    }
     assert_eq!(interrupted.len(), 1, "{}", g.log());
     assert_eq!(interrupted[0]["payload"]["signal_id"], "cut");
     let cancel =

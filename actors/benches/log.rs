@@ -35,6 +35,8 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
         .expect("a valid config");
     let empty = ProjectedState::default();
     let mut engine = build::engine(&cfg, &empty).expect("a valid tuner");
+    let fallback = gridweaver_core::dispatch::fallback::by_kind(cfg.dispatch.fallback);
+    let mut lp = gridweaver_core::allocation::lp::LpDispatcher::default();
     let t0 = Timestamp::from_millis(1_795_000_000_000);
     let mut steps = vec![vec![Event::of(t0, "gateway", &ConfigRecorded::of(&cfg))]];
     let mut fleet = Vec::new();
@@ -50,14 +52,26 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
         let direction = if k % 3 == 0 { Direction::Down } else { Direction::Up };
         let signal = Signal::new(format!("s{k}"), SignalType::ALL[(k % 5) as usize], direction, 20.0, now);
         k += 1;
-        let Ok(step) = engine.on_signal(now, Signal { duration_s: 1, ..signal }) else { continue };
+        let step = engine.on_signal(now, Signal { duration_s: 1, ..signal });
+        let step = step.unwrap_or_else(|e| panic!("signal {k} refused: {e}"));
         let orders = step.orders.clone();
         let mut batch = step.events;
         for (j, o) in orders.iter().enumerate() {
+            // Every tenth vehicle rejects: the fallback reallocates to those that accepted.
             let status = if j % 10 == 9 { AckStatus::Rejected } else { AckStatus::Accepted };
             let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
-            if let Ok(s) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) {
-                batch.extend(s.events);
+            let Ok(mut s) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) else { continue };
+            batch.append(&mut s.events);
+            if let Some(request) = s.fallback.take() {
+                let realloc = request.reallocate(fallback.as_ref(), &mut lp);
+                let next = engine.apply_fallback(now.plus_millis(30), &request, &realloc);
+                batch.extend(next.events);
+                for o in &next.orders {
+                    let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
+                    if let Ok(done) = engine.on_ack(now.plus_millis(40), &o.vehicle_id, &ack) {
+                        batch.extend(done.events);
+                    }
+                }
             }
         }
         events += batch.len();
@@ -138,6 +152,33 @@ fn main() -> Result<()> {
     );
 
     let db = dir.path().join("store.db");
+    // Where replay time goes: reading the rows, then decoding them, then the fold.
+    let conn = rusqlite::Connection::open(&db)?;
+    let t = Instant::now();
+    let (mut scanned, mut decoded) = (0usize, 0usize);
+    {
+        let mut stmt = conn.prepare("SELECT kind, payload FROM events ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            scanned += r.get_ref(1)?.as_str()?.len();
+        }
+    }
+    let scan = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    {
+        let mut stmt = conn.prepare("SELECT kind, payload FROM events ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let ok = gridweaver_core::events::payload::decode_str(r.get_ref(0)?.as_str()?, r.get_ref(1)?.as_str()?);
+            decoded += usize::from(ok.is_ok());
+        }
+    }
+    let decode = t.elapsed().as_secs_f64();
+    drop(conn);
+    println!(
+        "\nreplay parts: reading {:.1} MB of rows {scan:.2} s; reading and decoding {decoded} payloads {decode:.2} s",
+        scanned as f64 / 1e6
+    );
     let t = Instant::now();
     let state = store::project_path(&db, None, true)?.into_state();
     let replay = t.elapsed().as_secs_f64();
@@ -170,10 +211,11 @@ fn main() -> Result<()> {
     let report = auditor.finish();
     let audit = t.elapsed().as_secs_f64();
     println!(
-        "audit: chain {} in {:.2} s; {} plans and {} weight changes re-run in {:.2} s in all ({:.2} ms per dispatch); {} differ",
+        "audit: chain {} in {:.2} s; {} plans, {} fallbacks and {} weight changes re-run in {:.2} s in all ({:.2} ms per dispatch); {} differ",
         if chain.is_ok() { "ok" } else { "BROKEN" },
         chained,
         report.plans,
+        report.fallbacks,
         report.tunings,
         audit,
         1e3 * audit / audit_dispatches as f64,

@@ -95,6 +95,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Starts a new log from a site's existing state: a JSON snapshot (fleet, weights,
+    /// programs; see the README) becomes synthetic events. The log must be new or empty.
+    Migrate {
+        /// The snapshot (JSON).
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// The SQLite event log to create.
+        #[arg(long)]
+        db: PathBuf,
+    },
     /// Prints the gateway's state as the log leaves it at a time (JSON): fleet, dispatches
     /// in flight, commitments, weights, the last outcomes, numbering.
     Replay {
@@ -197,6 +207,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let (from, to) = (time_arg("--from", from)?, time_arg("--to", to)?);
             audit(&db, from, to, json).map_err(Failure::Runtime)
         }
+        Command::Migrate { snapshot, db } => migrate(&snapshot, &db),
         Command::Replay { db, to } => {
             let to = time_arg("--to", to)?;
             let state = crate::store::project_path(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
@@ -263,6 +274,30 @@ fn audit(db: &Path, from: Option<Timestamp>, to: Option<Timestamp>, json: bool) 
         report.findings.len()
     );
     anyhow::ensure!(report.not_checked == 0, "{} recorded decisions could not be re-run", report.not_checked);
+    Ok(())
+}
+
+/// `gridweaver migrate`.
+fn migrate(snapshot: &Path, db: &Path) -> Result<(), Failure> {
+    use gridweaver_core::events::migrate::{events, Snapshot};
+    let text = std::fs::read_to_string(snapshot)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", snapshot.display())))?;
+    let parsed: Snapshot =
+        serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: snapshot: {e}", snapshot.display())))?;
+    let rows =
+        events(&parsed, crate::publish::now()).map_err(|e| Failure::Usage(format!("{}: {e}", snapshot.display())))?;
+    let mut conn = crate::store::open_writer(db, true).map_err(|e| Failure::Runtime(e.into()))?;
+    let existing: i64 =
+        conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).map_err(|e| Failure::Runtime(e.into()))?;
+    if existing > 0 {
+        return Err(Failure::Usage(format!(
+            "{} already holds {existing} events: a snapshot starts a new log",
+            db.display()
+        )));
+    }
+    let n = rows.len();
+    crate::store::append_direct(&mut conn, rows).map_err(|e| Failure::Runtime(e.into()))?;
+    println!("{}: {n} events imported from {}", db.display(), snapshot.display());
     Ok(())
 }
 

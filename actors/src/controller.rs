@@ -72,15 +72,10 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, Contro
     Ok(opts)
 }
 
-/// The gateway's state as the log at `cfg.store.path` leaves it (`conn`: the writer's
-/// connection, else the file is opened read-only). Rows it cannot read are skipped.
-fn read_state(cfg: &Config, conn: Option<&rusqlite::Connection>) -> Result<ProjectedState, StoreError> {
-    let path = Path::new(&cfg.store.path);
-    let projection = match conn {
-        Some(conn) => store::project(conn, path, None, false)?,
-        None => store::project_path(path, None, false)?,
-    };
-    Ok(projection.into_state())
+/// The gateway's state as the log at `cfg.store.path` leaves it (rows it cannot read are
+/// skipped).
+fn read_state(cfg: &Config) -> Result<ProjectedState, StoreError> {
+    Ok(store::project(Path::new(&cfg.store.path), None, false)?.into_state())
 }
 
 /// The planner for `cfg`, remembering what the log says ([`gridweaver_core::dispatch::build`]).
@@ -124,7 +119,7 @@ impl Controller {
         // under it, and the fleet is learnt again from the vehicles' retained states.
         let config = Event::of(now(), "gateway", &ConfigRecorded::of(cfg)).region(Some(&cfg.site));
         store::append_direct(&mut conn, vec![config])?;
-        let recovery = read_state(cfg, Some(&conn))?;
+        let recovery = read_state(cfg)?;
         let (store, store_thread) = StoreHandle::start(conn)?;
 
         let topics = Arc::new(Topics::new(cfg.mqtt.prefix.clone()));
@@ -141,7 +136,7 @@ impl Controller {
         let rebuild: EngineFactory = Box::new(move || {
             // The first engine uses the recovery read at start; a restarted one reads the log again.
             let recovery = first.take().unwrap_or_else(|| {
-                read_state(&engine_cfg, None).unwrap_or_else(|e| {
+                read_state(&engine_cfg).unwrap_or_else(|e| {
                     tracing::error!(error = %format!("{e:#}"), "cannot read the event log: duplicates may be dispatched again");
                     ProjectedState::default()
                 })
@@ -280,7 +275,7 @@ mod tests {
         }
         let mut conn = store::open_writer(&db, false).unwrap();
         store::append_direct(&mut conn, events).unwrap();
-        let recovery = store::project(&conn, &db, None, true).unwrap().into_state();
+        let recovery = store::project(&db, None, true).unwrap().into_state();
         let (mut rebuilt, step) = build_engine(&cfg, &recovery, t0.plus_millis(2_000));
         assert!(step.cancels.is_empty() && step.events.is_empty(), "nothing was left unfinished");
 

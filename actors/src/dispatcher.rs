@@ -485,8 +485,8 @@ impl Handler<Reconnected> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, _: Reconnected, _ctx: &mut Context<Self>) {
+        // The bridge has published `online`; the counters follow at the next interval.
         self.online = true;
-        self.publish_status();
         self.last_capacity = None;
         self.capacity_dirty = true;
         self.publish_capacity();

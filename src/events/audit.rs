@@ -170,6 +170,8 @@ impl Auditor {
                     self.tunings.push_back((row.seq, change));
                 }
             }
+            // Weights imported by `gridweaver migrate` are inputs, not decisions.
+            Decoded::WeightsTuned(_) if row.actor == "migrate" => {}
             Decoded::WeightsTuned(w) if audit => self.compare_tuning(row.seq, &w.change),
             Decoded::WeightsTuned(_) => {
                 self.tunings.pop_front();

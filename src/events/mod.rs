@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::time::Timestamp;
 
 pub mod audit;
+pub mod migrate;
 pub mod payload;
 pub mod pipeline;
 pub mod projection;
@@ -95,6 +96,8 @@ event_kinds! {
     VehicleStateChanged,
     /// The validated configuration in force (at start-up, and whenever it changes).
     ConfigRecorded,
+    /// A site's existing state imported into a new log (`gridweaver migrate`).
+    SnapshotImported,
 }
 
 impl EventKind {
@@ -258,7 +261,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 26);
+        assert_eq!(EventKind::ALL.len(), 27);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 

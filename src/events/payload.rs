@@ -65,14 +65,22 @@ macro_rules! payload {
     };
 }
 
-/// `SignalReceived`: the signal as decoded.
+/// `SignalReceived`: the signal as decoded. (Read back as the signal itself: serde's
+/// `flatten` buffers every field, and replay reads millions of these.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Signal")]
 pub struct SignalReceived {
     /// The signal.
     #[serde(flatten)]
     pub signal: Signal,
 }
 payload!(SignalReceived, SignalReceived, 1);
+
+impl From<Signal> for SignalReceived {
+    fn from(signal: Signal) -> Self {
+        Self { signal }
+    }
+}
 
 /// `SignalRejected` or `InputRejected`: an inbound message that was refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -290,6 +298,7 @@ payload!(FallbackApplied, FallbackApplied, 2);
 
 /// `DispatchCompleted`: the outcome and how it settled.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "CompletedFields")]
 pub struct DispatchCompleted {
     /// The outcome.
     #[serde(flatten)]
@@ -302,8 +311,50 @@ pub struct DispatchCompleted {
 }
 payload!(DispatchCompleted, DispatchCompleted, 1);
 
+/// `DispatchCompleted`'s fields as written, read without `flatten`.
+#[derive(Deserialize)]
+struct CompletedFields {
+    dispatch_id: String,
+    signal_id: String,
+    #[serde(rename = "type")]
+    kind: crate::model::SignalType,
+    direction: crate::model::Direction,
+    requested_kw: f64,
+    allocated_kw: f64,
+    acknowledged_kw: f64,
+    shortfall_kw: f64,
+    strategy: StrategyKind,
+    fallback: FallbackKind,
+    vehicles: crate::model::VehicleCounts,
+    completed_at: Timestamp,
+    attempts: u32,
+    #[serde(default)]
+    interrupted: Option<String>,
+}
+
+impl From<CompletedFields> for DispatchCompleted {
+    fn from(f: CompletedFields) -> Self {
+        let outcome = DispatchOutcome {
+            dispatch_id: f.dispatch_id,
+            signal_id: f.signal_id,
+            kind: f.kind,
+            direction: f.direction,
+            requested_kw: f.requested_kw,
+            allocated_kw: f.allocated_kw,
+            acknowledged_kw: f.acknowledged_kw,
+            shortfall_kw: f.shortfall_kw,
+            strategy: f.strategy,
+            fallback: f.fallback,
+            vehicles: f.vehicles,
+            completed_at: f.completed_at,
+        };
+        Self { outcome, attempts: f.attempts, interrupted: f.interrupted }
+    }
+}
+
 /// `WeightsTuned`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "WeightsChange")]
 pub struct WeightsTuned {
     /// The change.
     #[serde(flatten)]
@@ -311,8 +362,15 @@ pub struct WeightsTuned {
 }
 payload!(WeightsTuned, WeightsTuned, 1);
 
+impl From<WeightsChange> for WeightsTuned {
+    fn from(change: WeightsChange) -> Self {
+        Self { change }
+    }
+}
+
 /// `VehicleDiscovered` (first state) or `VehicleStateChanged` (a change that matters).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Vehicle")]
 pub struct VehicleState {
     /// The state.
     #[serde(flatten)]
@@ -320,6 +378,12 @@ pub struct VehicleState {
     /// First state (`VehicleDiscovered`) or a change.
     #[serde(skip)]
     pub discovered: bool,
+}
+
+impl From<Vehicle> for VehicleState {
+    fn from(vehicle: Vehicle) -> Self {
+        Self { vehicle, discovered: false }
+    }
 }
 
 impl Payload for VehicleState {
@@ -433,6 +497,8 @@ pub enum Decoded {
     LogRecovered(LogRecovered),
     /// `ConfigRecorded`.
     ConfigRecorded(ConfigRecorded),
+    /// `SnapshotImported`.
+    SnapshotImported(super::migrate::SnapshotImported),
     /// A kind with no typed payload yet (bids, transfers, programs, leadership).
     Untyped(EventKind),
 }
@@ -467,14 +533,58 @@ pub enum PayloadError {
 
 /// Reads a stored payload of `kind`, upcasting older versions to the current shape.
 pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
-    let kind = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
     let v = payload.get("v").and_then(Value::as_u64).unwrap_or(1);
+    decode_from(kind, v, payload)
+}
+
+/// [`decode`] straight from the stored text, without building a JSON tree first (the fast
+/// path of replay: every payload this build writes starts with its version).
+pub fn decode_str(kind: &str, payload: &str) -> Result<Decoded, PayloadError> {
+    match written_version(payload) {
+        Some(v) => decode_from(kind, v, &Text(payload)),
+        None => {
+            let k = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
+            let value: Value =
+                serde_json::from_str(payload).map_err(|error| PayloadError::Shape { kind: k, v: 1, error })?;
+            decode(kind, &value)
+        }
+    }
+}
+
+/// The version of a payload written by [`super::Event::of`] (`{"v":N,...`).
+fn written_version(payload: &str) -> Option<u64> {
+    let rest = payload.strip_prefix("{\"v\":")?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+/// Where a payload is read from: a JSON tree or the stored text.
+trait Source {
+    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error>;
+}
+
+impl Source for Value {
+    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error> {
+        P::deserialize(self)
+    }
+}
+
+struct Text<'a>(&'a str);
+
+impl Source for Text<'_> {
+    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error> {
+        serde_json::from_str(self.0)
+    }
+}
+
+fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, PayloadError> {
+    let kind = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
     let shape = |error| PayloadError::Shape { kind, v, error };
-    fn read<P: Payload>(kind: EventKind, v: u64, payload: &Value) -> Result<P, PayloadError> {
+    fn read<P: Payload, S: Source>(kind: EventKind, v: u64, payload: &S) -> Result<P, PayloadError> {
         if v > u64::from(P::VERSION) {
             return Err(PayloadError::TooNew { kind, got: v, max: P::VERSION });
         }
-        P::deserialize(payload).map_err(|error| PayloadError::Shape { kind, v, error })
+        payload.read::<P>().map_err(|error| PayloadError::Shape { kind, v, error })
     }
     use EventKind as K;
     Ok(match kind {
@@ -487,14 +597,14 @@ pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
         K::ConstraintApplied => Decoded::ConstraintApplied(read(kind, v, payload)?),
         K::DispatchPlanCreated => Decoded::PlanCreated(read(kind, v, payload)?),
         K::OrderSent if v == 1 => {
-            let o = Order::deserialize(payload).map_err(shape)?;
+            let o = payload.read::<Order>().map_err(shape)?;
             let mut sent = OrdersSent::of(std::slice::from_ref(&o)).unwrap_or_else(|| unreachable!());
             sent.first = order_number(&o.order_id).map_or(1, |(_, n)| n);
             Decoded::OrdersSent(sent)
         }
         K::OrderSent => Decoded::OrdersSent(read(kind, v, payload)?),
         K::AckReceived if v == 1 => {
-            let a = v1::Ack::deserialize(payload).map_err(shape)?;
+            let a = payload.read::<v1::Ack>().map_err(shape)?;
             let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
             let mut acks = AcksReceived { attempt: a.attempt, ..AcksReceived::default() };
             match a.status.as_str() {
@@ -505,20 +615,20 @@ pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
         }
         K::AckReceived => Decoded::AcksReceived(read(kind, v, payload)?),
         K::AckTimedOut if v == 1 => {
-            let a = v1::Timeout::deserialize(payload).map_err(shape)?;
+            let a = payload.read::<v1::Timeout>().map_err(shape)?;
             let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
             Decoded::AcksTimedOut(AcksTimedOut { attempt: a.attempt, orders: vec![n] })
         }
         K::AckTimedOut => Decoded::AcksTimedOut(read(kind, v, payload)?),
         K::OrderCancelled if v == 1 => {
-            let c = crate::model::OrderCancel::deserialize(payload).map_err(shape)?;
+            let c = payload.read::<crate::model::OrderCancel>().map_err(shape)?;
             let number = order_number(&c.order_id)
                 .ok_or_else(|| shape(serde::de::Error::custom(format!("order id `{}` has no number", c.order_id))))?;
             Decoded::OrdersCancelled(OrdersCancelled { reason: c.reason, at: c.at, orders: vec![number] })
         }
         K::OrderCancelled => Decoded::OrdersCancelled(read(kind, v, payload)?),
         K::FallbackApplied if v == 1 => {
-            let f = v1::Fallback::deserialize(payload).map_err(shape)?;
+            let f = payload.read::<v1::Fallback>().map_err(shape)?;
             let skipped = f.candidates.iter().enumerate().filter(|(_, c)| c.skipped).map(|(i, _)| i).collect();
             Decoded::FallbackApplied(FallbackApplied {
                 fallback: f.fallback,
@@ -541,6 +651,7 @@ pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
         K::DispatchInterrupted => Decoded::DispatchInterrupted(read(kind, v, payload)?),
         K::LogRecovered => Decoded::LogRecovered(read(kind, v, payload)?),
         K::ConfigRecorded => Decoded::ConfigRecorded(read(kind, v, payload)?),
+        K::SnapshotImported => Decoded::SnapshotImported(read(kind, v, payload)?),
         K::DemandResponseActivated
         | K::CurtailmentRecorded
         | K::BidSubmitted

@@ -16,7 +16,7 @@ use crate::allocation::Weights;
 use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{order_id, ConfigRecorded, Decoded};
+use super::payload::{order_id, order_number, ConfigRecorded, Decoded};
 use super::{decode, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
@@ -80,15 +80,42 @@ fn values<S: serde::Serializer, K, V: Serialize>(m: &BTreeMap<K, V>, s: S) -> Re
     s.collect_seq(m.values())
 }
 
-/// An order whose power is still committed (sent or accepted, not released).
+/// The orders of one dispatch whose power is still committed (sent or accepted, not
+/// released). Every order of a dispatch serves one signal window.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ProjectedCommitment {
-    /// The signal of its dispatch.
+pub struct ProjectedCommitments {
+    /// The signal of the dispatch.
     pub signal_id: String,
-    /// The order.
-    pub order: Order,
-    /// Whether the vehicle accepted it.
-    pub accepted: bool,
+    /// Discharge or charge.
+    pub direction: crate::model::OrderDirection,
+    /// Window start.
+    pub start: Timestamp,
+    /// Window end.
+    pub until: Timestamp,
+    /// `[attempt, n]` -> vehicle, kW, accepted?
+    #[serde(serialize_with = "committed_orders")]
+    pub orders: BTreeMap<(u32, u32), (VehicleId, f64, bool)>,
+}
+
+fn committed_orders<S: serde::Serializer>(
+    m: &BTreeMap<(u32, u32), (VehicleId, f64, bool)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Row<'a> {
+        attempt: u32,
+        n: u32,
+        vehicle_id: &'a VehicleId,
+        power_kw: f64,
+        accepted: bool,
+    }
+    s.collect_seq(m.iter().map(|((attempt, n), (vehicle_id, power_kw, accepted))| Row {
+        attempt: *attempt,
+        n: *n,
+        vehicle_id,
+        power_kw: *power_kw,
+        accepted: *accepted,
+    }))
 }
 
 /// The gateway's state after the events folded so far.
@@ -116,8 +143,8 @@ pub struct ProjectedState {
     pub settled: u64,
     /// The last settled outcomes, oldest first (at most [`REMEMBERED_OUTCOMES`]).
     pub outcomes: VecDeque<DispatchOutcome>,
-    /// Orders still committed, by order id.
-    pub commitments: BTreeMap<String, ProjectedCommitment>,
+    /// Orders still committed, by dispatch.
+    pub commitments: BTreeMap<String, ProjectedCommitments>,
     /// Tuned weights per signal type.
     pub weights: BTreeMap<SignalType, Weights>,
     /// Answers to orders (vehicle, when the dispatch settled, accepted?), oldest first
@@ -142,9 +169,34 @@ impl ProjectedState {
     /// Orders still committed at `now` (window not over), in the order they were sent,
     /// with their signal id and whether they were accepted.
     pub fn commitments_at(&self, now: Timestamp) -> Vec<(String, Order, bool)> {
-        let mut out: Vec<&ProjectedCommitment> = self.commitments.values().filter(|c| c.order.until > now).collect();
-        out.sort_by_key(|c| sent_order(&c.order));
-        out.into_iter().map(|c| (c.signal_id.clone(), c.order.clone(), c.accepted)).collect()
+        let mut out = Vec::new();
+        for (dispatch_id, c) in self.commitments.iter().filter(|(_, c)| c.until > now) {
+            for ((attempt, n), (vehicle, kw, accepted)) in &c.orders {
+                let order = Order {
+                    order_id: order_id(dispatch_id, *attempt, *n),
+                    dispatch_id: dispatch_id.clone(),
+                    vehicle_id: vehicle.clone(),
+                    direction: c.direction,
+                    power_kw: *kw,
+                    start: c.start,
+                    until: c.until,
+                    attempt: *attempt,
+                };
+                out.push((c.signal_id.clone(), order, *accepted));
+            }
+        }
+        out.sort_by_key(|(_, o, _)| sent_order(o));
+        out
+    }
+
+    /// Releases order `[attempt, n]` of `dispatch_id`.
+    fn release(&mut self, dispatch_id: &str, order: (u32, u32)) {
+        if let Some(c) = self.commitments.get_mut(dispatch_id) {
+            c.orders.remove(&order);
+            if c.orders.is_empty() {
+                self.commitments.remove(dispatch_id);
+            }
+        }
     }
 }
 
@@ -158,10 +210,17 @@ fn count_and_tail<S: serde::Serializer, T: Serialize>(v: &VecDeque<T>, s: S) -> 
     out.end()
 }
 
+/// The dispatch id of an order id (`<dispatch>-<attempt>-<n>`).
+fn dispatch_of(order_id: &str) -> Option<&str> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let (_n, _attempt) = (parts.next()?, parts.next()?);
+    parts.next()
+}
+
 /// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
 fn sent_order(o: &Order) -> (u64, u32, u32) {
     let dispatch = o.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-    let (attempt, n) = super::payload::order_number(&o.order_id).unwrap_or((0, 0));
+    let (attempt, n) = order_number(&o.order_id).unwrap_or((0, 0));
     (dispatch, attempt, n)
 }
 
@@ -201,6 +260,20 @@ impl DispatchProjection {
     pub fn apply(&mut self, row: &StoredEvent) -> Result<(), ProjectionError> {
         let decoded = decode(&row.kind, &row.payload).map_err(|error| ProjectionError { seq: row.seq, error })?;
         self.apply_decoded(row.seq, Timestamp::from_millis(row.ts_ms), row.correlation_id.as_deref(), decoded);
+        Ok(())
+    }
+
+    /// Folds one stored row given as its columns, reading the payload text directly.
+    pub fn apply_text(
+        &mut self,
+        seq: u64,
+        ts_ms: i64,
+        kind: &str,
+        correlation: Option<&str>,
+        payload: &str,
+    ) -> Result<(), ProjectionError> {
+        let decoded = super::payload::decode_str(kind, payload).map_err(|error| ProjectionError { seq, error })?;
+        self.apply_decoded(seq, Timestamp::from_millis(ts_ms), correlation, decoded);
         Ok(())
     }
 
@@ -247,49 +320,51 @@ impl DispatchProjection {
                         last.extend(sent.orders.iter().map(|(v, _)| v.clone()));
                     }
                 }
-                let orders = sent.to_orders(corr);
                 if let Some(d) = s.in_flight.get_mut(corr) {
                     d.attempts = d.attempts.max(sent.attempt);
-                    for (n, o) in (sent.first..).zip(&orders) {
+                    for (n, (vehicle_id, power_kw)) in (sent.first..).zip(&sent.orders) {
                         let order = ProjectedOrder {
                             attempt: sent.attempt,
                             n,
-                            vehicle_id: o.vehicle_id.clone(),
-                            power_kw: o.power_kw,
+                            vehicle_id: vehicle_id.clone(),
+                            power_kw: *power_kw,
                             answer: OrderAnswer::Pending,
                         };
                         d.orders.insert((sent.attempt, n), order);
                     }
                 }
-                for order in orders {
-                    let c = ProjectedCommitment { signal_id: signal_id.clone(), order, accepted: false };
-                    s.commitments.insert(c.order.order_id.clone(), c);
+                let c = s.commitments.entry(corr.to_owned()).or_insert_with(|| ProjectedCommitments {
+                    signal_id,
+                    direction: sent.direction,
+                    start: sent.start,
+                    until: sent.until,
+                    orders: BTreeMap::new(),
+                });
+                for (n, (vehicle, kw)) in (sent.first..).zip(sent.orders) {
+                    c.orders.insert((sent.attempt, n), (vehicle, kw, false));
                 }
             }
             Decoded::AcksReceived(acks) => {
                 for n in acks.accepted {
-                    let id = order_id(corr, acks.attempt, n);
                     s.answer(corr, (acks.attempt, n), OrderAnswer::Accepted);
-                    if let Some(c) = s.commitments.get_mut(&id) {
-                        c.accepted = true;
+                    if let Some(o) = s.commitments.get_mut(corr).and_then(|c| c.orders.get_mut(&(acks.attempt, n))) {
+                        o.2 = true;
                     }
                 }
                 for (n, _) in acks.rejected {
-                    let id = order_id(corr, acks.attempt, n);
                     s.answer(corr, (acks.attempt, n), OrderAnswer::Rejected);
-                    s.commitments.remove(&id);
+                    s.release(corr, (acks.attempt, n));
                 }
             }
             Decoded::AcksTimedOut(t) => {
                 for n in t.orders {
-                    let id = order_id(corr, t.attempt, n);
                     s.answer(corr, (t.attempt, n), OrderAnswer::TimedOut);
-                    s.commitments.remove(&id);
+                    s.release(corr, (t.attempt, n));
                 }
             }
             Decoded::OrdersCancelled(c) => {
-                for (attempt, n) in c.orders {
-                    s.commitments.remove(&order_id(corr, attempt, n));
+                for order in c.orders {
+                    s.release(corr, order);
                 }
             }
             Decoded::DispatchCompleted(done) => {
@@ -321,7 +396,9 @@ impl DispatchProjection {
             Decoded::VehicleLost(lost) => {
                 s.fleet.remove(&lost.vehicle_id);
                 for id in &lost.released_orders {
-                    s.commitments.remove(id);
+                    if let (Some(order), Some(dispatch)) = (order_number(id), dispatch_of(id)) {
+                        s.release(dispatch, order);
+                    }
                 }
                 for ordered in &mut s.participation {
                     ordered.retain(|v| *v != lost.vehicle_id);
@@ -334,6 +411,7 @@ impl DispatchProjection {
                 s.config = Some(c);
             }
             Decoded::ConstraintApplied(_)
+            | Decoded::SnapshotImported(_)
             | Decoded::FallbackApplied(_)
             | Decoded::LogRecovered(_)
             | Decoded::Untyped(_) => {}
@@ -351,7 +429,7 @@ impl ProjectedState {
     /// Drops what no longer matters at `now`: commitments whose window ended, answers
     /// older than [`ANSWER_DAYS`] or beyond [`REMEMBERED_ANSWERS`].
     fn prune(&mut self, now: Timestamp) {
-        self.commitments.retain(|_, c| c.order.until > now);
+        self.commitments.retain(|_, c| c.until > now);
         let since = now.as_millis().saturating_sub(ANSWER_DAYS * 86_400_000);
         while self.answers.front().is_some_and(|(_, at, _)| at.as_millis() < since)
             || self.answers.len() > REMEMBERED_ANSWERS
