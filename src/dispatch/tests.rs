@@ -670,16 +670,7 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
             }
             // Drive ACKs and deadlines up to the next signal.
             let until = now.plus_millis(1_000);
-            loop {
-                pending.sort_by_key(|(t, _, _)| *t);
-                let next_ack = pending.first().map(|(t, _, _)| *t).filter(|t| *t <= until);
-                let next_deadline = e.next_deadline().filter(|t| *t <= until);
-                let (t, is_ack) = match (next_ack, next_deadline) {
-                    (Some(a), Some(d)) if a <= d => (a, true),
-                    (_, Some(d)) => (d, false),
-                    (Some(a), None) => (a, true),
-                    (None, None) => break,
-                };
+            while let Some((t, is_ack)) = next_input(&e, &mut pending, until) {
                 let t = t.max(now);
                 let mut steps = Vec::new();
                 if is_ack {
@@ -696,6 +687,20 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
             }
             check_commitments(&e, &fleet, &limits, now, seed);
         }
+    }
+}
+
+/// The next input of a simulation up to `until`: the earliest ACK due (`true`) or ACK
+/// deadline (`false`), an ACK first when both fall at once.
+fn next_input(e: &Engine, pending: &mut [(Timestamp, VehicleId, Ack)], until: Timestamp) -> Option<(Timestamp, bool)> {
+    pending.sort_by_key(|(t, _, _)| *t);
+    let next_ack = pending.first().map(|(t, _, _)| *t).filter(|t| *t <= until);
+    let next_deadline = e.next_deadline().filter(|t| *t <= until);
+    match (next_ack, next_deadline) {
+        (Some(a), Some(d)) if a <= d => Some((a, true)),
+        (_, Some(d)) => Some((d, false)),
+        (Some(a), None) => Some((a, true)),
+        (None, None) => None,
     }
 }
 
@@ -805,16 +810,7 @@ fn replaying_the_log_gives_the_live_state() {
                 record(&mut e, vec![step], now, &mut rng, &mut pending);
             }
             let until = now.plus_millis(1_000);
-            loop {
-                pending.sort_by_key(|(t, _, _)| *t);
-                let next_ack = pending.first().map(|(t, _, _)| *t).filter(|t| *t <= until);
-                let next_deadline = e.next_deadline().filter(|t| *t <= until);
-                let (t, is_ack) = match (next_ack, next_deadline) {
-                    (Some(a), Some(d)) if a <= d => (a, true),
-                    (_, Some(d)) => (d, false),
-                    (Some(a), None) => (a, true),
-                    (None, None) => break,
-                };
+            while let Some((t, is_ack)) = next_input(&e, &mut pending, until) {
                 let t = t.max(now);
                 if is_ack {
                     let (_, vid, a) = pending.remove(0);
