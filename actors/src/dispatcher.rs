@@ -341,6 +341,13 @@ impl Actor for DispatcherActor {
         ctx.set_mailbox_capacity(crate::MAILBOX);
         ctx.run_interval(CAPACITY_EVERY, |act, _| act.publish_capacity());
         ctx.run_interval(STATUS_EVERY, |act, _| act.publish_status());
+        // After a restart, an outage that was being probed is probed again.
+        if self.store_failing.is_some() {
+            let probe = ctx.run_interval(STORE_PROBE_EVERY, |act, ctx| act.probe_store(ctx));
+            if let Some(outage) = self.store_failing.as_mut() {
+                outage.probe = probe;
+            }
+        }
         if let Some(step) = self.recovery.take() {
             self.carry_out(step, ctx);
         }
@@ -354,6 +361,8 @@ impl Supervised for DispatcherActor {
         self.engine = engine;
         self.recovery = Some(recovery);
         self.timer = None;
+        // Timers of the old context are gone with it.
+        self.ack_record = None;
         self.capacity_dirty = true;
         if let Some(r) = &self.resync {
             let _ = r.try_send(Resync);
