@@ -200,7 +200,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 .transpose()?;
             let since_ms = time_arg("--since", since)?.map(Timestamp::as_millis);
             let until_ms = time_arg("--until", until)?.map(Timestamp::as_millis);
-            let q = Query { kind, correlation, since_ms, until_ms };
+            let q = Query { kind, correlation, since_ms, until_ms, ..Query::default() };
             print_events(&db, &q, json).map_err(Failure::Runtime)
         }
         Command::Audit { db, from, to, json } => {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use gridweaver_core::events::{DispatchProjection, Event, EventKind, StoredEvent};
+use gridweaver_core::events::{DispatchProjection, Event, EventKind, EventStore, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
@@ -230,6 +230,49 @@ pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> Result<(), St
     Ok(())
 }
 
+/// The log as the core's [`EventStore`], on one connection of its own: for tools and tests
+/// that append and read synchronously (the gateway's writes go through [`StoreHandle`]).
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the log at `path`.
+    pub fn open(path: &Path, sync_full: bool) -> Result<SqliteStore, StoreError> {
+        Ok(SqliteStore { conn: open_writer(path, sync_full)?, path: path.to_owned() })
+    }
+
+    fn read(&self, q: &Query) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        for_each_row(&self.conn, &self.path, q, |e| {
+            out.push(e);
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl EventStore for SqliteStore {
+    type Error = StoreError;
+
+    fn append(&mut self, events: &[Event]) -> Result<u64, StoreError> {
+        let next: i64 = self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+        let chain = schema::last_hash(&self.conn)?;
+        let first = u64::try_from(next)?;
+        write_batch(&mut self.conn, &[Request::Append { events: events.to_vec(), reply: None }], first, &chain)?;
+        Ok(first)
+    }
+
+    fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(&Query { from_seq: Some(from), limit: Some(limit), ..Query::default() })
+    }
+
+    fn read_correlation(&self, id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        self.read(&Query { correlation: Some(id.to_owned()), ..Query::default() })
+    }
+}
+
 /// Writes every append of `batch` in one transaction, each row chained to the one before
 /// (`chain`: the last row's hash). Returns the next seq, the last hash and, per request,
 /// its rows rendered as JSON.
@@ -320,6 +363,10 @@ pub struct Query {
     pub since_ms: Option<i64>,
     /// Only events at or before this time (epoch ms).
     pub until_ms: Option<i64>,
+    /// Only events with at least this seq.
+    pub from_seq: Option<u64>,
+    /// At most this many.
+    pub limit: Option<usize>,
 }
 
 /// A read-only view of an event log.
@@ -387,7 +434,15 @@ fn for_each_row<E: From<StoreError>>(
         sql.push_str(" AND ts_ms <= ?");
         args.push(t.into());
     }
+    if let Some(s) = q.from_seq {
+        sql.push_str(" AND seq >= ?");
+        args.push(i64::try_from(s).unwrap_or(i64::MAX).into());
+    }
     sql.push_str(" ORDER BY seq");
+    if let Some(n) = q.limit {
+        sql.push_str(" LIMIT ?");
+        args.push(i64::try_from(n).unwrap_or(i64::MAX).into());
+    }
     let mut stmt = conn.prepare(&sql).map_err(StoreError::from)?;
     let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(StoreError::from)?;
     while let Some(r) = rows.next().map_err(StoreError::from)? {
@@ -612,5 +667,36 @@ mod schema_tests {
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
         let err = open_writer(&path, false).err().unwrap().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod event_store_tests {
+    use super::*;
+    use gridweaver_core::events::{EventStore, MemoryStore};
+
+    /// The SQLite store and the in-memory one answer alike: seq from 1 without gaps,
+    /// `read_from` with a limit, `read_correlation`; and the SQLite one chains its rows.
+    #[test]
+    fn the_sqlite_store_is_an_event_store_like_the_memory_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sqlite = SqliteStore::open(&dir.path().join("log.db"), true).unwrap();
+        let mut memory = MemoryStore::default();
+        let t = Timestamp::from_millis(5);
+        let batches = [
+            vec![Event::new(t, EventKind::SignalReceived, "dispatcher").correlation("d1")],
+            vec![
+                Event::new(t, EventKind::OrderSent, "dispatcher").correlation("d2"),
+                Event::new(t, EventKind::OrderSent, "dispatcher").correlation("d1"),
+                Event::new(t, EventKind::LogRecovered, "dispatcher"),
+            ],
+        ];
+        for b in &batches {
+            assert_eq!(sqlite.append(b).unwrap(), memory.append(b).unwrap());
+        }
+        assert_eq!(sqlite.read_from(2, 2).unwrap(), memory.read_from(2, 2).unwrap());
+        assert_eq!(sqlite.read_from(1, 100).unwrap().len(), 4);
+        assert_eq!(sqlite.read_correlation("d1").unwrap(), memory.read_correlation("d1").unwrap());
+        assert_eq!(schema::verify_chain(&sqlite.conn).unwrap(), Ok(4));
     }
 }
