@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use gridweaver_actors::store::{self, Query, Reader, StoreError, StoreHandle};
+use gridweaver_actors::store::{self, Query, Reader, StoreHandle};
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::build;
 use gridweaver_core::events::audit::Auditor;
@@ -180,7 +180,7 @@ fn main() -> Result<()> {
         scanned as f64 / 1e6
     );
     let t = Instant::now();
-    let state = store::project_path(&db, None, true)?.into_state();
+    let state = store::project(&db, None, true)?.into_state();
     let replay = t.elapsed().as_secs_f64();
     println!(
         "\nreplay: {} events folded in {:.2} s ({:.0} events/s); {} dispatches settled, {} vehicles",
@@ -205,9 +205,7 @@ fn main() -> Result<()> {
     let chain = store::schema::verify_chain(reader.connection())?;
     let chained = t.elapsed().as_secs_f64();
     let mut auditor = Auditor::new(None, None);
-    reader.for_each(&Query::default(), |row| {
-        auditor.apply(&row).map_err(|e| StoreError::Thread(std::io::Error::other(e.to_string())))
-    })?;
+    reader.for_each(&Query::default(), |row| auditor.apply(&row).map_err(anyhow::Error::from))?;
     let report = auditor.finish();
     let audit = t.elapsed().as_secs_f64();
     println!(

@@ -210,7 +210,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Migrate { snapshot, db } => migrate(&snapshot, &db),
         Command::Replay { db, to } => {
             let to = time_arg("--to", to)?;
-            let state = crate::store::project_path(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
+            let state = crate::store::project(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
             let stdout = io::stdout();
             let mut out = io::BufWriter::new(stdout.lock());
             let written = serde_json::to_writer_pretty(&mut out, &state)

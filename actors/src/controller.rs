@@ -10,7 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::fallback;
-use gridweaver_core::dispatch::{build, Engine, Planner, Step};
+use gridweaver_core::dispatch::{build, Engine, Step};
 use gridweaver_core::events::payload::ConfigRecorded;
 use gridweaver_core::events::{Event, ProjectedState};
 use gridweaver_core::time::Timestamp;
@@ -78,11 +78,6 @@ fn read_state(cfg: &Config) -> Result<ProjectedState, StoreError> {
     Ok(store::project(Path::new(&cfg.store.path), None, false)?.into_state())
 }
 
-/// The planner for `cfg`, remembering what the log says ([`gridweaver_core::dispatch::build`]).
-pub fn build_planner(cfg: &Config, recovery: &ProjectedState) -> Planner {
-    build::planner(cfg, recovery)
-}
-
 /// The engine for `cfg` as the log leaves it, and the step that closes what the last run
 /// left unfinished: each unfinished dispatch is recorded as `DispatchInterrupted` and its
 /// unanswered orders are cancelled; accepted orders whose window is still open are
@@ -91,7 +86,7 @@ pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (E
     let mut engine = build::engine(cfg, recovery).unwrap_or_else(|e| {
         // Unreachable with a validated config; the gateway runs on without tuning.
         tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
-        Engine::new(build_planner(cfg, recovery))
+        Engine::new(build::planner(cfg, recovery))
     });
     let unfinished = recovery.unfinished();
     let step = engine.recover(t, &unfinished, &recovery.commitments_at(t));
@@ -216,7 +211,7 @@ mod tests {
 
     use gridweaver_core::allocation::filter::SimpleVehicleFilter;
     use gridweaver_core::allocation::{Allocation, AllocationRequest, Dispatcher, SmartDispatcher};
-    use gridweaver_core::dispatch::EngineConfig;
+    use gridweaver_core::dispatch::{EngineConfig, Planner};
     use gridweaver_core::model::{Direction, Signal, SignalType, StrategyKind, Vehicle};
 
     use super::*;

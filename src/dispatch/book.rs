@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::bounded::BoundedSet;
+use crate::events::payload::order_dispatch;
 
 use crate::dispatch::fallback::Reallocation;
 use crate::model::{Ack, VehicleId};
@@ -29,13 +30,6 @@ impl Default for DispatchBook {
 /// rather than unknown. Order ids are `<dispatch id>-<attempt>-<n>`, so remembering the
 /// dispatch is enough (a few dozen bytes a dispatch, not one string per order).
 const SETTLED_DISPATCHES_KEPT: usize = 10_000;
-
-/// The dispatch an order id belongs to, by the id's shape.
-fn dispatch_of(order_id: &str) -> Option<&str> {
-    let mut parts = order_id.rsplitn(3, '-');
-    let (_n, _attempt) = (parts.next()?, parts.next()?);
-    parts.next()
-}
 
 impl DispatchBook {
     /// An empty book.
@@ -77,7 +71,7 @@ impl DispatchBook {
     /// Routes an ACK to its dispatch.
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
         let Some(dispatch_id) = self.orders.get(&ack.order_id) else {
-            return Err(if dispatch_of(&ack.order_id).is_some_and(|d| self.settled.contains(d)) {
+            return Err(if order_dispatch(&ack.order_id).is_some_and(|d| self.settled.contains(d)) {
                 AckIgnored::Late(ack.order_id.clone())
             } else {
                 AckIgnored::UnknownOrder(ack.order_id.clone())

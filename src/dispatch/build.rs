@@ -39,12 +39,7 @@ pub fn planner(cfg: &Config, recovery: &ProjectedState) -> Planner {
 /// The prediction of `cfg` (none when it is off), fed the answers the log holds.
 pub fn prediction(cfg: &Config, recovery: &ProjectedState) -> Option<PredictionEngine> {
     let mut p = PredictionEngine::new(cfg.prediction.clone()?);
-    for (v, at, delivered) in &recovery.answers {
-        p.observe(v, *at, *delivered);
-    }
-    if let Some((_, latest, _)) = recovery.answers.back() {
-        p.prune(latest.plus_millis(-30 * 86_400_000));
-    }
+    p.observe_answers(&recovery.answers);
     Some(p)
 }
 

@@ -454,24 +454,9 @@ impl Engine {
     fn fill_fallback(&mut self, step: &mut Step) {
         let Some(req) = step.fallback.as_mut() else { return };
         let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
-        let signal = d.signal();
-        let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
-        let candidates: Vec<(Vehicle, f64)> = std::mem::take(&mut req.candidates)
-            .into_iter()
-            .filter_map(|(planned, _)| {
-                let v = self.planner.fleet.get(&planned.id)?;
-                let committed = self.ledger.committed_kw(&v.id, direction, from, to);
-                let free = v.effective_capacity(direction, committed, duration);
-                (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
-            })
-            .collect();
-        let cands: Vec<Candidate<'_>> = candidates
-            .iter()
-            .map(|(v, free)| Candidate { vehicle: v, capacity_kw: *free, participation: 0.0 })
-            .collect();
-        let mut limits = LimitSet::new(&self.planner.cfg.limits, direction, &cands);
-        self.ledger.reduce(&mut limits, &self.planner.fleet, direction, from, to);
-        drop(cands);
+        let ids: Vec<VehicleId> = std::mem::take(&mut req.candidates).into_iter().map(|(v, _)| v.id).collect();
+        let (candidates, limits) =
+            fallback_room(&self.planner.cfg.limits, &self.planner.fleet, &self.ledger, d.signal(), &ids);
         req.candidates = candidates;
         req.limits = limits;
     }
@@ -495,6 +480,35 @@ impl Engine {
         }
         steps
     }
+}
+
+/// What a fallback for `signal` over the vehicles `ids` may use: each one's free capacity
+/// (its state in `fleet` less everything `ledger` commits on it over the signal's window;
+/// vehicles with less than the minimum order left, or unknown, are left out) and the free
+/// room of the shared `limits`. The engine asks it before a fallback runs; the auditor asks
+/// it again on the projected state.
+pub fn fallback_room(
+    limits: &Limits,
+    fleet: &BTreeMap<VehicleId, Vehicle>,
+    ledger: &Ledger,
+    signal: &Signal,
+    ids: &[VehicleId],
+) -> (Vec<(Vehicle, f64)>, LimitSet) {
+    let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
+    let candidates: Vec<(Vehicle, f64)> = ids
+        .iter()
+        .filter_map(|id| {
+            let v = fleet.get(id)?;
+            let free = v.effective_capacity(direction, ledger.committed_kw(id, direction, from, to), duration);
+            (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
+        })
+        .collect();
+    let cands: Vec<Candidate<'_>> =
+        candidates.iter().map(|(v, free)| Candidate { vehicle: v, capacity_kw: *free, participation: 0.0 }).collect();
+    let mut room = LimitSet::new(limits, direction, &cands);
+    ledger.reduce(&mut room, fleet, direction, from, to);
+    drop(cands);
+    (candidates, room)
 }
 
 #[cfg(test)]

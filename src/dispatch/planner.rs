@@ -123,12 +123,7 @@ impl Planner {
     /// histories of vehicles not heard of for 30 days are dropped.
     pub fn observe_answers(&mut self, answers: &[(VehicleId, Timestamp, bool)]) {
         if let Some(p) = self.prediction.as_mut() {
-            for (v, at, delivered) in answers {
-                p.observe(v, *at, *delivered);
-            }
-            if let Some(latest) = answers.iter().map(|(_, at, _)| *at).max() {
-                p.prune(latest.plus_millis(-30 * 86_400_000));
-            }
+            p.observe_answers(answers);
         }
     }
 

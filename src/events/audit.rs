@@ -21,16 +21,15 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::allocation::limits::LimitSet;
 use crate::allocation::lp::LpDispatcher;
-use crate::allocation::{Candidate, MIN_ORDER_KW};
+use crate::allocation::MIN_ORDER_KW;
 use crate::config::Config;
 use crate::dispatch::fallback::by_kind;
 use crate::dispatch::ledger::{Commitment, Ledger};
-use crate::dispatch::{build, Engine, FallbackRequest};
+use crate::dispatch::{build, fallback_room, Engine, FallbackRequest};
 use crate::learning::prediction::PredictionEngine;
 use crate::learning::tuning::{AckBasedTuner, LearningTuner, WeightsChange};
-use crate::model::{Signal, Vehicle, VehicleId};
+use crate::model::{Signal, VehicleId};
 use crate::time::Timestamp;
 
 use super::payload::{FallbackApplied, OrdersSent, PlanCreated};
@@ -163,7 +162,7 @@ impl Auditor {
                             .values()
                             .map(|o| (o.vehicle_id.clone(), ts, o.answer == super::projection::OrderAnswer::Accepted))
                             .collect();
-                        observe(p, &answers);
+                        p.observe_answers(&answers);
                     }
                 }
                 if let Some(change) = self.tuner.as_mut().and_then(|t| t.observe(&done.outcome)) {
@@ -206,7 +205,7 @@ impl Auditor {
         let mut plan = None;
         let mut orders = None;
         for e in &step.events {
-            match decode(e.kind.as_str(), &e.payload_value()) {
+            match super::payload::decode_str(e.kind.as_str(), &e.payload) {
                 Ok(Decoded::PlanCreated(p)) => plan = Some(p),
                 Ok(Decoded::OrdersSent(o)) => orders = Some(o),
                 _ => {}
@@ -285,29 +284,21 @@ impl Auditor {
             return;
         };
         self.report.fallbacks += 1;
-        let cfg = self.config.as_ref().map(|c| c.dispatch.limits.clone()).unwrap_or_default();
-        let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
+        let limits = self.config.as_ref().map(|c| c.dispatch.limits.clone()).unwrap_or_default();
         let ledger = ledger_of(state, ts);
-        let mut candidates: Vec<(Vehicle, f64)> = Vec::new();
+        let ids: Vec<VehicleId> = recorded.candidates.iter().map(|(id, _, _)| id.clone()).collect();
+        let (candidates, limits) = fallback_room(&limits, &state.fleet, &ledger, &signal, &ids);
         let mut diffs = Vec::new();
+        let free_of: BTreeMap<&VehicleId, f64> = candidates.iter().map(|(v, free)| (&v.id, *free)).collect();
         for (id, remaining, _) in &recorded.candidates {
-            let Some(v) = state.fleet.get(id) else {
-                diffs.push(format!("candidate {id} is not in the fleet the log holds"));
-                continue;
-            };
-            let free = v.effective_capacity(direction, ledger.committed_kw(id, direction, from, to), duration);
-            if !agree(free, *remaining) {
-                diffs.push(format!("{id} had {remaining} kW free, the log gives {free} kW"));
+            match free_of.get(id) {
+                None => diffs.push(format!("candidate {id} has no free capacity in the state the log holds")),
+                Some(free) if !agree(*free, *remaining) => {
+                    diffs.push(format!("{id} had {remaining} kW free, the log gives {free} kW"))
+                }
+                Some(_) => {}
             }
-            candidates.push((v.clone(), *remaining));
         }
-        let cands: Vec<Candidate<'_>> = candidates
-            .iter()
-            .map(|(v, free)| Candidate { vehicle: v, capacity_kw: *free, participation: 0.0 })
-            .collect();
-        let mut limits = LimitSet::new(&cfg, direction, &cands);
-        ledger.reduce(&mut limits, &state.fleet, direction, from, to);
-        drop(cands);
         let request = FallbackRequest {
             dispatch_id: dispatch_id.to_owned(),
             residual_kw: recorded.residual_kw,
@@ -315,10 +306,15 @@ impl Auditor {
             limits,
         };
         let realloc = request.reallocate(by_kind(recorded.fallback).as_ref(), &mut self.lp);
+        let today_of: BTreeMap<&VehicleId, f64> = request
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, (v, free))| (&v.id, realloc.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, *free)))
+            .collect();
         let mut orders = Vec::new();
-        for (i, ((id, remaining, power), (_, free))) in recorded.candidates.iter().zip(&request.candidates).enumerate()
-        {
-            let today = realloc.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, *free);
+        for (id, remaining, power) in &recorded.candidates {
+            let today = today_of.get(id).copied().unwrap_or(0.0);
             if !agree(*power, today) {
                 diffs.push(format!("{id}: {power} kW -> {today} kW (of {remaining} free)"));
             }
@@ -379,15 +375,6 @@ fn ledger_of(state: &ProjectedState, after: Timestamp) -> Ledger {
     ledger
 }
 
-fn observe(p: &mut PredictionEngine, answers: &[(VehicleId, Timestamp, bool)]) {
-    for (v, at, delivered) in answers {
-        p.observe(v, *at, *delivered);
-    }
-    if let Some(latest) = answers.iter().map(|(_, at, _)| *at).max() {
-        p.prune(latest.plus_millis(-30 * 86_400_000));
-    }
-}
-
 /// How two order lists differ, if they do.
 fn differ(recorded: &[(VehicleId, f64)], today: &[(VehicleId, f64)]) -> Option<String> {
     if recorded.len() != today.len() {
@@ -416,7 +403,7 @@ mod tests {
     use crate::dispatch::Step;
     use crate::events::payload::ConfigRecorded;
     use crate::events::{Event, EventStore, MemoryStore};
-    use crate::model::{Ack, AckStatus, Direction, SignalType};
+    use crate::model::{Ack, AckStatus, Direction, SignalType, Vehicle};
 
     const T0: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 

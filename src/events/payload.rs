@@ -45,6 +45,13 @@ pub fn order_id(dispatch_id: &str, attempt: u32, n: u32) -> String {
     format!("{dispatch_id}-{attempt}-{n}")
 }
 
+/// The dispatch of an order id made by [`order_id`].
+pub fn order_dispatch(order_id: &str) -> Option<&str> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let (_n, _attempt) = (parts.next()?, parts.next()?);
+    parts.next()
+}
+
 /// The attempt and number of an order id made by [`order_id`].
 pub fn order_number(order_id: &str) -> Option<(u32, u32)> {
     let mut parts = order_id.rsplitn(3, '-');

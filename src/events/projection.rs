@@ -16,7 +16,7 @@ use crate::allocation::Weights;
 use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{order_id, order_number, ConfigRecorded, Decoded};
+use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded};
 use super::{decode, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
@@ -210,13 +210,6 @@ fn count_and_tail<S: serde::Serializer, T: Serialize>(v: &VecDeque<T>, s: S) -> 
     out.end()
 }
 
-/// The dispatch id of an order id (`<dispatch>-<attempt>-<n>`).
-fn dispatch_of(order_id: &str) -> Option<&str> {
-    let mut parts = order_id.rsplitn(3, '-');
-    let (_n, _attempt) = (parts.next()?, parts.next()?);
-    parts.next()
-}
-
 /// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
 fn sent_order(o: &Order) -> (u64, u32, u32) {
     let dispatch = o.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -396,7 +389,7 @@ impl DispatchProjection {
             Decoded::VehicleLost(lost) => {
                 s.fleet.remove(&lost.vehicle_id);
                 for id in &lost.released_orders {
-                    if let (Some(order), Some(dispatch)) = (order_number(id), dispatch_of(id)) {
+                    if let (Some(order), Some(dispatch)) = (order_number(id), order_dispatch(id)) {
                         s.release(dispatch, order);
                     }
                 }

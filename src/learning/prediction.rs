@@ -68,6 +68,19 @@ impl PredictionEngine {
         }
     }
 
+    /// Records the answers of a settled dispatch (vehicle, when, delivered?), then forgets
+    /// the vehicles not heard of for 30 days before the latest of them.
+    pub fn observe_answers<'a>(&mut self, answers: impl IntoIterator<Item = &'a (VehicleId, Timestamp, bool)>) {
+        let mut latest = None;
+        for (v, at, delivered) in answers {
+            self.observe(v, *at, *delivered);
+            latest = latest.max(Some(*at));
+        }
+        if let Some(latest) = latest {
+            self.prune(latest.plus_millis(-30 * 86_400_000));
+        }
+    }
+
     /// Forgets every vehicle whose latest observation is before `before` (vehicles long
     /// gone), so the histories do not grow with every vehicle ever seen.
     pub fn prune(&mut self, before: Timestamp) {

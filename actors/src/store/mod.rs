@@ -494,11 +494,6 @@ pub fn project(path: &Path, to: Option<Timestamp>, strict: bool) -> Result<Dispa
     Ok(projection)
 }
 
-/// [`project`], under the name the CLI uses.
-pub fn project_path(path: &Path, to: Option<Timestamp>, strict: bool) -> Result<DispatchProjection, StoreError> {
-    project(path, to, strict)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
