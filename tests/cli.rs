@@ -124,6 +124,47 @@ fn audit_and_replay_read_the_demo_log_and_an_edit_is_caught() {
     let out = gridweaver().args(["replay", "--to", "soon", "--db"]).arg(&db).output().expect("replay");
     assert_eq!(out.status.code(), Some(2));
 
+    // Compaction in the middle of a dispatch (at its first fallback): replay gives the
+    // same state, audit re-runs every decision after the cut from the snapshot.
+    let compacted = dir.path().join("compacted.db");
+    conn.execute("VACUUM INTO ?1", [compacted.to_str().expect("utf-8 path")]).expect("copy");
+    let cut_ms: i64 = conn
+        .query_row("SELECT ts_ms FROM events WHERE kind = 'FallbackApplied' ORDER BY seq LIMIT 1 OFFSET 3", [], |r| {
+            r.get(0)
+        })
+        .expect("a fourth fallback");
+    let cut = gridweaver_core::time::Timestamp::from_millis(cut_ms).to_string();
+    let out =
+        gridweaver().args(["compact", "--vacuum", "--before", &cut, "--db"]).arg(&compacted).output().expect("compact");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed"), "{}", String::from_utf8_lossy(&out.stdout));
+    let kept = rusqlite::Connection::open(&compacted).expect("open");
+    let count = |sql: &str| -> u64 { kept.query_row(sql, [], |r| r.get::<_, i64>(0)).expect(sql) as u64 };
+    assert_eq!(count(&format!("SELECT COUNT(*) FROM events WHERE ts_ms < {cut_ms} AND kind != 'LogCompacted'")), 0);
+    let (signals, fallbacks) = (
+        count("SELECT COUNT(*) FROM events WHERE kind = 'SignalReceived'"),
+        count("SELECT COUNT(*) FROM events WHERE kind = 'FallbackApplied'"),
+    );
+    assert!(signals < 10 && fallbacks > 0, "{signals} signals and {fallbacks} fallbacks after the cut");
+    let out = gridweaver().args(["replay", "--db"]).arg(&compacted).output().expect("replay");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut after: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let mut whole = end.clone();
+    for v in [&mut after, &mut whole] {
+        v.as_object_mut().map(|o| (o.remove("seq"), o.remove("ts")));
+    }
+    assert_eq!(after, whole, "the state after compaction is the state before");
+    let out = gridweaver().args(["audit", "--json", "--db"]).arg(&compacted).output().expect("audit");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        (report["report"]["plans"].as_u64(), report["report"]["fallbacks"].as_u64()),
+        (Some(signals), Some(fallbacks))
+    );
+    let out = gridweaver().args(["replay", "--to", &before, "--db"]).arg(&compacted).output().expect("replay");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("compacted through event"));
+
     // Someone edits a delivered figure behind the triggers' back.
     conn.execute_batch(
         "DROP TRIGGER events_no_update;

@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{await_fleet, fleet_of, operator, vehicle, Gateway, Mosquitto, Operator};
+use common::{await_fleet, fleet_of, gridweaver, operator, vehicle, Gateway, Mosquitto, Operator};
 use gridweaver_actors::sim::Behaviour;
 use serde_json::{json, Value};
 
@@ -185,7 +185,7 @@ fn an_order_left_unanswered_is_cancelled_before_the_fallback_orders_go_out() {
 }
 
 #[test]
-fn a_restart_keeps_the_fleet_and_the_power_already_committed() {
+fn a_restart_keeps_the_fleet_and_the_power_already_committed_even_after_compaction() {
     let broker = Mosquitto::start();
     let mut g = Gateway::start(&broker, "restart", "ack_timeout_seconds: 2");
     let mut op = operator(&broker, &g.prefix);
@@ -223,6 +223,26 @@ fn a_restart_keeps_the_fleet_and_the_power_already_committed() {
     let ids: Vec<&str> = plans.iter().filter_map(|e| e["correlation_id"].as_str()).collect();
     let unique: std::collections::BTreeSet<&&str> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "dispatch ids stay unique across restarts: {ids:?}");
+
+    // Compacted to nothing but its snapshot, the log still holds all of it.
+    assert!(g.terminate().success());
+    let now = gridweaver_core::time::Timestamp::from_millis(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 1,
+    );
+    let out = gridweaver().args(["compact", "--before", &now.to_string(), "--db"]).arg(&g.db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(g.events(None).len(), 1, "only the snapshot is left");
+    g.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    op.publish(&topic, signal("a", "afrr", 120.0, 900));
+    op.wait_error(WAIT, "already received").expect("a signal from before the compaction is still a duplicate");
+    op.publish(&topic, signal("d", "mfrr", 10.0, 900));
+    let d = op.wait_json(WAIT, "", "signal_id", "d").expect("D's outcome after compaction");
+    assert!(num(&d, "acknowledged_kw") < 1e-6, "A's and B's power is still committed: {d}");
+    let plans = g.events(Some("DispatchPlanCreated"));
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0]["payload"]["fleet"]["vehicles"], 2, "both known");
+    assert!(!ids.contains(&plans[0]["correlation_id"].as_str().unwrap()), "a new dispatch id");
     assert!(g.terminate().success());
     sim.stop();
 }

@@ -5,10 +5,11 @@
 //!    durable: `synchronous=FULL`, the default) and through a bare rusqlite insert loop in
 //!    one transaction into the same schema, in the same run;
 //! 2. replay: the log folded into the projection (`store::project`);
-//! 3. audit: every plan, fallback and weight change of a log re-run (`Auditor`).
+//! 3. compaction of the older half (`store::compact`), and replay from its snapshot;
+//! 4. audit: every plan, fallback and weight change of a log re-run (`Auditor`).
 //!
 //! `cargo bench -p gridweaver-actors --bench log -- [--events 1000000] [--audit-dispatches 10000]
-//!  [--audit-vehicles 100]`
+//!  [--audit-vehicles 100] [--keep FILE]` (`--keep`: a copy of the generated log)
 
 use std::path::Path;
 use std::time::Instant;
@@ -152,6 +153,11 @@ fn main() -> Result<()> {
     );
 
     let db = dir.path().join("store.db");
+    if let Some(keep) = std::env::args().skip_while(|a| a != "--keep").nth(1) {
+        // The generated log, for profiling replay on it (`gridweaver replay --db FILE`).
+        rusqlite::Connection::open(&db)?.execute("VACUUM INTO ?1", [&keep])?;
+        println!("log kept in {keep}");
+    }
     // Where replay time goes: reading the rows, then decoding them, then the fold.
     let conn = rusqlite::Connection::open(&db)?;
     let t = Instant::now();
@@ -189,6 +195,27 @@ fn main() -> Result<()> {
         state.seq as f64 / replay,
         state.settled,
         state.fleet.len()
+    );
+
+    // Compaction of the older half, then replay from its snapshot.
+    let half: i64 = rusqlite::Connection::open(&db)?.query_row(
+        "SELECT ts_ms FROM events WHERE seq = (SELECT MAX(seq) / 2 FROM events)",
+        [],
+        |r| r.get(0),
+    )?;
+    let t = Instant::now();
+    let compacted = store::compact(&db, Timestamp::from_millis(half), state.ts.unwrap_or_default())?
+        .context("rows before the middle")?;
+    let compaction = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let after = store::project(&db, None, true)?.into_state();
+    let replay_after = t.elapsed().as_secs_f64();
+    anyhow::ensure!(after.settled == state.settled && after.fleet == state.fleet, "compaction changed the state");
+    println!(
+        "
+compact: {} rows removed in {compaction:.2} s (one transaction); snapshot {:.1} KB; replay after it {replay_after:.2} s",
+        compacted.removed,
+        compacted.snapshot_bytes as f64 / 1e3
     );
 
     let t = Instant::now();

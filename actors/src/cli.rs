@@ -105,6 +105,21 @@ pub enum Command {
         #[arg(long)]
         db: PathBuf,
     },
+    /// Removes the rows older than a time in one logged retention step: a `LogCompacted`
+    /// event holds the state they fold to, so replay, audit and start-up give what they gave
+    /// before. Refused when the hash chain is broken.
+    Compact {
+        /// The SQLite event log.
+        #[arg(long)]
+        db: PathBuf,
+        /// RFC 3339 time: every row before the first one stamped at or after it goes.
+        #[arg(long)]
+        before: String,
+        /// Then rewrite the file to give the freed pages back to the file system (SQLite
+        /// reuses them for new rows anyway).
+        #[arg(long)]
+        vacuum: bool,
+    },
     /// Prints the gateway's state as the log leaves it at a time (JSON): fleet, dispatches
     /// in flight, commitments, weights, the last outcomes, numbering.
     Replay {
@@ -208,12 +223,16 @@ fn run(command: Command) -> Result<(), Failure> {
             audit(&db, from, to, json).map_err(Failure::Runtime)
         }
         Command::Migrate { snapshot, db } => migrate(&snapshot, &db),
+        Command::Compact { db, before, vacuum } => {
+            let before = time_arg("--before", Some(before))?.unwrap_or_default();
+            compact(&db, before, vacuum).map_err(Failure::Runtime)
+        }
         Command::Replay { db, to } => {
             let to = time_arg("--to", to)?;
             let state = crate::store::project(&db, to, true).map_err(|e| Failure::Runtime(e.into()))?.into_state();
             let stdout = io::stdout();
             let mut out = io::BufWriter::new(stdout.lock());
-            let written = serde_json::to_writer_pretty(&mut out, &state)
+            let written = serde_json::to_writer_pretty(&mut out, &state.summary())
                 .map_err(io::Error::from)
                 .and_then(|()| writeln!(out))
                 .and_then(|()| out.flush());
@@ -231,7 +250,12 @@ fn audit(db: &Path, from: Option<Timestamp>, to: Option<Timestamp>, json: bool) 
     let chained = crate::store::schema::verify_chain(reader.connection())?;
     let mut auditor = Auditor::new(from, to);
     if chained.is_ok() {
-        reader.for_each(&Query::default(), |row| auditor.apply(&row).map_err(anyhow::Error::from))?;
+        let mut q = Query::default();
+        if let Some(start) = crate::store::snapshot(reader.connection(), db)? {
+            q.from_seq = Some(start.seq + 1);
+            auditor = Auditor::resume(start, from, to);
+        }
+        reader.for_each(&q, |row| auditor.apply(&row).map_err(anyhow::Error::from))?;
     }
     let report = auditor.finish();
     if json {
@@ -274,6 +298,27 @@ fn audit(db: &Path, from: Option<Timestamp>, to: Option<Timestamp>, json: bool) 
         report.findings.len()
     );
     anyhow::ensure!(report.not_checked == 0, "{} recorded decisions could not be re-run", report.not_checked);
+    Ok(())
+}
+
+/// `gridweaver compact`.
+fn compact(db: &Path, before: Timestamp, vacuum: bool) -> anyhow::Result<()> {
+    match crate::store::compact(db, before, crate::publish::now())? {
+        None => println!("{}: no event before {before}; nothing removed", db.display()),
+        Some(c) => println!(
+            "{}: removed {} events (through seq {}); their state is event {} ({} bytes)",
+            db.display(),
+            c.removed,
+            c.through_seq,
+            c.snapshot_seq,
+            c.snapshot_bytes
+        ),
+    }
+    if vacuum {
+        let conn = crate::store::open_writer(db, true)?;
+        conn.execute_batch("VACUUM").with_context(|| format!("{}: VACUUM", db.display()))?;
+        println!("{}: vacuumed", db.display());
+    }
     Ok(())
 }
 

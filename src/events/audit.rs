@@ -114,6 +114,24 @@ impl Auditor {
         }
     }
 
+    /// [`Auditor::new`] on a compacted log: goes on from its snapshot, as the gateway does at
+    /// a start (tuner and prediction rebuilt from the state, under its recorded config).
+    pub fn resume(state: ProjectedState, from: Option<Timestamp>, to: Option<Timestamp>) -> Self {
+        let mut auditor = Self::new(from, to);
+        auditor.config = state.config.as_ref().and_then(|c| c.config().ok());
+        auditor.projection = DispatchProjection::resume(state);
+        auditor.restart();
+        auditor
+    }
+
+    /// The gateway (re)starts under `self.config`: it rebuilds its tuner and prediction
+    /// from the log.
+    fn restart(&mut self) {
+        let state = self.projection.state();
+        self.tuner = self.config.as_ref().and_then(|cfg| build::tuner(cfg, state)).and_then(Result::ok);
+        self.prediction = self.config.as_ref().and_then(|cfg| build::prediction(cfg, state));
+    }
+
     /// The report so far.
     pub fn report(&self) -> &AuditReport {
         &self.report
@@ -142,11 +160,8 @@ impl Auditor {
         let audit = self.in_window(ts);
         match &decoded {
             Decoded::ConfigRecorded(c) => {
-                // A (re)start: the gateway rebuilds its tuner and prediction from the log.
                 self.config = c.config().ok();
-                let state = self.projection.state();
-                self.tuner = self.config.as_ref().and_then(|cfg| build::tuner(cfg, state)).and_then(Result::ok);
-                self.prediction = self.config.as_ref().and_then(|cfg| build::prediction(cfg, state));
+                self.restart();
             }
             Decoded::SignalReceived(s) if audit => self.rerun_plan(row.seq, ts, corr, &s.signal),
             Decoded::PlanCreated(p) => self.compare_plan(row.seq, p),

@@ -98,6 +98,9 @@ event_kinds! {
     ConfigRecorded,
     /// A site's existing state imported into a new log (`gridweaver migrate`).
     SnapshotImported,
+    /// Older rows removed in one retention step, with the state they folded to
+    /// (`gridweaver compact`).
+    LogCompacted,
 }
 
 impl EventKind {
@@ -261,7 +264,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 27);
+        assert_eq!(EventKind::ALL.len(), 28);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 

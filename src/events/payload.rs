@@ -463,6 +463,25 @@ impl ConfigRecorded {
     }
 }
 
+/// `LogCompacted`: `gridweaver compact` removed the rows up to `through_seq` in one
+/// retention step; `state` is what they folded to. Replay, audit and start-up begin from
+/// it and fold the rows after `through_seq`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogCompacted {
+    /// The time given to `--before`: every row removed was before the first row stamped at
+    /// or after it.
+    pub before: Timestamp,
+    /// The last row removed.
+    pub through_seq: u64,
+    /// Rows removed (every row from the log's first up to `through_seq`).
+    pub removed: u64,
+    /// The chain hash of row `through_seq`: the first row kept chains to it.
+    pub anchor: String,
+    /// The projected state as of `through_seq`.
+    pub state: crate::events::ProjectedState,
+}
+payload!(LogCompacted, LogCompacted, 1);
+
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
@@ -506,6 +525,8 @@ pub enum Decoded {
     ConfigRecorded(ConfigRecorded),
     /// `SnapshotImported`.
     SnapshotImported(super::migrate::SnapshotImported),
+    /// `LogCompacted`.
+    LogCompacted(Box<LogCompacted>),
     /// A kind with no typed payload yet (bids, transfers, programs, leadership).
     Untyped(EventKind),
 }
@@ -659,6 +680,7 @@ fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, Pa
         K::LogRecovered => Decoded::LogRecovered(read(kind, v, payload)?),
         K::ConfigRecorded => Decoded::ConfigRecorded(read(kind, v, payload)?),
         K::SnapshotImported => Decoded::SnapshotImported(read(kind, v, payload)?),
+        K::LogCompacted => Decoded::LogCompacted(Box::new(read(kind, v, payload)?)),
         K::DemandResponseActivated
         | K::CurtailmentRecorded
         | K::BidSubmitted

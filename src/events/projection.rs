@@ -10,14 +10,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
 use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
 use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded};
-use super::{decode, PayloadError, StoredEvent};
+use super::{decode, EventKind, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
 pub const REMEMBERED_SIGNALS: usize = 100_000;
@@ -32,7 +32,7 @@ pub const PARTICIPATION_DISPATCHES: usize = 100;
 pub const REMEMBERED_OUTCOMES: usize = 100;
 
 /// What became of an order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderAnswer {
     /// Sent, not answered.
@@ -46,7 +46,7 @@ pub enum OrderAnswer {
 }
 
 /// An order of a dispatch in flight.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProjectedOrder {
     /// Its attempt.
     pub attempt: u32,
@@ -61,7 +61,7 @@ pub struct ProjectedOrder {
 }
 
 /// A dispatch planned and not yet settled.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProjectedDispatch {
     /// Its signal's id.
     pub signal_id: String,
@@ -72,17 +72,27 @@ pub struct ProjectedDispatch {
     /// Attempts sent so far.
     pub attempts: u32,
     /// Every order sent, in the order they were sent (by attempt and number).
-    #[serde(serialize_with = "values")]
+    #[serde(with = "sent_orders")]
     pub orders: BTreeMap<(u32, u32), ProjectedOrder>,
 }
 
-fn values<S: serde::Serializer, K, V: Serialize>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(m.values())
+/// A dispatch's orders as a list (each names its attempt and number).
+mod sent_orders {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<(u32, u32), ProjectedOrder>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<(u32, u32), ProjectedOrder>, D::Error> {
+        let orders = Vec::<ProjectedOrder>::deserialize(d)?;
+        Ok(orders.into_iter().map(|o| ((o.attempt, o.n), o)).collect())
+    }
 }
 
 /// The orders of one dispatch whose power is still committed (sent or accepted, not
 /// released). Every order of a dispatch serves one signal window.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProjectedCommitments {
     /// The signal of the dispatch.
     pub signal_id: String,
@@ -93,33 +103,46 @@ pub struct ProjectedCommitments {
     /// Window end.
     pub until: Timestamp,
     /// `[attempt, n]` -> vehicle, kW, accepted?
-    #[serde(serialize_with = "committed_orders")]
-    pub orders: BTreeMap<(u32, u32), (VehicleId, f64, bool)>,
+    #[serde(with = "committed_orders")]
+    pub orders: CommittedOrders,
 }
 
-fn committed_orders<S: serde::Serializer>(
-    m: &BTreeMap<(u32, u32), (VehicleId, f64, bool)>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    #[derive(Serialize)]
-    struct Row<'a> {
+/// The committed orders of a dispatch: `[attempt, n]` -> vehicle, kW, accepted?
+pub type CommittedOrders = BTreeMap<(u32, u32), (VehicleId, f64, bool)>;
+
+/// Committed orders as a list of rows.
+mod committed_orders {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    struct Row<V> {
         attempt: u32,
         n: u32,
-        vehicle_id: &'a VehicleId,
+        vehicle_id: V,
         power_kw: f64,
         accepted: bool,
     }
-    s.collect_seq(m.iter().map(|((attempt, n), (vehicle_id, power_kw, accepted))| Row {
-        attempt: *attempt,
-        n: *n,
-        vehicle_id,
-        power_kw: *power_kw,
-        accepted: *accepted,
-    }))
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<(u32, u32), (VehicleId, f64, bool)>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter().map(|((attempt, n), (vehicle_id, power_kw, accepted))| Row {
+            attempt: *attempt,
+            n: *n,
+            vehicle_id,
+            power_kw: *power_kw,
+            accepted: *accepted,
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CommittedOrders, D::Error> {
+        let rows = Vec::<Row<VehicleId>>::deserialize(d)?;
+        Ok(rows.into_iter().map(|r| ((r.attempt, r.n), (r.vehicle_id, r.power_kw, r.accepted))).collect())
+    }
 }
 
-/// The gateway's state after the events folded so far.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// The gateway's state after the events folded so far. Its JSON is complete (a
+/// compaction's snapshot is this state, read back exactly); [`ProjectedState::summary`] is
+/// the shorter form `gridweaver replay` prints.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProjectedState {
     /// The last event folded.
     pub seq: u64,
@@ -129,9 +152,7 @@ pub struct ProjectedState {
     pub config: Option<ConfigRecorded>,
     /// The vehicles known, by id.
     pub fleet: BTreeMap<VehicleId, Vehicle>,
-    /// Signal ids seen, oldest first (at most [`REMEMBERED_SIGNALS`]; printed as a count
-    /// and the last few).
-    #[serde(serialize_with = "count_and_tail")]
+    /// Signal ids seen, oldest first (at most [`REMEMBERED_SIGNALS`]).
     pub signal_ids: VecDeque<String>,
     /// The highest leader term on a signal.
     pub highest_term: Option<u64>,
@@ -147,16 +168,14 @@ pub struct ProjectedState {
     pub commitments: BTreeMap<String, ProjectedCommitments>,
     /// Tuned weights per signal type.
     pub weights: BTreeMap<SignalType, Weights>,
-    /// Answers to orders (vehicle, when the dispatch settled, accepted?), oldest first
-    /// (printed as a count and the last few).
-    #[serde(serialize_with = "count_and_tail")]
+    /// Answers to orders (vehicle, when the dispatch settled, accepted?), oldest first.
     pub answers: VecDeque<(VehicleId, Timestamp, bool)>,
     /// The vehicles each of the last dispatches ordered in its first attempt, oldest first.
     pub participation: VecDeque<Vec<VehicleId>>,
     /// Inbound messages refused.
     pub rejected: u64,
     /// The last signal received, until its plan claims it.
-    #[serde(skip)]
+    #[serde(default, rename = "pending_signal", skip_serializing_if = "Option::is_none")]
     pub(crate) last_signal: Option<Signal>,
 }
 
@@ -200,14 +219,21 @@ impl ProjectedState {
     }
 }
 
-/// Long histories print as `{"count": n, "last": [the last 10]}`.
-fn count_and_tail<S: serde::Serializer, T: Serialize>(v: &VecDeque<T>, s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeStruct;
-    let mut out = s.serialize_struct("History", 2)?;
-    out.serialize_field("count", &v.len())?;
-    let last: Vec<&T> = v.iter().skip(v.len().saturating_sub(10)).collect();
-    out.serialize_field("last", &last)?;
-    out.end()
+impl ProjectedState {
+    /// The state as `gridweaver replay` prints it: everything, except that the long
+    /// histories (signal ids, answers) show as `{"count": n, "last": [the last 10]}`.
+    pub fn summary(&self) -> serde_json::Value {
+        fn count_and_tail<T: Serialize>(v: &VecDeque<T>) -> serde_json::Value {
+            let last: Vec<&T> = v.iter().skip(v.len().saturating_sub(10)).collect();
+            serde_json::json!({ "count": v.len(), "last": last })
+        }
+        let short = ProjectedState { signal_ids: VecDeque::new(), answers: VecDeque::new(), ..self.clone() };
+        // The state is plain data with string keys: it always serializes.
+        let mut out = serde_json::to_value(&short).unwrap_or_default();
+        out["signal_ids"] = count_and_tail(&self.signal_ids);
+        out["answers"] = count_and_tail(&self.answers);
+        out
+    }
 }
 
 /// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
@@ -249,6 +275,12 @@ impl DispatchProjection {
         self.state
     }
 
+    /// Goes on from `state` (a compaction's snapshot): the next row folded is the one
+    /// after `state.seq`.
+    pub fn resume(state: ProjectedState) -> Self {
+        Self { state }
+    }
+
     /// Folds one stored row.
     pub fn apply(&mut self, row: &StoredEvent) -> Result<(), ProjectionError> {
         let decoded = decode(&row.kind, &row.payload).map_err(|error| ProjectionError { seq: row.seq, error })?;
@@ -265,8 +297,32 @@ impl DispatchProjection {
         correlation: Option<&str>,
         payload: &str,
     ) -> Result<(), ProjectionError> {
-        let decoded = super::payload::decode_str(kind, payload).map_err(|error| ProjectionError { seq, error })?;
-        self.apply_decoded(seq, Timestamp::from_millis(ts_ms), correlation, decoded);
+        let error = |error| ProjectionError { seq, error };
+        let k = EventKind::parse(kind).ok_or_else(|| error(PayloadError::UnknownKind(kind.to_owned())))?;
+        let ts = Timestamp::from_millis(ts_ms);
+        if !folds(k) {
+            // Nothing in it changes the state: not read at all (`audit` reads every row).
+            (self.state.seq, self.state.ts) = (seq, Some(ts));
+            return Ok(());
+        }
+        if k == EventKind::DispatchPlanCreated {
+            // The fold needs two of a plan's fields; the rest is skipped, not parsed.
+            #[derive(Deserialize)]
+            struct Plan {
+                v: u32,
+                dispatch_id: String,
+                signal_id: String,
+            }
+            if let Ok(p) = serde_json::from_str::<Plan>(payload) {
+                if p.v == <super::payload::PlanCreated as super::Payload>::VERSION {
+                    (self.state.seq, self.state.ts) = (seq, Some(ts));
+                    self.state.planned(ts, p.dispatch_id, p.signal_id);
+                    return Ok(());
+                }
+            }
+        }
+        let decoded = super::payload::decode_str(kind, payload).map_err(error)?;
+        self.apply_decoded(seq, ts, correlation, decoded);
         Ok(())
     }
 
@@ -288,25 +344,15 @@ impl DispatchProjection {
                 s.last_signal = Some(e.signal);
             }
             Decoded::Rejected(_) => s.rejected += 1,
-            Decoded::PlanCreated(p) => {
-                if let Some(n) = p.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()) {
-                    s.dispatches = s.dispatches.max(n);
+            Decoded::PlanCreated(p) => s.planned(ts, p.dispatch_id, p.signal_id),
+            Decoded::OrdersSent(mut sent) => {
+                // Every order, commitment and answer of a vehicle shares the fleet's id:
+                // one allocation per vehicle, not per order (200,000 answers are kept).
+                for (vehicle, _) in &mut sent.orders {
+                    if let Some((known, _)) = s.fleet.get_key_value(vehicle) {
+                        *vehicle = known.clone();
+                    }
                 }
-                s.participation.push_back(Vec::new());
-                if s.participation.len() > PARTICIPATION_DISPATCHES {
-                    s.participation.pop_front();
-                }
-                let signal = s.last_signal.take().filter(|g| g.id == p.signal_id);
-                let d = ProjectedDispatch {
-                    signal_id: p.signal_id,
-                    signal,
-                    planned_at: ts,
-                    attempts: 0,
-                    orders: BTreeMap::new(),
-                };
-                s.in_flight.insert(p.dispatch_id, d);
-            }
-            Decoded::OrdersSent(sent) => {
                 let signal_id = s.in_flight.get(corr).map(|d| d.signal_id.clone()).unwrap_or_default();
                 if sent.attempt == 1 {
                     if let Some(last) = s.participation.back_mut() {
@@ -403,7 +449,9 @@ impl DispatchProjection {
                 s.fleet.clear();
                 s.config = Some(c);
             }
-            Decoded::ConstraintApplied(_)
+            // The state it holds is what the rows before it folded to.
+            Decoded::LogCompacted(_)
+            | Decoded::ConstraintApplied(_)
             | Decoded::SnapshotImported(_)
             | Decoded::FallbackApplied(_)
             | Decoded::LogRecovered(_)
@@ -412,7 +460,57 @@ impl DispatchProjection {
     }
 }
 
+/// Whether events of `kind` change the projected state (the others are only counted as
+/// the last row folded).
+fn folds(kind: EventKind) -> bool {
+    use EventKind as K;
+    match kind {
+        K::SignalReceived
+        | K::SignalRejected
+        | K::InputRejected
+        | K::DispatchPlanCreated
+        | K::OrderSent
+        | K::AckReceived
+        | K::AckTimedOut
+        | K::OrderCancelled
+        | K::DispatchCompleted
+        | K::DispatchInterrupted
+        | K::WeightsTuned
+        | K::VehicleDiscovered
+        | K::VehicleStateChanged
+        | K::VehicleLost
+        | K::ConfigRecorded => true,
+        K::ConstraintApplied
+        | K::FallbackApplied
+        | K::DemandResponseActivated
+        | K::CurtailmentRecorded
+        | K::BidSubmitted
+        | K::BidAccepted
+        | K::BidRejected
+        | K::BidExpired
+        | K::TransferOrdered
+        | K::LeaderElected
+        | K::LogRecovered
+        | K::SnapshotImported
+        | K::LogCompacted => false,
+    }
+}
+
 impl ProjectedState {
+    /// Dispatch `dispatch_id` of `signal_id` was planned at `ts`.
+    fn planned(&mut self, ts: Timestamp, dispatch_id: String, signal_id: String) {
+        if let Some(n) = dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()) {
+            self.dispatches = self.dispatches.max(n);
+        }
+        self.participation.push_back(Vec::new());
+        if self.participation.len() > PARTICIPATION_DISPATCHES {
+            self.participation.pop_front();
+        }
+        let signal = self.last_signal.take().filter(|g| g.id == signal_id);
+        let d = ProjectedDispatch { signal_id, signal, planned_at: ts, attempts: 0, orders: BTreeMap::new() };
+        self.in_flight.insert(dispatch_id, d);
+    }
+
     fn answer(&mut self, dispatch_id: &str, order: (u32, u32), answer: OrderAnswer) {
         if let Some(o) = self.in_flight.get_mut(dispatch_id).and_then(|d| d.orders.get_mut(&order)) {
             o.answer = answer;

@@ -11,10 +11,36 @@ use serde::{Deserialize, Serialize};
 use crate::time::Timestamp;
 
 /// A vehicle's id: the `<vehicle_id>` segment of its topics. Built from outside input only
-/// through [`VehicleId::parse`], which checks it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// through [`VehicleId::parse`], which checks it. Shared, not copied: an id is held by the
+/// fleet, every order, commitment and answer, so a clone is a reference count.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
-pub struct VehicleId(String);
+pub struct VehicleId(std::sync::Arc<str>);
+
+/// Read from the text in place (one allocation, where `Arc<str>`'s own goes through a
+/// `String`). Ids read back from the log were checked when they were recorded.
+impl<'de> Deserialize<'de> for VehicleId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = VehicleId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a vehicle id")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<VehicleId, E> {
+                Ok(VehicleId(s.into()))
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
+
+/// Lookups by the id's text (maps keyed by [`VehicleId`]).
+impl std::borrow::Borrow<str> for VehicleId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Longest vehicle id, bytes.
 pub const MAX_VEHICLE_ID_LEN: usize = 128;
@@ -27,7 +53,7 @@ impl VehicleId {
             && s.len() <= MAX_VEHICLE_ID_LEN
             && !s.contains(['/', '+', '#'])
             && !s.chars().any(char::is_control);
-        ok.then(|| Self(s.to_owned()))
+        ok.then(|| Self(s.into()))
     }
 
     /// The id as text.
@@ -46,7 +72,7 @@ impl fmt::Display for VehicleId {
 /// goes through [`VehicleId::parse`].
 impl From<&str> for VehicleId {
     fn from(s: &str) -> Self {
-        Self(s.to_owned())
+        Self(s.into())
     }
 }
 
@@ -267,7 +293,7 @@ impl Vehicle {
     /// A plugged-in vehicle with the contract's defaults, for tests and the simulator.
     pub fn new(id: impl Into<String>, soc: f64, capacity_kwh: f64, max_kw: f64) -> Self {
         Self {
-            id: VehicleId(id.into()),
+            id: VehicleId(id.into().into()),
             soc,
             capacity_kwh,
             max_charge_kw: max_kw,

@@ -8,13 +8,15 @@
 //! never publishes a decision that is not durable.
 //!
 //! The table is the contract's `events` table. Triggers refuse UPDATE and DELETE, so the
-//! log is append-only even against a careless `sqlite3` session.
+//! log is append-only even against a careless `sqlite3` session; the one exception is
+//! [`compact`], the logged retention step (see `schema.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 
-use gridweaver_core::events::{DispatchProjection, Event, EventKind, EventStore, StoredEvent};
+use gridweaver_core::events::payload::{decode_str, LogCompacted};
+use gridweaver_core::events::{Decoded, DispatchProjection, Event, EventKind, EventStore, ProjectedState, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
@@ -73,6 +75,36 @@ pub enum StoreError {
     /// The writer thread could not be started.
     #[error("cannot start the store thread: {0}")]
     Thread(std::io::Error),
+    /// A time before the log's last compaction.
+    #[error("{}: the log was compacted through event {through_seq} ({at}); it replays from that time on", path.display())]
+    Compacted {
+        /// The file.
+        path: PathBuf,
+        /// The last row removed.
+        through_seq: u64,
+        /// Its time.
+        at: Timestamp,
+    },
+    /// The snapshot a compacted log starts from is missing or unreadable.
+    #[error("{}: the snapshot of the retention step through event {through_seq} (event {seq}): {reason}", path.display())]
+    Snapshot {
+        /// The file.
+        path: PathBuf,
+        /// The retention step.
+        through_seq: i64,
+        /// Its `LogCompacted` row.
+        seq: i64,
+        /// Why.
+        reason: String,
+    },
+    /// The chain is broken: compacting would hide it.
+    #[error("{}: the log does not match its hash chain ({error}); it is not compacted, so that the evidence stays", path.display())]
+    Broken {
+        /// The file.
+        path: PathBuf,
+        /// Where.
+        error: schema::ChainBreak,
+    },
 }
 
 impl From<std::num::TryFromIntError> for StoreError {
@@ -128,13 +160,9 @@ pub fn open_writer(path: &Path, sync_full: bool) -> Result<Connection, StoreErro
 impl StoreHandle {
     /// Starts the writer thread on `conn`.
     pub fn start(conn: Connection) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
-        let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
-        let chain = schema::last_hash(&conn)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let join = thread::Builder::new()
-            .name("store".into())
-            .spawn(move || writer(conn, rx, u64::try_from(next).unwrap_or(1), chain))
-            .map_err(StoreError::Thread)?;
+        let join =
+            thread::Builder::new().name("store".into()).spawn(move || writer(conn, rx)).map_err(StoreError::Thread)?;
         Ok((StoreHandle { tx }, join))
     }
 
@@ -165,7 +193,7 @@ impl StoreHandle {
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64, mut chain: String) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -184,11 +212,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64, mut 
                 Err(_) => break,
             }
         }
-        match write_batch(&mut conn, &batch, next, &chain) {
-            Ok((after, hash, mut rendered)) => {
-                next = after;
-                chain = hash;
-                let mut seq = next - rendered.iter().map(Vec::len).sum::<usize>() as u64;
+        match write_batch(&mut conn, &batch) {
+            Ok((mut seq, mut rendered)) => {
                 for (req, rows) in batch.drain(..).zip(rendered.drain(..)) {
                     match req {
                         Request::Append { reply: Some(reply), .. } => {
@@ -224,9 +249,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>, mut next: u64, mut 
 /// Appends `events` on `conn` directly, in one transaction: for the start-up recovery,
 /// before the writer thread owns the connection.
 pub fn append_direct(conn: &mut Connection, events: Vec<Event>) -> Result<(), StoreError> {
-    let next: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
-    let chain = schema::last_hash(conn)?;
-    write_batch(conn, &[Request::Append { events, reply: None }], u64::try_from(next).unwrap_or(1), &chain)?;
+    write_batch(conn, &[Request::Append { events, reply: None }])?;
     Ok(())
 }
 
@@ -257,10 +280,7 @@ impl EventStore for SqliteStore {
     type Error = StoreError;
 
     fn append(&mut self, events: &[Event]) -> Result<u64, StoreError> {
-        let next: i64 = self.conn.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
-        let chain = schema::last_hash(&self.conn)?;
-        let first = u64::try_from(next)?;
-        write_batch(&mut self.conn, &[Request::Append { events: events.to_vec(), reply: None }], first, &chain)?;
+        let (first, _) = write_batch(&mut self.conn, &[Request::Append { events: events.to_vec(), reply: None }])?;
         Ok(first)
     }
 
@@ -273,57 +293,61 @@ impl EventStore for SqliteStore {
     }
 }
 
-/// Writes every append of `batch` in one transaction, each row chained to the one before
-/// (`chain`: the last row's hash). Returns the next seq, the last hash and, per request,
-/// its rows rendered as JSON.
-fn write_batch(
-    conn: &mut Connection,
-    batch: &[Request],
-    mut seq: u64,
-    chain: &str,
-) -> Result<(u64, String, Vec<Vec<String>>), StoreError> {
-    let tx = conn.transaction()?;
-    let mut rendered = Vec::with_capacity(batch.len());
-    let mut hash = chain.to_owned();
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        let mut link = tx.prepare_cached("INSERT INTO event_chain (seq, hash) VALUES (?1, ?2)")?;
-        for req in batch {
-            let mut rows = Vec::new();
-            if let Request::Append { events, .. } = req {
-                for e in events {
-                    let payload = e.payload.as_str();
-                    let row = schema::RowRef {
-                        seq: i64::try_from(seq)?,
-                        ts_ms: e.ts.as_millis(),
-                        kind: e.kind.as_str(),
-                        correlation_id: e.correlation_id.as_deref(),
-                        actor: &e.actor,
-                        region: e.region.as_deref(),
-                        payload,
-                    };
-                    insert.execute(params![
-                        row.seq,
-                        row.ts_ms,
-                        row.kind,
-                        row.correlation_id,
-                        row.actor,
-                        row.region,
-                        row.payload
-                    ])?;
-                    hash = schema::chain_hash(&hash, &row);
-                    link.execute(params![row.seq, hash])?;
-                    rows.push(tail_json(seq, e, payload));
-                    seq += 1;
-                }
-            }
-            rendered.push(rows);
-        }
-    }
+/// Writes every append of `batch` in one transaction, each row chained to the one before.
+/// Returns the seq of the first row and, per request, its rows rendered as JSON.
+fn write_batch(conn: &mut Connection, batch: &[Request]) -> Result<(u64, Vec<Vec<String>>), StoreError> {
+    // IMMEDIATE: the next seq and the last hash are read under the write lock, so another
+    // writer (`gridweaver compact` on a running gateway's log) cannot slip in between.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (first, rendered) = insert_rows(&tx, batch)?;
     tx.commit()?;
-    Ok((seq, hash, rendered))
+    Ok((first, rendered))
+}
+
+/// Appends every event of `batch` after the last row in `tx`, chained; returns the first
+/// seq and, per request, its rows rendered as JSON.
+fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &[Request]) -> Result<(u64, Vec<Vec<String>>), StoreError> {
+    let next: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
+    let first = u64::try_from(next)?;
+    let mut seq = first;
+    let mut hash = schema::last_hash(tx)?;
+    let mut rendered = Vec::with_capacity(batch.len());
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut link = tx.prepare_cached("INSERT INTO event_chain (seq, hash) VALUES (?1, ?2)")?;
+    for req in batch {
+        let mut rows = Vec::new();
+        if let Request::Append { events, .. } = req {
+            for e in events {
+                let payload = e.payload.as_str();
+                let row = schema::RowRef {
+                    seq: i64::try_from(seq)?,
+                    ts_ms: e.ts.as_millis(),
+                    kind: e.kind.as_str(),
+                    correlation_id: e.correlation_id.as_deref(),
+                    actor: &e.actor,
+                    region: e.region.as_deref(),
+                    payload,
+                };
+                insert.execute(params![
+                    row.seq,
+                    row.ts_ms,
+                    row.kind,
+                    row.correlation_id,
+                    row.actor,
+                    row.region,
+                    row.payload
+                ])?;
+                hash = schema::chain_hash(&hash, &row);
+                link.execute(params![row.seq, hash])?;
+                rows.push(tail_json(seq, e, payload));
+                seq += 1;
+            }
+        }
+        rendered.push(rows);
+    }
+    Ok((first, rendered))
 }
 
 /// Live-tail payloads larger than this are replaced by a note of their size: the tail is
@@ -369,6 +393,9 @@ pub struct Query {
     pub limit: Option<usize>,
 }
 
+/// How much of a log a reader maps into memory.
+const READ_MMAP_BYTES: i64 = 256 << 20;
+
 /// A read-only view of an event log.
 pub struct Reader {
     conn: Connection,
@@ -385,6 +412,9 @@ impl Reader {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(|error| StoreError::Open { path: path.to_owned(), error })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Reads map the file rather than copy each page (SQLite falls back to reads where
+        // it cannot map: a 32-bit gateway's address space).
+        conn.pragma_update(None, "mmap_size", READ_MMAP_BYTES)?;
         let has: Option<String> = conn
             .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'events'", [], |r| r.get(0))
             .optional()?;
@@ -466,16 +496,66 @@ fn for_each_row<E: From<StoreError>>(
 }
 
 /// Folds the log at `path` into the projection, in seq order, stopping before the first
-/// row stamped after `to` (the whole log without it). A row the projection cannot read
-/// stops the fold with an error when `strict`; otherwise it is logged and skipped (the
+/// row stamped after `to` (the whole log without it). A compacted log is folded from its
+/// last snapshot on; a `to` before the snapshot is an error. A row the projection cannot
+/// read stops the fold with an error when `strict`; otherwise it is logged and skipped (the
 /// gateway starts on what it can read rather than not at all). Row by row, reading each
 /// payload's text in place: nothing is collected, no JSON tree is built. (Decoding on a
 /// second thread was measured slower: glibc frees across threads.)
 pub fn project(path: &Path, to: Option<Timestamp>, strict: bool) -> Result<DispatchProjection, StoreError> {
     let reader = Reader::open(path)?;
-    let mut projection = DispatchProjection::new();
-    let mut stmt = reader.conn.prepare("SELECT seq, ts_ms, kind, correlation_id, payload FROM events ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
+    fold(&reader.conn, path, to, None, strict)
+}
+
+/// The state a compacted log starts from (the snapshot of its last retention step), or
+/// `None` for a log never compacted.
+pub fn snapshot(conn: &Connection, path: &Path) -> Result<Option<ProjectedState>, StoreError> {
+    let Some((through_seq, _, seq)) = schema::last_retention(conn)? else { return Ok(None) };
+    let fail = |reason: String| StoreError::Snapshot { path: path.to_owned(), through_seq, seq, reason };
+    let payload: Option<String> = conn
+        .query_row("SELECT payload FROM events WHERE seq = ?1 AND kind = 'LogCompacted'", [seq], |r| r.get(0))
+        .optional()?;
+    let payload = payload.ok_or_else(|| fail("no such LogCompacted event".into()))?;
+    match decode_str(EventKind::LogCompacted.as_str(), &payload) {
+        Ok(Decoded::LogCompacted(c)) if i64::try_from(c.through_seq) == Ok(through_seq) => Ok(Some(c.state)),
+        Ok(_) => Err(fail("it names another retention step".into())),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// [`project`] on an open connection, through row `through` at most.
+fn fold(
+    conn: &Connection,
+    path: &Path,
+    to: Option<Timestamp>,
+    through: Option<u64>,
+    strict: bool,
+) -> Result<DispatchProjection, StoreError> {
+    let start = match snapshot(conn, path) {
+        Ok(start) => start,
+        Err(e) if !strict => {
+            tracing::error!(error = %e, "the log's snapshot cannot be read; starting from the rows after it");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let mut projection = match start {
+        Some(state) => {
+            if let (Some(to), Some(at)) = (to, state.ts) {
+                if to < at {
+                    return Err(StoreError::Compacted { path: path.to_owned(), through_seq: state.seq, at });
+                }
+            }
+            DispatchProjection::resume(state)
+        }
+        None => DispatchProjection::new(),
+    };
+    let after = i64::try_from(projection.state().seq)?;
+    let through = through.map_or(Ok(i64::MAX), i64::try_from)?;
+    let mut stmt = conn.prepare(
+        "SELECT seq, ts_ms, kind, correlation_id, payload FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([after, through])?;
     while let Some(r) = rows.next()? {
         let ts_ms: i64 = r.get(1)?;
         if to.is_some_and(|to| ts_ms > to.as_millis()) {
@@ -492,6 +572,58 @@ pub fn project(path: &Path, to: Option<Timestamp>, strict: bool) -> Result<Dispa
         }
     }
     Ok(projection)
+}
+
+/// What `gridweaver compact` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compacted {
+    /// Rows removed.
+    pub removed: u64,
+    /// The last row removed.
+    pub through_seq: u64,
+    /// The `LogCompacted` row holding the state they folded to.
+    pub snapshot_seq: u64,
+    /// Its payload's size.
+    pub snapshot_bytes: usize,
+}
+
+/// `gridweaver compact`: removes every row before the first one stamped at or after
+/// `before`, in one transaction that first appends a `LogCompacted` event (stamped `now`)
+/// with the state those rows fold to and records the retention step. The projection of
+/// the log is the same after as before (but for the last row folded, the new one).
+/// `None` when no row is that old. A log that does not match its hash chain, or has a row
+/// the projection cannot read, is refused untouched.
+pub fn compact(path: &Path, before: Timestamp, now: Timestamp) -> Result<Option<Compacted>, StoreError> {
+    drop(Reader::open(path)?); // an existing event log, not a new or foreign file
+    let mut conn = open_writer(path, true)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if let Err(error) = schema::verify_chain(&tx)? {
+        return Err(StoreError::Broken { path: path.to_owned(), error });
+    }
+    let (first, through): (Option<i64>, Option<i64>) = tx.query_row(
+        "SELECT MIN(seq), COALESCE((SELECT MIN(seq) FROM events WHERE ts_ms >= ?1), MAX(seq) + 1) - 1 FROM events",
+        [before.as_millis()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let (Some(first), Some(through)) = (first, through) else { return Ok(None) };
+    if through < first {
+        return Ok(None);
+    }
+    let state = fold(&tx, path, None, Some(u64::try_from(through)?), true)?.into_state();
+    let anchor: String = tx.query_row("SELECT hash FROM event_chain WHERE seq = ?1", [through], |r| r.get(0))?;
+    let removed = u64::try_from(through - first + 1)?;
+    let step = LogCompacted { before, through_seq: u64::try_from(through)?, removed, anchor, state };
+    let event = Event::of(now, "compact", &step);
+    let snapshot_bytes = event.payload.len();
+    let (snapshot_seq, _) = insert_rows(&tx, &[Request::Append { events: vec![event], reply: None }])?;
+    tx.execute(
+        "INSERT INTO retention (through_seq, anchor, snapshot_seq, ts_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![through, step.anchor, i64::try_from(snapshot_seq)?, now.as_millis()],
+    )?;
+    tx.execute("DELETE FROM event_chain WHERE seq <= ?1", [through])?;
+    tx.execute("DELETE FROM events WHERE seq <= ?1", [through])?;
+    tx.commit()?;
+    Ok(Some(Compacted { removed, through_seq: step.through_seq, snapshot_seq, snapshot_bytes }))
 }
 
 #[cfg(test)]
@@ -548,6 +680,32 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seqs, vec![4]);
+    }
+
+    /// `gridweaver compact` on the log of a running gateway: the writer's next rows follow
+    /// the snapshot, chained.
+    #[tokio::test]
+    async fn a_running_writer_goes_on_after_a_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let (store, join) = StoreHandle::start(open_writer(&path, false).unwrap()).unwrap();
+        let recovered = |ms| {
+            let p = gridweaver_core::events::payload::LogRecovered {
+                error: "x".into(),
+                failed_since: Timestamp::from_millis(ms),
+                signals_refused: 0,
+            };
+            Event::of(Timestamp::from_millis(ms), "gateway", &p)
+        };
+        store.append(vec![recovered(1_000), recovered(2_000)]).await.unwrap().unwrap();
+        let c = compact(&path, Timestamp::from_millis(1_500), Timestamp::from_millis(3_000)).unwrap().unwrap();
+        assert_eq!((c.removed, c.snapshot_seq), (1, 3));
+        let next = store.append(vec![recovered(4_000)]).await.unwrap().unwrap();
+        assert_eq!(next.first_seq, 4);
+        drop(store);
+        join.join().unwrap();
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(3));
     }
 
     #[test]
@@ -653,6 +811,91 @@ mod schema_tests {
         assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Missing(7)));
         conn.execute("INSERT INTO events VALUES (100, 1, 'LogRecovered', NULL, 'me', NULL, '{}')", []).unwrap();
         assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Unchained(100)));
+    }
+
+    /// Compaction at every time the log holds: the projection is the one before (but for
+    /// the last row folded, the snapshot's), the chain holds from the anchor, new rows
+    /// follow, a second compaction goes on from the first, and nothing else may delete.
+    #[test]
+    fn compaction_keeps_the_projection_and_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = dir.path().join("v1.db");
+        v1_log(&original);
+        drop(open_writer(&original, false).unwrap());
+        let whole = project(&original, None, true).unwrap().into_state();
+        let times: std::collections::BTreeSet<i64> = {
+            let conn = Connection::open(&original).unwrap();
+            let mut stmt = conn.prepare("SELECT ts_ms FROM events").unwrap();
+            stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+        };
+        let last = *times.last().unwrap();
+        let now = Timestamp::from_millis(last + 60_000);
+        for (i, t) in times.iter().skip(1).chain([&(last + 1)]).enumerate() {
+            let path = dir.path().join(format!("c{i}.db"));
+            std::fs::copy(&original, &path).unwrap();
+            let c = compact(&path, Timestamp::from_millis(*t), now).unwrap().expect("rows before it");
+            let conn = Connection::open(&path).unwrap();
+            let first: i64 = conn.query_row("SELECT MIN(seq) FROM events", [], |r| r.get(0)).unwrap();
+            let older: i64 = conn
+                .query_row("SELECT COUNT(*) FROM events WHERE ts_ms < ?1 AND kind != 'LogCompacted'", [t], |r| r.get(0))
+                .unwrap();
+            assert_eq!((first as u64, older), (c.through_seq + 1, 0), "at {t}: every older row went, no newer one");
+            assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(29 - c.removed + 1), "at {t}");
+            let mut after = project(&path, None, true).unwrap().into_state();
+            assert_eq!((after.seq, after.ts), (c.snapshot_seq, Some(now)));
+            (after.seq, after.ts) = (whole.seq, whole.ts);
+            assert_eq!(after, whole, "compacted before {t}");
+            // Replay cannot reach back before the snapshot.
+            let early = project(&path, Some(Timestamp::from_millis(times.first().unwrap() - 1)), true);
+            assert!(matches!(early, Err(StoreError::Compacted { .. })), "at {t}");
+            // Only rows a retention step covers may go.
+            assert!(conn.execute("DELETE FROM events WHERE seq = ?1", [c.snapshot_seq]).is_err());
+            assert!(conn.execute("DELETE FROM retention", []).is_err());
+        }
+        // New rows chain on; a second compaction goes on from the first.
+        let path = dir.path().join("twice.db");
+        std::fs::copy(&original, &path).unwrap();
+        let mid = *times.iter().nth(times.len() / 2).unwrap();
+        let first = compact(&path, Timestamp::from_millis(mid), now).unwrap().unwrap();
+        let mut conn = open_writer(&path, false).unwrap();
+        let recovered =
+            gridweaver_core::events::payload::LogRecovered { error: "x".into(), failed_since: now, signals_refused: 3 };
+        append_direct(&mut conn, vec![Event::of(now.plus_millis(1), "gateway", &recovered)]).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(29 - first.removed + 2));
+        let before_second = project(&path, None, true).unwrap().into_state();
+        let second = compact(&path, now.plus_millis(1), now.plus_millis(2)).unwrap().unwrap();
+        assert_eq!(second.through_seq, first.snapshot_seq, "the first snapshot goes too");
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(2));
+        let mut after = project(&path, None, true).unwrap().into_state();
+        (after.seq, after.ts) = (before_second.seq, before_second.ts);
+        assert_eq!(after, before_second);
+        assert_eq!(compact(&path, Timestamp::from_millis(1), now).unwrap(), None, "nothing that old is left");
+    }
+
+    #[test]
+    fn a_log_that_breaks_its_chain_or_its_retention_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        v1_log(&path);
+        let conn = open_writer(&path, false).unwrap();
+        conn.execute_batch("DROP TRIGGER events_no_update; UPDATE events SET actor = 'me' WHERE seq = 3").unwrap();
+        let refused = compact(&path, Timestamp::from_millis(i64::MAX), Timestamp::from_millis(0)).err().unwrap();
+        assert!(refused.to_string().contains("event 3 does not match"), "{refused}");
+        let rows: i64 = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 29, "nothing removed");
+
+        // Rows removed with their hashes but no retention step; then a forged step.
+        let path = dir.path().join("cut.db");
+        v1_log(&path);
+        let conn = open_writer(&path, false).unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER events_no_delete; DROP TRIGGER event_chain_no_delete;
+             DELETE FROM events WHERE seq <= 5; DELETE FROM event_chain WHERE seq <= 5",
+        )
+        .unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Truncated(6)));
+        conn.execute("INSERT INTO retention VALUES (5, 'x', 6, 0)", []).unwrap();
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Retention(5)));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use super::StoreError;
 
 /// The schema version this build writes.
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 /// Version 1: the contract's table, indexes for the CLI's filters, append-only triggers.
 /// Logs written before schema versions existed have exactly this (with `user_version` 0).
@@ -41,6 +41,31 @@ CREATE TRIGGER IF NOT EXISTS event_chain_no_update BEFORE UPDATE ON event_chain
   BEGIN SELECT RAISE(ABORT, 'the event chain is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS event_chain_no_delete BEFORE DELETE ON event_chain
   BEGIN SELECT RAISE(ABORT, 'the event chain is append-only'); END;
+";
+
+/// Version 3: retention. `gridweaver compact` removes the rows up to `through_seq` in one
+/// transaction that first records the step here (with the chain hash of the last row
+/// removed, which the first row kept chains to, and the seq of its `LogCompacted` event).
+/// The delete triggers let only rows at or below a recorded step go; nothing else may.
+const V3: &str = "
+CREATE TABLE IF NOT EXISTS retention (
+  through_seq  INTEGER PRIMARY KEY,
+  anchor       TEXT    NOT NULL,
+  snapshot_seq INTEGER NOT NULL,
+  ts_ms        INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS retention_no_update BEFORE UPDATE ON retention
+  BEGIN SELECT RAISE(ABORT, 'the retention record is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS retention_no_delete BEFORE DELETE ON retention
+  BEGIN SELECT RAISE(ABORT, 'the retention record is append-only'); END;
+DROP TRIGGER IF EXISTS events_no_delete;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+  WHEN OLD.seq > (SELECT COALESCE(MAX(through_seq), 0) FROM retention)
+  BEGIN SELECT RAISE(ABORT, 'the events table is append-only (only gridweaver compact removes rows)'); END;
+DROP TRIGGER IF EXISTS event_chain_no_delete;
+CREATE TRIGGER event_chain_no_delete BEFORE DELETE ON event_chain
+  WHEN OLD.seq > (SELECT COALESCE(MAX(through_seq), 0) FROM retention)
+  BEGIN SELECT RAISE(ABORT, 'the event chain is append-only (only gridweaver compact removes rows)'); END;
 ";
 
 /// Views for the common questions, made anew at every open (they hold no data). Each reads
@@ -128,6 +153,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     if found < 2 {
         tx.execute_batch(V2)?;
         backfill_chain(&tx)?;
+    }
+    if found < 3 {
+        tx.execute_batch(V3)?;
     }
     tx.execute_batch(VIEWS)?;
     tx.pragma_update(None, "user_version", VERSION)?;
@@ -237,6 +265,24 @@ pub fn chain_hash(prev: &str, row: &RowRef<'_>) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The last retention step: (through seq, anchor hash, seq of its `LogCompacted` row).
+pub fn last_retention(conn: &Connection) -> Result<Option<(i64, String, i64)>, StoreError> {
+    // Logs opened only for reading may predate the table.
+    let has: Option<String> = conn
+        .query_row("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'retention'", [], |r| r.get(0))
+        .optional()?;
+    if has.is_none() {
+        return Ok(None);
+    }
+    Ok(conn
+        .query_row(
+            "SELECT through_seq, anchor, snapshot_seq FROM retention ORDER BY through_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?)
+}
+
 /// What [`verify_chain`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ChainBreak {
@@ -246,6 +292,11 @@ pub enum ChainBreak {
     Unchained(i64),
     /// A hash for row `seq`, which is not in the log (removed).
     Missing(i64),
+    /// The log starts after row 1 (or after its last retention step) with no retention
+    /// step that removed the rows before `seq`.
+    Truncated(i64),
+    /// The retention step through `seq` does not match its chained `LogCompacted` row.
+    Retention(i64),
 }
 
 impl std::fmt::Display for ChainBreak {
@@ -256,12 +307,42 @@ impl std::fmt::Display for ChainBreak {
             }
             ChainBreak::Unchained(s) => write!(f, "event {s} has no hash: it was added outside the gateway"),
             ChainBreak::Missing(s) => write!(f, "event {s} is chained but missing: rows were removed"),
+            ChainBreak::Truncated(s) => {
+                write!(f, "the log starts at event {s}: the rows before it were removed without a retention step")
+            }
+            ChainBreak::Retention(s) => write!(
+                f,
+                "the retention step through event {s} does not match its LogCompacted event: the record was changed"
+            ),
         }
     }
 }
 
 /// Checks the chain over the whole log: `Ok(rows checked)`, or the first row that breaks it.
+/// A compacted log starts from its last retention step: the first row kept must follow the
+/// last row removed and chain to its hash, and the step must match its `LogCompacted` row.
 pub fn verify_chain(conn: &Connection) -> Result<Result<u64, ChainBreak>, StoreError> {
+    let retention = last_retention(conn)?;
+    let (mut expected, mut prev) = match &retention {
+        Some((through, anchor, _)) => (through + 1, anchor.clone()),
+        None => (1, String::new()),
+    };
+    if let Some((through, anchor, snapshot_seq)) = &retention {
+        let recorded: Option<String> = conn
+            .query_row("SELECT payload FROM events WHERE seq = ?1 AND kind = 'LogCompacted'", [snapshot_seq], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        #[derive(serde::Deserialize)]
+        struct Step {
+            through_seq: i64,
+            anchor: String,
+        }
+        let step = recorded.and_then(|p| serde_json::from_str::<Step>(&p).ok());
+        if !step.is_some_and(|s| s.through_seq == *through && s.anchor == *anchor) {
+            return Ok(Err(ChainBreak::Retention(*through)));
+        }
+    }
     let mut stmt = conn.prepare(
         "SELECT e.seq, e.ts_ms, e.kind, e.correlation_id, e.actor, e.region, e.payload, c.seq, c.hash
          FROM event_chain c LEFT JOIN events e ON e.seq = c.seq
@@ -272,7 +353,6 @@ pub fn verify_chain(conn: &Connection) -> Result<Result<u64, ChainBreak>, StoreE
     )?;
     // Unchained rows sort first (NULL chain seq); any of them is a break.
     let mut rows = stmt.query([])?;
-    let mut prev = String::new();
     let mut checked = 0u64;
     while let Some(r) = rows.next()? {
         let chain_seq: Option<i64> = r.get(7)?;
@@ -284,12 +364,21 @@ pub fn verify_chain(conn: &Connection) -> Result<Result<u64, ChainBreak>, StoreE
                 (None, None) => continue,
             }));
         };
+        if chain_seq > expected {
+            // Rows and their hashes removed together.
+            return Ok(Err(if checked == 0 {
+                ChainBreak::Truncated(chain_seq)
+            } else {
+                ChainBreak::Missing(expected)
+            }));
+        }
         let row = OwnedRow::read(r)?;
         let hash: String = r.get(8)?;
         if row.seq != seq || chain_hash(&prev, &row.as_ref()) != hash {
             return Ok(Err(ChainBreak::Mismatch(chain_seq)));
         }
         prev = hash;
+        expected = chain_seq + 1;
         checked += 1;
     }
     Ok(Ok(checked))
