@@ -138,10 +138,11 @@ impl DispatcherActor {
     /// Hands durable rows to the live tail through its pipeline (de-duplicated by seq,
     /// in seq order, bounded: a row it cannot take is counted as refused, never queued
     /// without limit; the tail is QoS 0 and for watching, the log has every row).
-    fn tail(&mut self, appended: crate::store::Appended, labels: Vec<(EventKind, Option<String>)>) {
+    fn tail(&mut self, appended: crate::store::Appended) {
         let t = now();
-        for ((row, (kind, region)), seq) in appended.rows.into_iter().zip(labels).zip(appended.first_seq..) {
-            let envelope = Envelope { id: None, seq: Some(seq), kind, region, item: row };
+        for (e, seq) in appended.events.into_iter().zip(appended.first_seq..) {
+            let row = crate::store::tail_json(seq, &e);
+            let envelope = Envelope { id: None, seq: Some(seq), kind: e.kind, region: e.region, item: row };
             if self.tail.submit(t, envelope).is_err() {
                 tracing::debug!(seq, "the live tail is full; a row is left to the log");
             }
@@ -187,7 +188,6 @@ impl DispatcherActor {
         let (queued, rows) = (std::time::Instant::now(), events.len());
         // The dispatches this step is about: if it cannot be recorded, they are closed.
         let touched: BTreeSet<String> = events.iter().filter_map(|e| e.correlation_id.clone()).collect();
-        let labels: Vec<(EventKind, Option<String>)> = events.iter().map(|e| (e.kind, e.region.clone())).collect();
         let durable = self.store.append(events);
         let after = durable.into_actor(self).map(move |res, act, ctx| {
             let appended = match res {
@@ -218,7 +218,7 @@ impl DispatcherActor {
                 act.publisher.outcome(&outcome);
                 act.completed += 1;
             }
-            act.tail(appended, labels);
+            act.tail(appended);
             if let Some(request) = fallback {
                 act.run_fallback(request, ctx);
             }

@@ -3,8 +3,8 @@
 //! The writer owns the only read-write [`rusqlite::Connection`]. Callers send batches of
 //! events through a bounded channel ([`StoreHandle::append`]); the thread drains every
 //! batch waiting, writes them all in one transaction (group commit), commits, and only
-//! then answers each caller with the seq numbers it got and the rows rendered as JSON for
-//! the `<p>/events` live tail. A caller that publishes orders after its answer therefore
+//! then answers each caller with the seq of its first row and its events handed back (the
+//! caller renders them for the `<p>/events` live tail: [`tail_json`]). A caller that publishes orders after its answer therefore
 //! never publishes a decision that is not durable.
 //!
 //! The table is the contract's `events` table. Triggers refuse UPDATE and DELETE, so the
@@ -120,13 +120,13 @@ const QUEUE: usize = 1024;
 /// Most events written in one transaction.
 const MAX_BATCH_EVENTS: usize = 20_000;
 
-/// What an append got: its first seq and each row as the JSON of the live tail.
+/// What an append got: its first seq, and its events back.
 #[derive(Debug)]
 pub struct Appended {
     /// Seq of the first event (the rest follow without gaps).
     pub first_seq: u64,
-    /// Each row, serialized (contract row with the payload inlined).
-    pub rows: Vec<String>,
+    /// The events, now durable, in their order.
+    pub events: Vec<Event>,
 }
 
 enum Request {
@@ -213,15 +213,15 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
             }
         }
         match write_batch(&mut conn, &batch) {
-            Ok((mut seq, mut rendered)) => {
-                for (req, rows) in batch.drain(..).zip(rendered.drain(..)) {
+            Ok(mut seq) => {
+                for req in batch.drain(..) {
                     match req {
-                        Request::Append { reply: Some(reply), .. } => {
-                            let n = rows.len() as u64;
-                            let _ = reply.send(Ok(Appended { first_seq: seq, rows }));
+                        Request::Append { events, reply: Some(reply) } => {
+                            let n = events.len() as u64;
+                            let _ = reply.send(Ok(Appended { first_seq: seq, events }));
                             seq += n;
                         }
-                        Request::Append { reply: None, .. } => seq += rows.len() as u64,
+                        Request::Append { events, reply: None } => seq += events.len() as u64,
                         Request::Flush(reply) => {
                             let _ = reply.send(());
                         }
@@ -280,8 +280,7 @@ impl EventStore for SqliteStore {
     type Error = StoreError;
 
     fn append(&mut self, events: &[Event]) -> Result<u64, StoreError> {
-        let (first, _) = write_batch(&mut self.conn, &[Request::Append { events: events.to_vec(), reply: None }])?;
-        Ok(first)
+        write_batch(&mut self.conn, &[Request::Append { events: events.to_vec(), reply: None }])
     }
 
     fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
@@ -294,30 +293,28 @@ impl EventStore for SqliteStore {
 }
 
 /// Writes every append of `batch` in one transaction, each row chained to the one before.
-/// Returns the seq of the first row and, per request, its rows rendered as JSON.
-fn write_batch(conn: &mut Connection, batch: &[Request]) -> Result<(u64, Vec<Vec<String>>), StoreError> {
+/// Returns the seq of the first row.
+fn write_batch(conn: &mut Connection, batch: &[Request]) -> Result<u64, StoreError> {
     // IMMEDIATE: the next seq and the last hash are read under the write lock, so another
     // writer (`gridweaver compact` on a running gateway's log) cannot slip in between.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (first, rendered) = insert_rows(&tx, batch)?;
+    let first = insert_rows(&tx, batch)?;
     tx.commit()?;
-    Ok((first, rendered))
+    Ok(first)
 }
 
 /// Appends every event of `batch` after the last row in `tx`, chained; returns the first
-/// seq and, per request, its rows rendered as JSON.
-fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &[Request]) -> Result<(u64, Vec<Vec<String>>), StoreError> {
+/// seq.
+fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &[Request]) -> Result<u64, StoreError> {
     let next: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", [], |r| r.get(0))?;
     let first = u64::try_from(next)?;
     let mut seq = first;
     let mut hash = schema::last_hash(tx)?;
-    let mut rendered = Vec::with_capacity(batch.len());
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (seq, ts_ms, kind, correlation_id, actor, region, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
     let mut link = tx.prepare_cached("INSERT INTO event_chain (seq, hash) VALUES (?1, ?2)")?;
     for req in batch {
-        let mut rows = Vec::new();
         if let Request::Append { events, .. } = req {
             for e in events {
                 let payload = e.payload.as_str();
@@ -341,13 +338,11 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &[Request]) -> Result<(u64
                 ])?;
                 hash = schema::chain_hash(&hash, &row);
                 link.execute(params![row.seq, hash])?;
-                rows.push(tail_json(seq, e, payload));
                 seq += 1;
             }
         }
-        rendered.push(rows);
     }
-    Ok((first, rendered))
+    Ok(first)
 }
 
 /// Live-tail payloads larger than this are replaced by a note of their size: the tail is
@@ -355,8 +350,9 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, batch: &[Request]) -> Result<(u64
 /// A large fleet's `DispatchPlanCreated` is hundreds of KB, more than an MQTT packet may be.
 pub const TAIL_MAX_PAYLOAD: usize = 16 * 1024;
 
-/// The live-tail JSON of a row, reusing the payload text already rendered for SQLite.
-fn tail_json(seq: u64, e: &Event, payload: &str) -> String {
+/// The live-tail JSON of row `seq`, reusing the payload text already rendered for SQLite.
+pub fn tail_json(seq: u64, e: &Event) -> String {
+    let payload = e.payload.as_str();
     let omitted;
     let payload = if payload.len() > TAIL_MAX_PAYLOAD {
         omitted = format!(r#"{{"omitted_bytes":{},"see":"the event log, seq {seq}"}}"#, payload.len());
@@ -615,7 +611,7 @@ pub fn compact(path: &Path, before: Timestamp, now: Timestamp) -> Result<Option<
     let step = LogCompacted { before, through_seq: u64::try_from(through)?, removed, anchor, state };
     let event = Event::of(now, "compact", &step);
     let snapshot_bytes = event.payload.len();
-    let (snapshot_seq, _) = insert_rows(&tx, &[Request::Append { events: vec![event], reply: None }])?;
+    let snapshot_seq = insert_rows(&tx, &[Request::Append { events: vec![event], reply: None }])?;
     tx.execute(
         "INSERT INTO retention (through_seq, anchor, snapshot_seq, ts_ms) VALUES (?1, ?2, ?3, ?4)",
         params![through, step.anchor, i64::try_from(snapshot_seq)?, now.as_millis()],
@@ -656,7 +652,7 @@ mod tests {
         ]);
         let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
         assert_eq!((a.first_seq, b.first_seq), (1, 3));
-        let row: serde_json::Value = serde_json::from_str(&b.rows[1]).unwrap();
+        let row: serde_json::Value = serde_json::from_str(&tail_json(b.first_seq + 1, &b.events[1])).unwrap();
         assert_eq!((row["seq"].as_u64(), row["kind"].as_str()), (Some(4), Some("OrderSent")));
         assert_eq!(row["payload"]["power_kw"], 3.5);
         drop(store);
@@ -711,11 +707,11 @@ mod tests {
     #[test]
     fn the_live_tail_omits_payloads_too_large_for_an_mqtt_packet() {
         let big = ev(EventKind::DispatchPlanCreated, "d1", serde_json::json!({"pad": "x".repeat(TAIL_MAX_PAYLOAD)}));
-        let row: serde_json::Value = serde_json::from_str(&tail_json(7, &big, &big.payload)).unwrap();
+        let row: serde_json::Value = serde_json::from_str(&tail_json(7, &big)).unwrap();
         assert_eq!(row["seq"], 7);
         assert_eq!(row["payload"]["omitted_bytes"].as_u64(), Some(big.payload.len() as u64));
         let small = ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 1.5}));
-        let row: serde_json::Value = serde_json::from_str(&tail_json(8, &small, &small.payload)).unwrap();
+        let row: serde_json::Value = serde_json::from_str(&tail_json(8, &small)).unwrap();
         assert_eq!(row["payload"]["power_kw"], 1.5);
     }
 
