@@ -16,7 +16,7 @@ use crate::allocation::Weights;
 use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded};
+use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded, OrdersSent};
 use super::{decode, EventKind, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
@@ -346,42 +346,10 @@ impl DispatchProjection {
             Decoded::Rejected(_) => s.rejected += 1,
             Decoded::PlanCreated(p) => s.planned(ts, p.dispatch_id, p.signal_id),
             Decoded::OrdersSent(mut sent) => {
-                // Every order, commitment and answer of a vehicle shares the fleet's id:
-                // one allocation per vehicle, not per order (200,000 answers are kept).
                 for (vehicle, _) in &mut sent.orders {
-                    if let Some((known, _)) = s.fleet.get_key_value(vehicle) {
-                        *vehicle = known.clone();
-                    }
+                    *vehicle = s.vehicle(vehicle.as_str()).unwrap_or_else(|| vehicle.clone());
                 }
-                let signal_id = s.in_flight.get(corr).map(|d| d.signal_id.clone()).unwrap_or_default();
-                if sent.attempt == 1 {
-                    if let Some(last) = s.participation.back_mut() {
-                        last.extend(sent.orders.iter().map(|(v, _)| v.clone()));
-                    }
-                }
-                if let Some(d) = s.in_flight.get_mut(corr) {
-                    d.attempts = d.attempts.max(sent.attempt);
-                    for (n, (vehicle_id, power_kw)) in (sent.first..).zip(&sent.orders) {
-                        let order = ProjectedOrder {
-                            attempt: sent.attempt,
-                            n,
-                            vehicle_id: vehicle_id.clone(),
-                            power_kw: *power_kw,
-                            answer: OrderAnswer::Pending,
-                        };
-                        d.orders.insert((sent.attempt, n), order);
-                    }
-                }
-                let c = s.commitments.entry(corr.to_owned()).or_insert_with(|| ProjectedCommitments {
-                    signal_id,
-                    direction: sent.direction,
-                    start: sent.start,
-                    until: sent.until,
-                    orders: BTreeMap::new(),
-                });
-                for (n, (vehicle, kw)) in (sent.first..).zip(sent.orders) {
-                    c.orders.insert((sent.attempt, n), (vehicle, kw, false));
-                }
+                s.orders_sent(corr, sent);
             }
             Decoded::AcksReceived(acks) => {
                 for n in acks.accepted {
@@ -497,6 +465,45 @@ fn folds(kind: EventKind) -> bool {
 }
 
 impl ProjectedState {
+    /// The fleet's id for `name`. Every order, commitment and answer of a vehicle shares
+    /// it: one allocation per vehicle, not per order (200,000 answers are kept).
+    fn vehicle(&self, name: &str) -> Option<VehicleId> {
+        self.fleet.get_key_value(name).map(|(id, _)| id.clone())
+    }
+
+    /// The orders of one attempt of dispatch `corr` went out.
+    fn orders_sent(&mut self, corr: &str, sent: OrdersSent) {
+        let signal_id = self.in_flight.get(corr).map(|d| d.signal_id.clone()).unwrap_or_default();
+        if sent.attempt == 1 {
+            if let Some(last) = self.participation.back_mut() {
+                last.extend(sent.orders.iter().map(|(v, _)| v.clone()));
+            }
+        }
+        if let Some(d) = self.in_flight.get_mut(corr) {
+            d.attempts = d.attempts.max(sent.attempt);
+            for (n, (vehicle_id, power_kw)) in (sent.first..).zip(&sent.orders) {
+                let order = ProjectedOrder {
+                    attempt: sent.attempt,
+                    n,
+                    vehicle_id: vehicle_id.clone(),
+                    power_kw: *power_kw,
+                    answer: OrderAnswer::Pending,
+                };
+                d.orders.insert((sent.attempt, n), order);
+            }
+        }
+        let c = self.commitments.entry(corr.to_owned()).or_insert_with(|| ProjectedCommitments {
+            signal_id,
+            direction: sent.direction,
+            start: sent.start,
+            until: sent.until,
+            orders: BTreeMap::new(),
+        });
+        for (n, (vehicle, kw)) in (sent.first..).zip(sent.orders) {
+            c.orders.insert((sent.attempt, n), (vehicle, kw, false));
+        }
+    }
+
     /// Dispatch `dispatch_id` of `signal_id` was planned at `ts`.
     fn planned(&mut self, ts: Timestamp, dispatch_id: String, signal_id: String) {
         if let Some(n) = dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()) {
