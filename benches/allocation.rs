@@ -219,7 +219,7 @@ fn plan(c: &mut Criterion) {
                 k += 1;
                 let sig = Signal { id: format!("s{k}"), power_kw: 0.4 * capacity, ..signal() };
                 let step = engine.on_signal(t, black_box(sig)).unwrap();
-                let id = step.orders.first().map(|o| o.dispatch_id.clone()).unwrap_or_default();
+                let id = step.orders.first().map(|o| o.dispatch_id.to_string()).unwrap_or_default();
                 black_box(&step);
                 engine.abort(t, &id, "bench")
             })

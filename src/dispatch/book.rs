@@ -6,7 +6,7 @@ use crate::bounded::BoundedSet;
 use crate::events::payload::order_dispatch;
 
 use crate::dispatch::fallback::Reallocation;
-use crate::model::{Ack, VehicleId};
+use crate::model::{Ack, DispatchId, VehicleId};
 use crate::time::Timestamp;
 
 use super::machine::{AckIgnored, Dispatch, FallbackRequest};
@@ -15,9 +15,9 @@ use super::Step;
 /// The dispatches in flight, with their order index and deadlines.
 #[derive(Debug)]
 pub struct DispatchBook {
-    pub(super) live: BTreeMap<String, Dispatch>,
-    pub(super) orders: HashMap<String, String>,
-    pub(super) settled: BoundedSet<String>,
+    pub(super) live: BTreeMap<DispatchId, Dispatch>,
+    pub(super) orders: HashMap<String, DispatchId>,
+    pub(super) settled: BoundedSet<DispatchId>,
 }
 
 impl Default for DispatchBook {
@@ -49,7 +49,7 @@ impl DispatchBook {
 
     /// Ids of the dispatches in flight.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.live.keys().map(String::as_str)
+        self.live.keys().map(DispatchId::as_str)
     }
 
     /// Adds a planned dispatch (one that settled at planning is dropped at once).
@@ -89,7 +89,7 @@ impl DispatchBook {
 
     /// Settles every dispatch whose deadline is at or before `now`.
     pub fn on_timeout(&mut self, now: Timestamp) -> Vec<Step> {
-        let mut due: Vec<String> =
+        let mut due: Vec<DispatchId> =
             self.live.values().filter(|d| d.deadline().is_some_and(|t| t <= now)).map(|d| d.id.clone()).collect();
         due.sort();
         let mut steps = Vec::new();
@@ -134,7 +134,7 @@ impl DispatchBook {
 
     /// Settles everything in flight now, without fallback (graceful shutdown).
     pub fn shutdown(&mut self, now: Timestamp, why: &str) -> Vec<Step> {
-        let mut ids: Vec<String> = self.live.keys().cloned().collect();
+        let mut ids: Vec<DispatchId> = self.live.keys().cloned().collect();
         ids.sort();
         ids.iter().filter_map(|id| self.interrupt(now, id, why)).collect()
     }

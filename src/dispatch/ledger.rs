@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use crate::allocation::limits::LimitSet;
-use crate::model::{Direction, Order, OrderDirection, Phase, Vehicle, VehicleId, Wiring};
+use crate::model::{Direction, DispatchId, Order, OrderDirection, Phase, Vehicle, VehicleId, Wiring};
 use crate::time::Timestamp;
 
 /// One order's claim on its vehicle and on the shared rows.
@@ -27,7 +27,7 @@ pub struct Commitment {
     /// The order.
     pub order_id: String,
     /// Its dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// Its vehicle.
     pub vehicle_id: VehicleId,
     /// The signal direction it serves.
@@ -70,7 +70,7 @@ impl Commitment {
 pub struct Ledger {
     by_vehicle: BTreeMap<VehicleId, Vec<Commitment>>,
     vehicle_of: BTreeMap<String, VehicleId>,
-    per_dispatch: BTreeMap<String, usize>,
+    per_dispatch: BTreeMap<DispatchId, usize>,
 }
 
 impl Ledger {
@@ -248,7 +248,7 @@ impl Ledger {
     }
 }
 
-fn uncount(per_dispatch: &mut BTreeMap<String, usize>, dispatch_id: &str) {
+fn uncount(per_dispatch: &mut BTreeMap<DispatchId, usize>, dispatch_id: &str) {
     if let Some(n) = per_dispatch.get_mut(dispatch_id) {
         *n -= 1;
         if *n == 0 {
@@ -268,7 +268,7 @@ mod tests {
     fn order(id: &str, vehicle: &str, kw: f64, from_s: i64, to_s: i64, direction: OrderDirection) -> Order {
         Order {
             order_id: id.into(),
-            dispatch_id: format!("d-{id}"),
+            dispatch_id: DispatchId::from(format!("d-{id}").as_str()),
             vehicle_id: vehicle.into(),
             direction,
             power_kw: kw,

@@ -11,8 +11,8 @@ use crate::events::payload::{
 };
 use crate::events::{Event, Payload};
 use crate::model::{
-    Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle, VehicleCounts,
-    VehicleId,
+    Ack, AckStatus, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle,
+    VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
 use serde::Serialize;
@@ -24,7 +24,7 @@ use super::Step;
 #[derive(Clone, Debug)]
 pub struct FallbackRequest {
     /// The dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// Power still missing, kW.
     pub residual_kw: f64,
     /// Vehicles that accepted, with remaining effective capacity, kW.
@@ -107,7 +107,7 @@ pub enum AckIgnored {
 /// One dispatch in flight.
 #[derive(Debug)]
 pub struct Dispatch {
-    pub(super) id: String,
+    pub(super) id: DispatchId,
     pub(super) signal: Signal,
     pub(super) strategy: StrategyKind,
     pub(super) fallback: FallbackKind,
@@ -130,7 +130,7 @@ pub struct Dispatch {
 
 impl Dispatch {
     /// Its id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &DispatchId {
         &self.id
     }
 

@@ -37,7 +37,9 @@ use crate::dispatch::fallback::Reallocation;
 use crate::events::payload::{DispatchInterrupted, VehicleLost};
 use crate::events::Event;
 use crate::learning::tuning::LearningTuner;
-use crate::model::{Ack, AckStatus, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, Vehicle, VehicleId};
+use crate::model::{
+    Ack, AckStatus, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, Vehicle, VehicleId,
+};
 use crate::time::Timestamp;
 use ledger::{Commitment, Ledger};
 
@@ -195,7 +197,7 @@ pub struct Engine {
     ledger: Ledger,
     /// Signal id -> dispatch id, for signals that may still be replaced (in flight or with
     /// commitments in force).
-    streams: BTreeMap<String, String>,
+    streams: BTreeMap<String, DispatchId>,
     /// Learns weights from each outcome, in the step that settles it.
     tuner: Option<Box<dyn LearningTuner>>,
 }
@@ -267,7 +269,7 @@ impl Engine {
     pub fn recover(
         &mut self,
         now: Timestamp,
-        unfinished: &[(String, String)],
+        unfinished: &[(DispatchId, String)],
         orders: &[(String, Order, bool)],
     ) -> Step {
         let region = self.planner.cfg.region.clone();
@@ -325,7 +327,7 @@ impl Engine {
         }
         let signal_id = signal.id.clone();
         let (dispatch, first) = self.planner.plan(now, signal, &self.ledger);
-        self.streams.insert(signal_id, dispatch.id().to_owned());
+        self.streams.insert(signal_id, dispatch.id().clone());
         self.book.insert(dispatch);
         step.merge(first);
         self.commit(&step.orders);
@@ -334,7 +336,7 @@ impl Engine {
     }
 
     /// The dispatch of signal `signal_id`, if it can still be replaced.
-    fn replaceable(&self, signal_id: &str) -> Option<String> {
+    fn replaceable(&self, signal_id: &str) -> Option<DispatchId> {
         let d = self.streams.get(signal_id)?;
         (self.book.contains(d) || self.ledger.has_dispatch(d)).then(|| d.clone())
     }

@@ -16,7 +16,7 @@ use crate::events::payload::{
 };
 use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
-use crate::model::{Direction, Order, Signal, Vehicle, VehicleCounts, VehicleId};
+use crate::model::{Direction, DispatchId, Order, Signal, Vehicle, VehicleCounts, VehicleId};
 use crate::time::Timestamp;
 
 use super::ledger::Ledger;
@@ -315,7 +315,7 @@ impl Planner {
             self.remember_term(term);
         }
         self.dispatches += 1;
-        let dispatch_id = format!("d{}-{}", now.as_millis(), self.dispatches);
+        let dispatch_id = DispatchId::new(now, self.dispatches);
         let region = Some(self.cfg.region.as_str());
         let ev = |e: Event| e.correlation(&dispatch_id).region(region);
 

@@ -852,7 +852,7 @@ fn same_state(e: &Engine, s: &crate::events::ProjectedState, now: Timestamp, see
     let fleet: BTreeMap<VehicleId, Vehicle> = e.planner().fleet().map(|v| (v.id.clone(), v.clone())).collect();
     assert_eq!(fleet, s.fleet, "seed {seed}: fleet");
     let in_flight: BTreeSet<&str> = e.book().ids().collect();
-    assert_eq!(in_flight, s.in_flight.keys().map(String::as_str).collect(), "seed {seed}: dispatches in flight");
+    assert_eq!(in_flight, s.in_flight.keys().map(DispatchId::as_str).collect(), "seed {seed}: dispatches in flight");
     let mut live: Vec<(String, f64, bool)> =
         e.ledger().iter().filter(|c| c.until > now).map(|c| (c.order_id.clone(), c.power_kw, c.accepted)).collect();
     let mut projected: Vec<(String, f64, bool)> =

@@ -29,7 +29,7 @@ use crate::dispatch::ledger::{Commitment, Ledger};
 use crate::dispatch::{build, fallback_room, Engine, FallbackRequest};
 use crate::learning::prediction::PredictionEngine;
 use crate::learning::tuning::{AckBasedTuner, LearningTuner, WeightsChange};
-use crate::model::{Signal, VehicleId};
+use crate::model::{DispatchId, Signal, VehicleId};
 use crate::time::Timestamp;
 
 use super::payload::{FallbackApplied, OrdersSent, PlanCreated};
@@ -235,12 +235,12 @@ impl Auditor {
     }
 
     fn compare_plan(&mut self, seq: u64, recorded: &PlanCreated) {
-        let Some(expected) = self.plans.get(&recorded.dispatch_id) else { return };
+        let Some(expected) = self.plans.get(recorded.dispatch_id.as_str()) else { return };
         let today = &expected.plan;
         let cut = |p: &PlanCreated| p.solver.as_ref().is_some_and(|s| s.status == "MaxTime");
         if cut(recorded) || cut(today) {
             self.report.time_limited.push(seq);
-            self.plans.remove(&recorded.dispatch_id);
+            self.plans.remove(recorded.dispatch_id.as_str());
             return;
         }
         let mut diffs = Vec::new();
@@ -267,7 +267,7 @@ impl Auditor {
             self.finding(seq, Some(&id), "plan", diffs.join("; "));
         }
         if nothing_ordered {
-            self.plans.remove(&recorded.dispatch_id);
+            self.plans.remove(recorded.dispatch_id.as_str());
         }
     }
 
@@ -315,7 +315,7 @@ impl Auditor {
             }
         }
         let request = FallbackRequest {
-            dispatch_id: dispatch_id.to_owned(),
+            dispatch_id: DispatchId::from(dispatch_id),
             residual_kw: recorded.residual_kw,
             candidates,
             limits,

@@ -19,7 +19,9 @@ use crate::allocation::limits::LimitRow;
 use crate::allocation::lp::SolverReport;
 use crate::allocation::Weights;
 use crate::learning::tuning::WeightsChange;
-use crate::model::{DispatchOutcome, FallbackKind, Order, OrderDirection, Signal, StrategyKind, Vehicle, VehicleId};
+use crate::model::{
+    DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, Signal, StrategyKind, Vehicle, VehicleId,
+};
 use crate::time::Timestamp;
 
 use super::EventKind;
@@ -169,7 +171,7 @@ pub struct FleetRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlanCreated {
     /// The dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// Its signal.
     pub signal_id: String,
     /// The strategy that decided.
@@ -231,12 +233,12 @@ impl OrdersSent {
     }
 
     /// The orders, as they were published.
-    pub fn to_orders(&self, dispatch_id: &str) -> Vec<Order> {
+    pub fn to_orders(&self, dispatch_id: &DispatchId) -> Vec<Order> {
         (self.first..)
             .zip(&self.orders)
             .map(|(n, (vehicle, kw))| Order {
                 order_id: order_id(dispatch_id, self.attempt, n),
-                dispatch_id: dispatch_id.to_owned(),
+                dispatch_id: dispatch_id.clone(),
                 vehicle_id: vehicle.clone(),
                 direction: self.direction,
                 power_kw: *kw,
@@ -321,7 +323,7 @@ payload!(DispatchCompleted, DispatchCompleted, 1);
 /// `DispatchCompleted`'s fields as written, read without `flatten`.
 #[derive(Deserialize)]
 struct CompletedFields {
-    dispatch_id: String,
+    dispatch_id: DispatchId,
     signal_id: String,
     #[serde(rename = "type")]
     kind: crate::model::SignalType,
@@ -419,7 +421,7 @@ payload!(VehicleLost, VehicleLost, 1);
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DispatchInterrupted {
     /// The dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// Its signal.
     pub signal_id: String,
     /// Why.
@@ -786,7 +788,7 @@ mod tests {
             match decoded {
                 Decoded::OrdersSent(o) => {
                     let id = row.payload["order_id"].as_str().unwrap();
-                    let orders = o.to_orders(row.correlation_id.as_deref().unwrap());
+                    let orders = o.to_orders(&DispatchId::from(row.correlation_id.as_deref().unwrap()));
                     assert_eq!(orders.len(), 1);
                     assert_eq!(orders[0].order_id, id, "the order keeps its id");
                     assert_eq!(orders[0].power_kw, row.payload["power_kw"].as_f64().unwrap());
@@ -830,7 +832,7 @@ mod tests {
         let row = StoredEvent::new(1, e);
         assert_eq!(row.payload["v"], 2);
         assert_eq!(decode(&row.kind, &row.payload).unwrap(), Decoded::OrdersSent(sent.clone()));
-        assert_eq!(sent.to_orders("d1")[1].order_id, "d1-2-2");
+        assert_eq!(sent.to_orders(&DispatchId::from("d1"))[1].order_id, "d1-2-2");
         let mut newer = row.payload.clone();
         newer["v"] = 3.into();
         let err = decode("OrderSent", &newer).unwrap_err().to_string();

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
-use crate::model::{DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
+use crate::model::{DispatchId, DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
 use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded, OrdersSent};
@@ -159,13 +159,13 @@ pub struct ProjectedState {
     /// The number of the last dispatch planned (`d<ms>-<n>`).
     pub dispatches: u64,
     /// Dispatches planned and not settled, by id.
-    pub in_flight: BTreeMap<String, ProjectedDispatch>,
+    pub in_flight: BTreeMap<DispatchId, ProjectedDispatch>,
     /// Dispatches settled (completed or interrupted).
     pub settled: u64,
     /// The last settled outcomes, oldest first (at most [`REMEMBERED_OUTCOMES`]).
     pub outcomes: VecDeque<DispatchOutcome>,
     /// Orders still committed, by dispatch.
-    pub commitments: BTreeMap<String, ProjectedCommitments>,
+    pub commitments: BTreeMap<DispatchId, ProjectedCommitments>,
     /// Tuned weights per signal type.
     pub weights: BTreeMap<SignalType, Weights>,
     /// Answers to orders (vehicle, when the dispatch settled, accepted?), oldest first.
@@ -181,7 +181,7 @@ pub struct ProjectedState {
 
 impl ProjectedState {
     /// Dispatches in flight as (dispatch id, signal id), in id order.
-    pub fn unfinished(&self) -> Vec<(String, String)> {
+    pub fn unfinished(&self) -> Vec<(DispatchId, String)> {
         self.in_flight.iter().map(|(id, d)| (id.clone(), d.signal_id.clone())).collect()
     }
 
@@ -238,7 +238,7 @@ impl ProjectedState {
 
 /// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
 fn sent_order(o: &Order) -> (u64, u32, u32) {
-    let dispatch = o.dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let dispatch = o.dispatch_id.number().unwrap_or(0);
     let (attempt, n) = order_number(&o.order_id).unwrap_or((0, 0));
     (dispatch, attempt, n)
 }
@@ -310,7 +310,7 @@ impl DispatchProjection {
             #[derive(Deserialize)]
             struct Plan {
                 v: u32,
-                dispatch_id: String,
+                dispatch_id: DispatchId,
                 signal_id: String,
             }
             if let Ok(p) = serde_json::from_str::<Plan>(payload) {
@@ -492,7 +492,7 @@ impl ProjectedState {
                 d.orders.insert((sent.attempt, n), order);
             }
         }
-        let c = self.commitments.entry(corr.to_owned()).or_insert_with(|| ProjectedCommitments {
+        let c = self.commitments.entry(DispatchId::from(corr)).or_insert_with(|| ProjectedCommitments {
             signal_id,
             direction: sent.direction,
             start: sent.start,
@@ -505,8 +505,8 @@ impl ProjectedState {
     }
 
     /// Dispatch `dispatch_id` of `signal_id` was planned at `ts`.
-    fn planned(&mut self, ts: Timestamp, dispatch_id: String, signal_id: String) {
-        if let Some(n) = dispatch_id.rsplit('-').next().and_then(|n| n.parse().ok()) {
+    fn planned(&mut self, ts: Timestamp, dispatch_id: DispatchId, signal_id: String) {
+        if let Some(n) = dispatch_id.number() {
             self.dispatches = self.dispatches.max(n);
         }
         self.participation.push_back(Vec::new());

@@ -21,7 +21,7 @@ pub struct WeightsChange {
     /// The signal type whose weights changed.
     pub signal_type: SignalType,
     /// The dispatch that caused it.
-    pub dispatch_id: String,
+    pub dispatch_id: crate::model::DispatchId,
     /// Its ACK rate.
     pub ack_rate: f64,
     /// Weights before.

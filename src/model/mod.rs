@@ -76,6 +76,75 @@ impl From<&str> for VehicleId {
     }
 }
 
+/// A dispatch's id, `d<ms>-<n>`: the time it was planned (epoch ms) and its number, which
+/// never repeats within a log. Orders are named after it (`d<ms>-<n>-<attempt>-<k>`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DispatchId(String);
+
+impl DispatchId {
+    /// Dispatch number `n`, planned at `planned`.
+    pub fn new(planned: Timestamp, n: u64) -> Self {
+        Self(format!("d{}-{n}", planned.as_millis()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its number (`n` of `d<ms>-<n>`), if it has one.
+    pub fn number(&self) -> Option<u64> {
+        self.0.rsplit('-').next().and_then(|n| n.parse().ok())
+    }
+}
+
+impl fmt::Display for DispatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Read as text wherever text is taken (correlation ids, topics, lookups).
+impl std::ops::Deref for DispatchId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lookups by the id's text (maps keyed by [`DispatchId`], correlation ids).
+impl std::borrow::Borrow<str> for DispatchId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for DispatchId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for DispatchId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<&DispatchId> for String {
+    fn from(id: &DispatchId) -> String {
+        id.0.clone()
+    }
+}
+
+/// For ids read back from the log or written in tests: not checked.
+impl From<&str> for DispatchId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
 /// What a signal asks of the fleet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -371,7 +440,7 @@ pub struct Order {
     /// Unique id; its ACK names it.
     pub order_id: String,
     /// The dispatch it serves.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// The vehicle it is for.
     pub vehicle_id: VehicleId,
     /// Charge or discharge.
@@ -393,7 +462,7 @@ pub struct OrderCancel {
     /// The order withdrawn.
     pub order_id: String,
     /// Its dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// Its vehicle.
     pub vehicle_id: VehicleId,
     /// Always `true`.
@@ -408,14 +477,14 @@ impl OrderCancel {
     /// The cancel of `order`.
     pub fn of(
         order_id: &str,
-        dispatch_id: &str,
+        dispatch_id: &DispatchId,
         vehicle_id: &VehicleId,
         reason: impl Into<String>,
         at: Timestamp,
     ) -> Self {
         Self {
             order_id: order_id.to_owned(),
-            dispatch_id: dispatch_id.to_owned(),
+            dispatch_id: dispatch_id.clone(),
             vehicle_id: vehicle_id.clone(),
             cancel: true,
             reason: reason.into(),
@@ -499,7 +568,7 @@ pub struct VehicleCounts {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DispatchOutcome {
     /// The dispatch.
-    pub dispatch_id: String,
+    pub dispatch_id: DispatchId,
     /// The signal it served.
     pub signal_id: String,
     /// The signal's service.

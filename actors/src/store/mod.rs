@@ -663,7 +663,7 @@ mod tests {
         assert!(conn.execute("DELETE FROM events", []).is_err());
         let state = project(&path, None, false).unwrap().into_state();
         assert_eq!(state.signal_ids, vec!["s1".to_owned()]);
-        assert_eq!(state.unfinished(), vec![("d1".to_owned(), "s1".to_owned())]);
+        assert_eq!(state.unfinished(), vec![(gridweaver_core::model::DispatchId::from("d1"), "s1".to_owned())]);
         let strict = project(&path, None, true).err().unwrap().to_string();
         assert!(strict.contains("event 2: AckReceived payload"), "the empty ACK row is named: {strict}");
 
