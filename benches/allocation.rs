@@ -210,7 +210,7 @@ fn plan(c: &mut Criterion) {
         }
         let first = engine.on_signal(t, Signal { id: "first".into(), power_kw: 0.3 * capacity, ..signal() }).unwrap();
         for o in &first.orders {
-            let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
+            let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
             engine.on_ack(t, &o.vehicle_id, &ack).unwrap();
         }
         let mut k = 0u64;

@@ -60,7 +60,7 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
         for (j, o) in orders.iter().enumerate() {
             // Every tenth vehicle rejects: the fallback reallocates to those that accepted.
             let status = if j % 10 == 9 { AckStatus::Rejected } else { AckStatus::Accepted };
-            let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
+            let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
             let Ok(mut s) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) else { continue };
             batch.append(&mut s.events);
             if let Some(request) = s.fallback.take() {
@@ -68,7 +68,7 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
                 let next = engine.apply_fallback(now.plus_millis(30), &request, &realloc);
                 batch.extend(next.events);
                 for o in &next.orders {
-                    let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
+                    let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
                     if let Ok(done) = engine.on_ack(now.plus_millis(40), &o.vehicle_id, &ack) {
                         batch.extend(done.events);
                     }

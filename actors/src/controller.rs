@@ -261,7 +261,7 @@ mod tests {
             events.extend(step.events);
             for (j, o) in step.orders.iter().enumerate() {
                 let status = if j % 3 == 0 { AckStatus::Rejected } else { AckStatus::Accepted };
-                let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
+                let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
                 events.extend(live.on_ack(t, &o.vehicle_id, &ack).unwrap().events);
             }
             for step in live.on_timeout(t.plus_millis(1_000)) {

@@ -6,7 +6,7 @@ use crate::bounded::BoundedSet;
 use crate::events::payload::order_dispatch;
 
 use crate::dispatch::fallback::Reallocation;
-use crate::model::{Ack, DispatchId, VehicleId};
+use crate::model::{Ack, DispatchId, OrderId, VehicleId};
 use crate::time::Timestamp;
 
 use super::machine::{AckIgnored, Dispatch, FallbackRequest};
@@ -16,7 +16,7 @@ use super::Step;
 #[derive(Debug)]
 pub struct DispatchBook {
     pub(super) live: BTreeMap<DispatchId, Dispatch>,
-    pub(super) orders: HashMap<String, DispatchId>,
+    pub(super) orders: HashMap<OrderId, DispatchId>,
     pub(super) settled: BoundedSet<DispatchId>,
 }
 
@@ -58,7 +58,7 @@ impl DispatchBook {
             return;
         }
         for id in dispatch.order_ids() {
-            self.orders.insert(id.to_owned(), dispatch.id.clone());
+            self.orders.insert(id.clone(), dispatch.id.clone());
         }
         self.live.insert(dispatch.id.clone(), dispatch);
     }
@@ -70,7 +70,7 @@ impl DispatchBook {
 
     /// Routes an ACK to its dispatch.
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
-        let Some(dispatch_id) = self.orders.get(&ack.order_id) else {
+        let Some(dispatch_id) = self.orders.get(ack.order_id.as_str()) else {
             return Err(if order_dispatch(&ack.order_id).is_some_and(|d| self.settled.contains(d)) {
                 AckIgnored::Late(ack.order_id.clone())
             } else {

@@ -18,14 +18,14 @@
 use std::collections::BTreeMap;
 
 use crate::allocation::limits::LimitSet;
-use crate::model::{Direction, DispatchId, Order, OrderDirection, Phase, Vehicle, VehicleId, Wiring};
+use crate::model::{Direction, DispatchId, Order, OrderDirection, OrderId, Phase, Vehicle, VehicleId, Wiring};
 use crate::time::Timestamp;
 
 /// One order's claim on its vehicle and on the shared rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Commitment {
     /// The order.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// Its dispatch.
     pub dispatch_id: DispatchId,
     /// Its vehicle.
@@ -69,7 +69,7 @@ impl Commitment {
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     by_vehicle: BTreeMap<VehicleId, Vec<Commitment>>,
-    vehicle_of: BTreeMap<String, VehicleId>,
+    vehicle_of: BTreeMap<OrderId, VehicleId>,
     per_dispatch: BTreeMap<DispatchId, usize>,
 }
 
@@ -156,8 +156,8 @@ impl Ledger {
     }
 
     /// The order ids committed by one dispatch, sorted.
-    pub fn orders_of(&self, dispatch_id: &str) -> Vec<String> {
-        let mut ids: Vec<String> =
+    pub fn orders_of(&self, dispatch_id: &str) -> Vec<OrderId> {
+        let mut ids: Vec<OrderId> =
             self.iter().filter(|c| c.dispatch_id == dispatch_id).map(|c| c.order_id.clone()).collect();
         ids.sort();
         ids

@@ -11,8 +11,8 @@ use crate::events::payload::{
 };
 use crate::events::{Event, Payload};
 use crate::model::{
-    Ack, AckStatus, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, Signal, StrategyKind, Vehicle,
-    VehicleCounts, VehicleId,
+    Ack, AckStatus, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, OrderId, Signal, StrategyKind,
+    Vehicle, VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
 use serde::Serialize;
@@ -118,7 +118,7 @@ pub struct Dispatch {
     pub(super) attempt: u32,
     pub(super) state: State,
     pub(super) orders: Vec<(Order, Answer)>,
-    pub(super) index: HashMap<String, usize>,
+    pub(super) index: HashMap<OrderId, usize>,
     pub(super) slots: HashMap<VehicleId, Slot>,
     pub(super) allocated_kw: f64,
     pub(super) acknowledged_kw: f64,
@@ -153,8 +153,8 @@ impl Dispatch {
     }
 
     /// Ids of its orders.
-    pub fn order_ids(&self) -> impl Iterator<Item = &str> {
-        self.orders.iter().map(|(o, _)| o.order_id.as_str())
+    pub fn order_ids(&self) -> impl Iterator<Item = &OrderId> {
+        self.orders.iter().map(|(o, _)| &o.order_id)
     }
 
     fn event<P: Payload>(&self, now: Timestamp, actor: &str, payload: &P) -> Event {
@@ -186,7 +186,7 @@ impl Dispatch {
 
     /// Takes an ACK from `from` (the vehicle whose topic it came on).
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
-        let i = *self.index.get(&ack.order_id).ok_or_else(|| AckIgnored::UnknownOrder(ack.order_id.clone()))?;
+        let i = *self.index.get(ack.order_id.as_str()).ok_or_else(|| AckIgnored::UnknownOrder(ack.order_id.clone()))?;
         let (order, answer) = &self.orders[i];
         if order.vehicle_id != *from {
             return Err(AckIgnored::WrongVehicle { order_id: ack.order_id.clone(), owner: order.vehicle_id.clone() });
@@ -337,7 +337,7 @@ impl Dispatch {
             rows.push((v.id.clone(), *remaining, power));
             if power >= MIN_ORDER_KW {
                 orders.push(Order {
-                    order_id: format!("{}-{}-{}", self.id, self.attempt + 1, orders.len() + 1),
+                    order_id: OrderId::new(&self.id, self.attempt + 1, orders.len() as u32 + 1),
                     dispatch_id: self.id.clone(),
                     vehicle_id: v.id.clone(),
                     direction: self.signal.direction.order_direction(),

@@ -16,7 +16,7 @@ use crate::events::payload::{
 };
 use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
-use crate::model::{Direction, DispatchId, Order, Signal, Vehicle, VehicleCounts, VehicleId};
+use crate::model::{Direction, DispatchId, Order, OrderId, Signal, Vehicle, VehicleCounts, VehicleId};
 use crate::time::Timestamp;
 
 use super::ledger::Ledger;
@@ -356,7 +356,7 @@ impl Planner {
                 continue;
             }
             orders.push(Order {
-                order_id: format!("{dispatch_id}-1-{}", orders.len() + 1),
+                order_id: OrderId::new(&dispatch_id, 1, orders.len() as u32 + 1),
                 dispatch_id: dispatch_id.clone(),
                 vehicle_id: c.vehicle.id.clone(),
                 direction: signal.direction.order_direction(),

@@ -35,7 +35,7 @@ fn signal(id: &str, kw: f64) -> Signal {
 }
 
 fn ack(o: &Order, status: AckStatus) -> Ack {
-    Ack { order_id: o.order_id.clone(), status, reason: None }
+    Ack { order_id: o.order_id.to_string(), status, reason: None }
 }
 
 fn kinds(step: &Step) -> Vec<EventKind> {
@@ -854,9 +854,12 @@ fn same_state(e: &Engine, s: &crate::events::ProjectedState, now: Timestamp, see
     let in_flight: BTreeSet<&str> = e.book().ids().collect();
     assert_eq!(in_flight, s.in_flight.keys().map(DispatchId::as_str).collect(), "seed {seed}: dispatches in flight");
     let mut live: Vec<(String, f64, bool)> =
-        e.ledger().iter().filter(|c| c.until > now).map(|c| (c.order_id.clone(), c.power_kw, c.accepted)).collect();
-    let mut projected: Vec<(String, f64, bool)> =
-        s.commitments_at(now).into_iter().map(|(_, o, accepted)| (o.order_id, o.power_kw, accepted)).collect();
+        e.ledger().iter().filter(|c| c.until > now).map(|c| (c.order_id.to_string(), c.power_kw, c.accepted)).collect();
+    let mut projected: Vec<(String, f64, bool)> = s
+        .commitments_at(now)
+        .into_iter()
+        .map(|(_, o, accepted)| (o.order_id.to_string(), o.power_kw, accepted))
+        .collect();
     live.sort_by(|a, b| a.0.cmp(&b.0));
     projected.sort_by(|a, b| a.0.cmp(&b.0));
     if e.has_unrecorded_acks() {

@@ -454,7 +454,7 @@ mod tests {
                     continue;
                 }
                 let status = if j % 3 == 2 { AckStatus::Rejected } else { AckStatus::Accepted };
-                let ack = Ack { order_id: o.order_id.clone(), status, reason: None };
+                let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
                 steps.push(engine.on_ack(now.plus_millis(10), &o.vehicle_id, &ack).unwrap());
             }
             steps.push(engine.record_acks());
@@ -468,7 +468,7 @@ mod tests {
                     let orders = next.orders.clone();
                     log_step(&mut log, next);
                     for o in &orders {
-                        let ack = Ack { order_id: o.order_id.clone(), status: AckStatus::Accepted, reason: None };
+                        let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
                         let done = engine.on_ack(now.plus_millis(2_600), &o.vehicle_id, &ack).unwrap();
                         log_step(&mut log, done);
                     }

@@ -20,7 +20,7 @@ use crate::allocation::lp::SolverReport;
 use crate::allocation::Weights;
 use crate::learning::tuning::WeightsChange;
 use crate::model::{
-    DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, Signal, StrategyKind, Vehicle, VehicleId,
+    DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, OrderId, Signal, StrategyKind, Vehicle, VehicleId,
 };
 use crate::time::Timestamp;
 
@@ -42,26 +42,7 @@ pub(super) struct Versioned<'a, P: Serialize> {
     pub(super) payload: &'a P,
 }
 
-/// The id of order `n` of `attempt` of `dispatch_id`: how every order is named.
-pub fn order_id(dispatch_id: &str, attempt: u32, n: u32) -> String {
-    format!("{dispatch_id}-{attempt}-{n}")
-}
-
-/// The dispatch of an order id made by [`order_id`].
-pub fn order_dispatch(order_id: &str) -> Option<&str> {
-    let mut parts = order_id.rsplitn(3, '-');
-    let (_n, _attempt) = (parts.next()?, parts.next()?);
-    parts.next()
-}
-
-/// The attempt and number of an order id made by [`order_id`].
-pub fn order_number(order_id: &str) -> Option<(u32, u32)> {
-    let mut parts = order_id.rsplitn(3, '-');
-    let n = parts.next()?.parse().ok()?;
-    let attempt = parts.next()?.parse().ok()?;
-    parts.next()?;
-    Some((attempt, n))
-}
+pub use crate::model::{order_dispatch, order_number};
 
 macro_rules! payload {
     ($ty:ty, $kind:ident, $version:literal) => {
@@ -237,7 +218,7 @@ impl OrdersSent {
         (self.first..)
             .zip(&self.orders)
             .map(|(n, (vehicle, kw))| Order {
-                order_id: order_id(dispatch_id, self.attempt, n),
+                order_id: OrderId::new(dispatch_id, self.attempt, n),
                 dispatch_id: dispatch_id.clone(),
                 vehicle_id: vehicle.clone(),
                 direction: self.direction,
@@ -413,7 +394,7 @@ pub struct VehicleLost {
     pub vehicle_id: VehicleId,
     /// Orders whose commitments it released.
     #[serde(default)]
-    pub released_orders: Vec<String>,
+    pub released_orders: Vec<OrderId>,
 }
 payload!(VehicleLost, VehicleLost, 1);
 

@@ -13,10 +13,10 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
-use crate::model::{DispatchId, DispatchOutcome, Order, Signal, SignalType, Vehicle, VehicleId};
+use crate::model::{DispatchId, DispatchOutcome, Order, OrderId, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{order_dispatch, order_id, order_number, ConfigRecorded, Decoded, OrdersSent};
+use super::payload::{order_dispatch, order_number, ConfigRecorded, Decoded, OrdersSent};
 use super::{decode, EventKind, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
@@ -192,7 +192,7 @@ impl ProjectedState {
         for (dispatch_id, c) in self.commitments.iter().filter(|(_, c)| c.until > now) {
             for ((attempt, n), (vehicle, kw, accepted)) in &c.orders {
                 let order = Order {
-                    order_id: order_id(dispatch_id, *attempt, *n),
+                    order_id: OrderId::new(dispatch_id, *attempt, *n),
                     dispatch_id: dispatch_id.clone(),
                     vehicle_id: vehicle.clone(),
                     direction: c.direction,

@@ -145,6 +145,91 @@ impl From<&str> for DispatchId {
     }
 }
 
+/// An order's id, `<dispatch id>-<attempt>-<n>`: order `n` of an attempt of a dispatch.
+/// What a vehicle names in its ACK is plain text until it is matched to one of these.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OrderId(String);
+
+impl OrderId {
+    /// Order `n` of `attempt` of `dispatch`.
+    pub fn new(dispatch: &str, attempt: u32, n: u32) -> Self {
+        Self(format!("{dispatch}-{attempt}-{n}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its attempt and number, if it is named like [`OrderId::new`] names them.
+    pub fn number(&self) -> Option<(u32, u32)> {
+        order_number(&self.0)
+    }
+
+    /// Its dispatch's id, if it is named like [`OrderId::new`] names them.
+    pub fn dispatch(&self) -> Option<&str> {
+        order_dispatch(&self.0)
+    }
+}
+
+/// The dispatch of an order id named like [`OrderId::new`] names them (any text: a v1 row
+/// or an ACK may hold anything).
+pub fn order_dispatch(order_id: &str) -> Option<&str> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let (_n, _attempt) = (parts.next()?, parts.next()?);
+    parts.next()
+}
+
+/// The attempt and number of an order id named like [`OrderId::new`] names them.
+pub fn order_number(order_id: &str) -> Option<(u32, u32)> {
+    let mut parts = order_id.rsplitn(3, '-');
+    let n = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some((attempt, n))
+}
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Read as text wherever text is taken.
+impl std::ops::Deref for OrderId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Lookups by the id's text (an ACK names its order as text).
+impl std::borrow::Borrow<str> for OrderId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for OrderId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for OrderId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// For ids read back from the log or written in tests: not checked.
+impl From<&str> for OrderId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
 /// What a signal asks of the fleet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -438,7 +523,7 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     /// Unique id; its ACK names it.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// The dispatch it serves.
     pub dispatch_id: DispatchId,
     /// The vehicle it is for.
@@ -460,7 +545,7 @@ pub struct Order {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OrderCancel {
     /// The order withdrawn.
-    pub order_id: String,
+    pub order_id: OrderId,
     /// Its dispatch.
     pub dispatch_id: DispatchId,
     /// Its vehicle.
@@ -476,14 +561,14 @@ pub struct OrderCancel {
 impl OrderCancel {
     /// The cancel of `order`.
     pub fn of(
-        order_id: &str,
+        order_id: &OrderId,
         dispatch_id: &DispatchId,
         vehicle_id: &VehicleId,
         reason: impl Into<String>,
         at: Timestamp,
     ) -> Self {
         Self {
-            order_id: order_id.to_owned(),
+            order_id: order_id.clone(),
             dispatch_id: dispatch_id.clone(),
             vehicle_id: vehicle_id.clone(),
             cancel: true,
