@@ -468,7 +468,18 @@ payload!(LogCompacted, LogCompacted, 1);
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// `bytes` as lower-case hex (a table lookup per nibble: the log's writer hashes every row).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// A payload read back, in its current shape.
@@ -750,6 +761,13 @@ impl Fnv {
 mod tests {
     use super::*;
     use crate::events::{DispatchProjection, Event, StoredEvent};
+
+    #[test]
+    fn hashes_are_lower_case_hex_of_sha256() {
+        assert_eq!(hex(&[0x00, 0xab, 0x0f, 0xf0]), "00ab0ff0");
+        // SHA-256 of "abc" (FIPS 180-2, appendix B.1).
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
 
     /// Rows as the gateway wrote them before payloads had versions (from a demo run, plus
     /// the kinds a demo does not produce), one per line.

@@ -262,7 +262,7 @@ pub fn chain_hash(prev: &str, row: &RowRef<'_>) -> String {
     field(Some(row.actor.as_bytes()));
     field(row.region.map(str::as_bytes));
     field(Some(row.payload.as_bytes()));
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    gridweaver_core::events::payload::hex(&h.finalize())
 }
 
 /// The last retention step: (through seq, anchor hash, seq of its `LogCompacted` row).
