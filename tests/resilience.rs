@@ -90,6 +90,14 @@ fn sigterm_settles_in_flight_dispatches_publishes_offline_and_exits_zero() {
     let rows = g.query("SELECT order_id FROM cancellations");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["order_id"], cancel["order_id"]);
+    // After a graceful stop the database file alone is the whole log (the WAL was copied
+    // into it): a copy of just that file, as an auditor would take, has every row.
+    let copy = g.dir.path().join("copy.db");
+    std::fs::copy(&g.db, &copy).expect("copy the file");
+    let rows: i64 = rusqlite::Connection::open(&copy)
+        .and_then(|c| c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)))
+        .expect("the copy is a whole log");
+    assert_eq!(rows as usize, g.events(None).len());
 }
 
 #[test]

@@ -185,7 +185,7 @@ impl Controller {
         })
         .await;
         self.bridge_arbiter.stop();
-        let _ = self.store.flush().await;
+        let _ = self.store.checkpoint().await;
         drop(self.store);
         if let Some(join) = self.store_thread.take() {
             // The thread ends when every handle is gone; actors still hold some until the

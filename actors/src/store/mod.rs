@@ -130,8 +130,16 @@ pub struct Appended {
 }
 
 enum Request {
-    Append { events: Vec<Event>, reply: Option<oneshot::Sender<Result<Appended, String>>> },
-    Flush(oneshot::Sender<()>),
+    Append {
+        events: Vec<Event>,
+        reply: Option<oneshot::Sender<Result<Appended, String>>>,
+    },
+    /// Answered once what was queued before it is durable; with `checkpoint`, once it is
+    /// also copied from the WAL into the database file.
+    Flush {
+        reply: oneshot::Sender<()>,
+        checkpoint: bool,
+    },
 }
 
 /// A handle to the writer thread. Cheap to clone.
@@ -188,7 +196,15 @@ impl StoreHandle {
     /// Resolves once everything queued before it is durable.
     pub fn flush(&self) -> oneshot::Receiver<()> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Request::Flush(reply));
+        let _ = self.tx.send(Request::Flush { reply, checkpoint: false });
+        rx
+    }
+
+    /// [`StoreHandle::flush`], and the WAL copied into the database file and emptied: the
+    /// file alone is then the whole log (for whoever copies it after a shutdown).
+    pub fn checkpoint(&self) -> oneshot::Receiver<()> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Request::Flush { reply, checkpoint: true });
         rx
     }
 }
@@ -199,7 +215,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
         batch.push(first);
         let mut events = match &batch[0] {
             Request::Append { events, .. } => events.len(),
-            Request::Flush(_) => 0,
+            Request::Flush { .. } => 0,
         };
         while events < MAX_BATCH_EVENTS {
             match rx.try_recv() {
@@ -222,7 +238,14 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                             seq += n;
                         }
                         Request::Append { events, reply: None } => seq += events.len() as u64,
-                        Request::Flush(reply) => {
+                        Request::Flush { reply, checkpoint } => {
+                            if checkpoint {
+                                let done =
+                                    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+                                if let Err(e) = done {
+                                    tracing::warn!(error = %e, "the WAL could not be checkpointed; the log is whole with it");
+                                }
+                            }
                             let _ = reply.send(());
                         }
                     }
@@ -236,7 +259,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
                             let _ = reply.send(Err(format!("event log write failed: {e:#}")));
                         }
                         Request::Append { reply: None, .. } => {}
-                        Request::Flush(reply) => {
+                        Request::Flush { reply, .. } => {
                             let _ = reply.send(());
                         }
                     }
