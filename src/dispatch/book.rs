@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::bounded::BoundedSet;
-use crate::events::payload::order_dispatch;
+use crate::model::order_dispatch;
 
 use crate::dispatch::fallback::Reallocation;
 use crate::model::{Ack, DispatchId, OrderId, VehicleId};

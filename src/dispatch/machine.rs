@@ -7,7 +7,7 @@ use crate::allocation::limits::LimitSet;
 use crate::allocation::MIN_ORDER_KW;
 use crate::dispatch::fallback::{Fallback, FallbackCandidate, Reallocation};
 use crate::events::payload::{
-    order_number, AcksReceived, AcksTimedOut, DispatchCompleted, FallbackApplied, OrdersCancelled, OrdersSent,
+    AcksReceived, AcksTimedOut, DispatchCompleted, FallbackApplied, OrdersCancelled, OrdersSent,
 };
 use crate::events::{Event, Payload};
 use crate::model::{
@@ -214,7 +214,7 @@ impl Dispatch {
             }
         };
         self.orders[i].1 = answer;
-        let n = order_number(&ack.order_id).map_or(0, |(_, n)| n);
+        let n = crate::model::order_number(&ack.order_id).map_or(0, |(_, n)| n);
         let acks =
             self.unrecorded.get_or_insert_with(|| (now, AcksReceived { attempt: self.attempt, ..Default::default() }));
         acks.0 = now;
@@ -264,7 +264,7 @@ impl Dispatch {
             self.orders[i].1 = Answer::TimedOut;
             self.counts.timed_out += 1;
             let o = &self.orders[i].0;
-            timed_out.push((o.attempt, order_number(&o.order_id).map_or(0, |(_, n)| n)));
+            timed_out.push((o.attempt, o.order_id.number().map_or(0, |(_, n)| n)));
             step.cancels.push(OrderCancel::of(&o.order_id, &self.id, &o.vehicle_id, reason, now));
         }
         let mut attempts: Vec<u32> = timed_out.iter().map(|(a, _)| *a).collect();
@@ -429,7 +429,7 @@ pub(super) fn cancel_events(now: Timestamp, actor: &str, region: &str, cancels: 
         let payload = OrdersCancelled {
             reason: first.reason.clone(),
             at: first.at,
-            orders: run.iter().filter_map(|c| order_number(&c.order_id)).collect(),
+            orders: run.iter().filter_map(|c| c.order_id.number()).collect(),
         };
         events.push(Event::of(now, actor, &payload).correlation(&first.dispatch_id).region(Some(region)));
     }

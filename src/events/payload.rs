@@ -42,8 +42,6 @@ pub(super) struct Versioned<'a, P: Serialize> {
     pub(super) payload: &'a P,
 }
 
-pub use crate::model::{order_dispatch, order_number};
-
 macro_rules! payload {
     ($ty:ty, $kind:ident, $version:literal) => {
         impl Payload for $ty {
@@ -208,7 +206,7 @@ impl OrdersSent {
             direction: o.direction,
             start: o.start,
             until: o.until,
-            first: order_number(&o.order_id).map_or(1, |(_, n)| n),
+            first: o.order_id.number().map_or(1, |(_, n)| n),
             orders: orders.iter().map(|o| (o.vehicle_id.clone(), o.power_kw)).collect(),
         })
     }
@@ -621,7 +619,7 @@ fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, Pa
         K::OrderSent if v == 1 => {
             let o = payload.read::<Order>().map_err(shape)?;
             let mut sent = OrdersSent::of(std::slice::from_ref(&o)).unwrap_or_else(|| unreachable!());
-            sent.first = order_number(&o.order_id).map_or(1, |(_, n)| n);
+            sent.first = o.order_id.number().map_or(1, |(_, n)| n);
             Decoded::OrdersSent(sent)
         }
         K::OrderSent => Decoded::OrdersSent(read(kind, v, payload)?),
@@ -644,7 +642,9 @@ fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, Pa
         K::AckTimedOut => Decoded::AcksTimedOut(read(kind, v, payload)?),
         K::OrderCancelled if v == 1 => {
             let c = payload.read::<crate::model::OrderCancel>().map_err(shape)?;
-            let number = order_number(&c.order_id)
+            let number = c
+                .order_id
+                .number()
                 .ok_or_else(|| shape(serde::de::Error::custom(format!("order id `{}` has no number", c.order_id))))?;
             Decoded::OrdersCancelled(OrdersCancelled { reason: c.reason, at: c.at, orders: vec![number] })
         }
@@ -725,7 +725,7 @@ mod v1 {
 
     /// The number of an order of `attempt`.
     pub(super) fn number(order_id: &str, attempt: u32) -> Result<u32, serde_json::Error> {
-        match super::order_number(order_id) {
+        match crate::model::order_number(order_id) {
             Some((a, n)) if a == attempt => Ok(n),
             _ => Err(serde::de::Error::custom(format!("order id `{order_id}` is not an order of attempt {attempt}"))),
         }
@@ -793,7 +793,7 @@ mod tests {
                     assert_eq!(orders[0].power_kw, row.payload["power_kw"].as_f64().unwrap());
                 }
                 Decoded::AcksReceived(a) => {
-                    let (_, n) = order_number(row.payload["order_id"].as_str().unwrap()).unwrap();
+                    let (_, n) = crate::model::order_number(row.payload["order_id"].as_str().unwrap()).unwrap();
                     assert_eq!(a.accepted, vec![n]);
                 }
                 Decoded::AcksTimedOut(t) => assert_eq!(t.orders.len(), 1),
@@ -837,7 +837,7 @@ mod tests {
         let err = decode("OrderSent", &newer).unwrap_err().to_string();
         assert!(err.contains("version 3 is newer"), "{err}");
         assert!(decode("NoSuchKind", &newer).is_err());
-        assert_eq!(order_number("d1796165615160-1-2-18"), Some((2, 18)));
-        assert_eq!(order_number("x"), None);
+        assert_eq!(crate::model::order_number("d1796165615160-1-2-18"), Some((2, 18)));
+        assert_eq!(crate::model::order_number("x"), None);
     }
 }

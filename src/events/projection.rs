@@ -16,7 +16,7 @@ use crate::allocation::Weights;
 use crate::model::{DispatchId, DispatchOutcome, Order, OrderId, Signal, SignalType, Vehicle, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{order_dispatch, order_number, ConfigRecorded, Decoded, OrdersSent};
+use super::payload::{ConfigRecorded, Decoded, OrdersSent};
 use super::{decode, EventKind, PayloadError, StoredEvent};
 
 /// Signal ids remembered for duplicate detection.
@@ -123,7 +123,7 @@ mod committed_orders {
         accepted: bool,
     }
 
-    pub fn serialize<S: Serializer>(m: &BTreeMap<(u32, u32), (VehicleId, f64, bool)>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(m: &CommittedOrders, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(m.iter().map(|((attempt, n), (vehicle_id, power_kw, accepted))| Row {
             attempt: *attempt,
             n: *n,
@@ -239,7 +239,7 @@ impl ProjectedState {
 /// Sort key that puts orders in the order they were sent: dispatch number, attempt, number.
 fn sent_order(o: &Order) -> (u64, u32, u32) {
     let dispatch = o.dispatch_id.number().unwrap_or(0);
-    let (attempt, n) = order_number(&o.order_id).unwrap_or((0, 0));
+    let (attempt, n) = o.order_id.number().unwrap_or((0, 0));
     (dispatch, attempt, n)
 }
 
@@ -403,7 +403,7 @@ impl DispatchProjection {
             Decoded::VehicleLost(lost) => {
                 s.fleet.remove(&lost.vehicle_id);
                 for id in &lost.released_orders {
-                    if let (Some(order), Some(dispatch)) = (order_number(id), order_dispatch(id)) {
+                    if let (Some(order), Some(dispatch)) = (id.number(), id.dispatch()) {
                         s.release(dispatch, order);
                     }
                 }

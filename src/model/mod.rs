@@ -76,6 +76,58 @@ impl From<&str> for VehicleId {
     }
 }
 
+/// What an id made of text can do: be read as text (`as_str`, `Display`, `Deref` and
+/// `Borrow<str>` for lookups), be compared with text, and be made from text that was
+/// checked before (ids read back from the log, or written in tests).
+macro_rules! text_id {
+    ($ty:ident) => {
+        impl $ty {
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::ops::Deref for $ty {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $ty {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $ty {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $ty {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        /// Not checked: for ids read back from the log or written in tests.
+        impl From<&str> for $ty {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
 /// A dispatch's id, `d<ms>-<n>`: the time it was planned (epoch ms) and its number, which
 /// never repeats within a log. Orders are named after it (`d<ms>-<n>-<attempt>-<k>`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -88,47 +140,9 @@ impl DispatchId {
         Self(format!("d{}-{n}", planned.as_millis()))
     }
 
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// Its number (`n` of `d<ms>-<n>`), if it has one.
     pub fn number(&self) -> Option<u64> {
         self.0.rsplit('-').next().and_then(|n| n.parse().ok())
-    }
-}
-
-impl fmt::Display for DispatchId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Read as text wherever text is taken (correlation ids, topics, lookups).
-impl std::ops::Deref for DispatchId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Lookups by the id's text (maps keyed by [`DispatchId`], correlation ids).
-impl std::borrow::Borrow<str> for DispatchId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl PartialEq<str> for DispatchId {
-    fn eq(&self, other: &str) -> bool {
-        self.0 == other
-    }
-}
-
-impl PartialEq<&str> for DispatchId {
-    fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
     }
 }
 
@@ -138,12 +152,7 @@ impl From<&DispatchId> for String {
     }
 }
 
-/// For ids read back from the log or written in tests: not checked.
-impl From<&str> for DispatchId {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
+text_id!(DispatchId);
 
 /// An order's id, `<dispatch id>-<attempt>-<n>`: order `n` of an attempt of a dispatch.
 /// What a vehicle names in its ACK is plain text until it is matched to one of these.
@@ -155,11 +164,6 @@ impl OrderId {
     /// Order `n` of `attempt` of `dispatch`.
     pub fn new(dispatch: &str, attempt: u32, n: u32) -> Self {
         Self(format!("{dispatch}-{attempt}-{n}"))
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
     }
 
     /// Its attempt and number, if it is named like [`OrderId::new`] names them.
@@ -190,45 +194,7 @@ pub fn order_number(order_id: &str) -> Option<(u32, u32)> {
     Some((attempt, n))
 }
 
-impl fmt::Display for OrderId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Read as text wherever text is taken.
-impl std::ops::Deref for OrderId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Lookups by the id's text (an ACK names its order as text).
-impl std::borrow::Borrow<str> for OrderId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl PartialEq<str> for OrderId {
-    fn eq(&self, other: &str) -> bool {
-        self.0 == other
-    }
-}
-
-impl PartialEq<&str> for OrderId {
-    fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
-    }
-}
-
-/// For ids read back from the log or written in tests: not checked.
-impl From<&str> for OrderId {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
+text_id!(OrderId);
 
 /// What a signal asks of the fleet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
