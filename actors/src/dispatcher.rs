@@ -154,7 +154,8 @@ impl DispatcherActor {
     /// Publishes `status` with the pipeline's counters (while online and not stopping).
     fn publish_status(&self) {
         if self.online && !self.stopping {
-            self.publisher.status_with(&serde_json::json!({ "events": self.tail.counters() }));
+            let (events, store) = (self.tail.counters(), self.store.counters());
+            self.publisher.status_with(&serde_json::json!({ "events": events, "store": store }));
         }
     }
 
@@ -405,6 +406,19 @@ impl Handler<SignalIn> for DispatcherActor {
             outage.refused += 1;
             let why = format!("the event log cannot be written ({}); signals are refused until it can", outage.error);
             self.publisher.error(&topic, &why, msg.at);
+            return;
+        }
+        if let Some(backlog) = self.store.behind() {
+            // Admission: the log is not keeping up, so no new dispatch is queued behind it
+            // (what is in flight goes on; the refusal itself is recorded).
+            let why = format!(
+                "signal `{}` was not dispatched: the event log is behind ({} events, {} KB waiting to be written); send it again later",
+                msg.signal.id,
+                backlog.events,
+                backlog.bytes / 1024
+            );
+            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
+            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
             return;
         }
         let started = std::time::Instant::now();

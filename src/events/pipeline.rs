@@ -154,6 +154,16 @@ impl<T: std::fmt::Debug> UnifiedPipeline<T> {
         PipelineCounters { waiting: self.buffer.len() as u64, ..self.counters }
     }
 
+    /// How many more events it takes before it answers [`Backpressure`].
+    pub fn room(&self) -> usize {
+        self.capacity - self.buffer.len().min(self.capacity)
+    }
+
+    /// Events waiting for the consumer.
+    pub fn waiting(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// Offers `event`, received at `now`. A full pipeline hands it back.
     pub fn submit(&mut self, now: Timestamp, event: Envelope<T>) -> Result<Submitted, Backpressure<T>> {
         self.counters.submitted += 1;
@@ -191,12 +201,23 @@ impl<T: std::fmt::Debug> UnifiedPipeline<T> {
     /// What the consumer gets at `now`: every waiting event that passes the stages, once
     /// the window opens (a count window hands over whole windows only).
     pub fn drain(&mut self, now: Timestamp) -> Vec<Envelope<T>> {
+        self.drain_up_to(now, usize::MAX)
+    }
+
+    /// [`UnifiedPipeline::drain`], at most the first `max` waiting events (a consumer that
+    /// takes whole batches: the store takes whole steps). A count window still hands over
+    /// whole windows only.
+    pub fn drain_up_to(&mut self, now: Timestamp, max: usize) -> Vec<Envelope<T>> {
         if self.buffer.is_empty() || !self.window_open(now) {
             return Vec::new();
         }
         let take = match self.window {
-            Some(Window::Count(n)) => self.buffer.len() - self.buffer.len() % n.max(1),
-            _ => self.buffer.len(),
+            Some(Window::Count(n)) => {
+                let n = n.max(1);
+                let whole = self.buffer.len().min(max);
+                whole - whole % n
+            }
+            _ => self.buffer.len().min(max),
         };
         let mut out: Vec<Envelope<T>> = Vec::with_capacity(take);
         for (_, e) in self.buffer.drain(..take) {
@@ -271,6 +292,15 @@ mod tests {
         assert_eq!(out, [7, 9], "one whole window, filtered, in seq order");
         let c = p.counters();
         assert_eq!((c.filtered, c.delivered, c.waiting), (1, 2, 1));
+
+        let mut counted = UnifiedPipeline::new(10, 10).window(Window::Count(2));
+        for seq in 1..=5 {
+            counted.submit(T, env(None, Some(seq), EventKind::OrderSent, None)).unwrap();
+        }
+        assert_eq!(counted.room(), 5);
+        let firsts: Vec<u64> = counted.drain_up_to(T, 3).iter().filter_map(|e| e.seq).collect();
+        assert_eq!(firsts, [1, 2], "at most 3, in whole windows of 2");
+        assert_eq!((counted.waiting(), counted.room()), (3, 7));
 
         let mut timed = UnifiedPipeline::new(10, 10).window(Window::Millis(500));
         timed.submit(T, env(None, Some(1), EventKind::OrderSent, None)).unwrap();

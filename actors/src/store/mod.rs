@@ -1,8 +1,10 @@
 //! The event log in SQLite: one writer thread (the StoreActor) and read-only readers.
 //!
-//! The writer owns the only read-write [`rusqlite::Connection`]. Callers send batches of
-//! events through a bounded channel ([`StoreHandle::append`]); the thread drains every
-//! batch waiting, writes them all in one transaction (group commit), commits, and only
+//! The writer owns the only read-write [`rusqlite::Connection`]. Callers submit steps of
+//! events to the store's [`UnifiedPipeline`] ([`StoreHandle::append`]; bounded in events
+//! and bytes: a caller waits for room, and [`StoreHandle::behind`] tells it to refuse new
+//! work first); the thread drains every whole step waiting, writes them all in one
+//! transaction (group commit), commits, and only
 //! then answers each caller with the seq of its first row and its events handed back (the
 //! caller renders them for the `<p>/events` live tail: [`tail_json`]). A caller that publishes orders after its answer therefore
 //! never publishes a decision that is not durable.
@@ -11,11 +13,13 @@
 //! log is append-only even against a careless `sqlite3` session; the one exception is
 //! [`compact`], the logged retention step (see `schema.rs`).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use gridweaver_core::events::payload::{decode_str, LogCompacted};
+use gridweaver_core::events::pipeline::{Envelope, PipelineCounters, UnifiedPipeline};
 use gridweaver_core::events::{Decoded, DispatchProjection, Event, EventKind, EventStore, ProjectedState, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -113,9 +117,12 @@ impl From<std::num::TryFromIntError> for StoreError {
     }
 }
 
-/// Requests queued to the writer; the queue holds at most this many (each request is a
-/// batch of events; the channel's slots are allocated up front, 48 bytes each).
-const QUEUE: usize = 1024;
+/// Events waiting for the writer, at most (a step goes in whole or waits).
+pub const QUEUE_EVENTS: usize = 16_384;
+
+/// Payload bytes waiting for the writer, at most (a step that alone is larger goes in
+/// when nothing else waits).
+pub const QUEUE_BYTES: usize = 8 << 20;
 
 /// Most events written in one transaction.
 const MAX_BATCH_EVENTS: usize = 20_000;
@@ -129,10 +136,12 @@ pub struct Appended {
     pub events: Vec<Event>,
 }
 
+type Reply = oneshot::Sender<Result<Appended, String>>;
+
 enum Request {
     Append {
         events: Vec<Event>,
-        reply: Option<oneshot::Sender<Result<Appended, String>>>,
+        reply: Option<Reply>,
     },
     /// Answered once what was queued before it is durable; with `checkpoint`, once it is
     /// also copied from the WAL into the database file.
@@ -142,10 +151,163 @@ enum Request {
     },
 }
 
+/// What a request is, while its events wait in the pipeline.
+enum Pending {
+    Append { events: usize, bytes: usize, reply: Option<Reply> },
+    Flush { reply: oneshot::Sender<()>, checkpoint: bool },
+}
+
+/// The writer's input: the store's [`UnifiedPipeline`] (bounded: a producer waits for
+/// room instead of the queue growing; the writer drains it in whole steps), and per
+/// request how many of its events are whose.
+struct Queue {
+    pipeline: UnifiedPipeline<Event>,
+    pending: VecDeque<Pending>,
+    bytes: usize,
+    /// Every handle is gone: the writer ends once the queue is empty.
+    producers_gone: bool,
+    /// The writer thread has ended (or panicked): nothing is taken any more.
+    writer_gone: bool,
+}
+
+struct Journal {
+    queue: Mutex<Queue>,
+    /// The writer waits on it for work.
+    work: Condvar,
+    /// Producers wait on it for room.
+    room: Condvar,
+}
+
+impl Journal {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues one request; waits while the queue is full (back-pressure onto the caller).
+    fn enqueue(&self, events: Vec<Event>, reply: Option<Reply>) -> Result<(), (String, Option<Reply>)> {
+        if events.len() > QUEUE_EVENTS {
+            let why =
+                format!("a step of {} events is more than the store takes at once ({QUEUE_EVENTS})", events.len());
+            return Err((why, reply));
+        }
+        let bytes: usize = events.iter().map(|e| e.payload.len()).sum();
+        let mut q = self.lock();
+        while !q.writer_gone && (q.pipeline.room() < events.len() || (q.bytes > 0 && q.bytes + bytes > QUEUE_BYTES)) {
+            q = self.room.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+        if q.writer_gone {
+            return Err(("the store thread has stopped".into(), reply));
+        }
+        let at = crate::publish::now();
+        let n = events.len();
+        for e in events {
+            // Room for all of them was checked above; without ids or seqs nothing is a
+            // duplicate.
+            if let Err(full) = q.pipeline.submit(at, Envelope::of(e, None)) {
+                tracing::error!(capacity = full.capacity, "the store's queue refused an event it had room for");
+            }
+        }
+        q.bytes += bytes;
+        q.pending.push_back(Pending::Append { events: n, bytes, reply });
+        drop(q);
+        self.work.notify_one();
+        Ok(())
+    }
+
+    fn flush(&self, reply: oneshot::Sender<()>, checkpoint: bool) {
+        let mut q = self.lock();
+        if q.writer_gone {
+            let _ = reply.send(());
+            return;
+        }
+        q.pending.push_back(Pending::Flush { reply, checkpoint });
+        drop(q);
+        self.work.notify_one();
+    }
+
+    /// The writer's next batch: whole requests, up to [`MAX_BATCH_EVENTS`] events (at
+    /// least one request); `None` once every handle is gone and nothing waits.
+    fn next_batch(&self) -> Option<Vec<Request>> {
+        let mut q = self.lock();
+        while q.pending.is_empty() && !q.producers_gone {
+            q = self.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+        }
+        if q.pending.is_empty() {
+            return None;
+        }
+        let mut taken = Vec::new();
+        let mut events = 0;
+        while let Some(p) = q.pending.front() {
+            let n = if let Pending::Append { events, .. } = p { *events } else { 0 };
+            if !taken.is_empty() && events + n > MAX_BATCH_EVENTS {
+                break;
+            }
+            events += n;
+            taken.extend(q.pending.pop_front());
+        }
+        let mut drained = q.pipeline.drain_up_to(crate::publish::now(), events).into_iter().map(|e| e.item);
+        let mut batch = Vec::with_capacity(taken.len());
+        for p in taken {
+            batch.push(match p {
+                Pending::Append { events, bytes, reply } => {
+                    q.bytes -= bytes;
+                    Request::Append { events: drained.by_ref().take(events).collect(), reply }
+                }
+                Pending::Flush { reply, checkpoint } => Request::Flush { reply, checkpoint },
+            });
+        }
+        drop(q);
+        self.room.notify_all();
+        Some(batch)
+    }
+}
+
+/// Marks the journal when the last handle goes, so that the writer ends.
+struct Producers(Arc<Journal>);
+
+impl Drop for Producers {
+    fn drop(&mut self) {
+        self.0.lock().producers_gone = true;
+        self.0.work.notify_all();
+    }
+}
+
+/// Marks the journal when the writer ends (or unwinds), so that no producer waits for it.
+struct WriterGone(Arc<Journal>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        let mut q = self.0.lock();
+        q.writer_gone = true;
+        for p in q.pending.drain(..) {
+            match p {
+                Pending::Append { reply: Some(reply), .. } => {
+                    let _ = reply.send(Err("the store thread has stopped".into()));
+                }
+                Pending::Append { reply: None, .. } => {}
+                Pending::Flush { reply, .. } => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+        drop(q);
+        self.0.room.notify_all();
+    }
+}
+
+/// How far behind the writer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    /// Events waiting.
+    pub events: usize,
+    /// Their payload bytes.
+    pub bytes: usize,
+}
+
 /// A handle to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub struct StoreHandle {
-    tx: mpsc::SyncSender<Request>,
+    producers: Arc<Producers>,
 }
 
 /// Opens (creating if needed) the database at `path` and applies the schema.
@@ -168,35 +330,55 @@ pub fn open_writer(path: &Path, sync_full: bool) -> Result<Connection, StoreErro
 impl StoreHandle {
     /// Starts the writer thread on `conn`.
     pub fn start(conn: Connection) -> Result<(StoreHandle, thread::JoinHandle<()>), StoreError> {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let join =
-            thread::Builder::new().name("store".into()).spawn(move || writer(conn, rx)).map_err(StoreError::Thread)?;
-        Ok((StoreHandle { tx }, join))
+        let journal = Arc::new(Journal {
+            queue: Mutex::new(Queue {
+                pipeline: UnifiedPipeline::new(QUEUE_EVENTS, 1),
+                pending: VecDeque::new(),
+                bytes: 0,
+                producers_gone: false,
+                writer_gone: false,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        });
+        let gone = WriterGone(journal.clone());
+        let join = thread::Builder::new()
+            .name("store".into())
+            .spawn(move || writer(conn, gone))
+            .map_err(StoreError::Thread)?;
+        Ok((StoreHandle { producers: Arc::new(Producers(journal)) }, join))
     }
 
-    /// Queues `events`; the answer comes once they are durable. Blocks only while the
-    /// queue is full (back-pressure).
+    fn journal(&self) -> &Journal {
+        &self.producers.0
+    }
+
+    /// Queues `events`; the answer comes once they are durable. Waits only while the
+    /// queue is full (back-pressure; [`StoreHandle::behind`] lets a caller refuse new
+    /// work before that).
     pub fn append(&self, events: Vec<Event>) -> oneshot::Receiver<Result<Appended, String>> {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Request::Append { reply: Some(reply), .. })) =
-            self.tx.send(Request::Append { events, reply: Some(reply) })
-        {
-            let _ = reply.send(Err("the store thread has stopped".into()));
+        if let Err((why, Some(reply))) = self.journal().enqueue(events, Some(reply)) {
+            let _ = reply.send(Err(why));
         }
         rx
     }
 
     /// Queues `events` without waiting for them (observations that gate nothing).
     pub fn record(&self, events: Vec<Event>) {
-        if !events.is_empty() && self.tx.send(Request::Append { events, reply: None }).is_err() {
-            tracing::error!("the store thread has stopped; events lost");
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len();
+        if let Err((why, _)) = self.journal().enqueue(events, None) {
+            tracing::error!(events = n, error = %why, "events not recorded");
         }
     }
 
     /// Resolves once everything queued before it is durable.
     pub fn flush(&self) -> oneshot::Receiver<()> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Request::Flush { reply, checkpoint: false });
+        self.journal().flush(reply, false);
         rx
     }
 
@@ -204,30 +386,31 @@ impl StoreHandle {
     /// file alone is then the whole log (for whoever copies it after a shutdown).
     pub fn checkpoint(&self) -> oneshot::Receiver<()> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Request::Flush { reply, checkpoint: true });
+        self.journal().flush(reply, true);
         rx
+    }
+
+    /// What waits for the writer now.
+    pub fn backlog(&self) -> Backlog {
+        let q = self.journal().lock();
+        Backlog { events: q.pipeline.waiting(), bytes: q.bytes }
+    }
+
+    /// The backlog, when it is past half of the queue's bound in events or bytes: the
+    /// writer is not keeping up, and new work should be refused rather than queued.
+    pub fn behind(&self) -> Option<Backlog> {
+        let b = self.backlog();
+        (b.events * 2 >= QUEUE_EVENTS || b.bytes * 2 >= QUEUE_BYTES).then_some(b)
+    }
+
+    /// The store pipeline's counters (for `status`).
+    pub fn counters(&self) -> PipelineCounters {
+        self.journal().lock().pipeline.counters()
     }
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Request>) {
-    let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        let mut events = match &batch[0] {
-            Request::Append { events, .. } => events.len(),
-            Request::Flush { .. } => 0,
-        };
-        while events < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(r) => {
-                    if let Request::Append { events: e, .. } = &r {
-                        events += e.len();
-                    }
-                    batch.push(r);
-                }
-                Err(_) => break,
-            }
-        }
+fn writer(mut conn: Connection, journal: WriterGone) {
+    while let Some(mut batch) = journal.0.next_batch() {
         match write_batch(&mut conn, &batch) {
             Ok(mut seq) => {
                 for req in batch.drain(..) {
@@ -725,6 +908,62 @@ mod tests {
         join.join().unwrap();
         let conn = Connection::open(&path).unwrap();
         assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(3));
+    }
+
+    /// A writer that cannot keep up (another connection holds the write lock): the queue
+    /// says it is behind once half full, a producer past its bound waits instead of the
+    /// queue growing, and once the writer goes on every row is there, in order.
+    #[test]
+    fn a_writer_that_falls_behind_holds_producers_back_and_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let (store, join) = StoreHandle::start(open_writer(&path, false).unwrap()).unwrap();
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let row = |i: usize| ev(EventKind::LogRecovered, "probe", serde_json::json!({ "i": i }));
+        // The first step is taken by the writer, which then waits for the lock.
+        store.record(vec![row(0)]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut sent = 1;
+        while store.behind().is_none() {
+            store.record((sent..sent + 64).map(row).collect());
+            sent += 64;
+        }
+        let backlog = store.behind().unwrap();
+        assert!(backlog.events >= QUEUE_EVENTS / 2 && backlog.events <= sent, "{backlog:?}");
+        // Fill it to its bound: the next step waits for room.
+        while store.backlog().events + 64 <= QUEUE_EVENTS {
+            store.record((sent..sent + 64).map(row).collect());
+            sent += 64;
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let producer = store.clone();
+        let waiting = std::thread::spawn(move || {
+            producer.record((sent..sent + 64).map(row).collect());
+            done_tx.send(()).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(done_rx.try_recv().is_err(), "a producer past the bound waits");
+        assert!(store.backlog().events <= QUEUE_EVENTS);
+        blocker.execute_batch("ROLLBACK").unwrap();
+        done_rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        waiting.join().unwrap();
+        sent += 64;
+        let flushed = store.flush();
+        flushed.blocking_recv().unwrap();
+        let c = store.counters();
+        assert_eq!((c.submitted, c.refused, c.delivered, c.waiting), (sent as u64, 0, sent as u64, 0));
+        drop(store);
+        join.join().unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let (rows, last): (i64, String) = conn
+            .query_row("SELECT COUNT(*), (SELECT payload FROM events ORDER BY seq DESC LIMIT 1) FROM events", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(rows as usize, sent);
+        assert_eq!(last, format!("{{\"i\":{}}}", sent - 1));
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(sent as u64));
     }
 
     #[test]
