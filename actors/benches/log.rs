@@ -19,7 +19,7 @@ use gridweaver_actors::store::{self, Query, Reader, StoreHandle};
 use gridweaver_core::config::Config;
 use gridweaver_core::dispatch::build;
 use gridweaver_core::events::audit::Auditor;
-use gridweaver_core::events::payload::ConfigRecorded;
+use gridweaver_core::events::payload::{ConfigRecorded, LogRecovered};
 use gridweaver_core::events::{Event, ProjectedState};
 use gridweaver_core::model::{Ack, AckStatus, Direction, Signal, SignalType, Vehicle};
 use gridweaver_core::time::Timestamp;
@@ -203,19 +203,50 @@ fn main() -> Result<()> {
         [],
         |r| r.get(0),
     )?;
+    // A gateway writing beside it: one small durable append every 10 ms, each timed.
+    let (writer, writer_thread) = StoreHandle::start(store::open_writer(&db, true)?)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beside = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut waits, mut failed) = (Vec::new(), 0usize);
+            let last = Timestamp::from_millis(4_102_444_800_000); // 2100: after every row
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let probe = LogRecovered { error: "bench".into(), failed_since: last, signals_refused: 0 };
+                let e = Event::of(last, "gateway", &probe);
+                let t = Instant::now();
+                match writer.append(vec![e]).blocking_recv() {
+                    Ok(Ok(_)) => waits.push(t.elapsed().as_secs_f64() * 1e3),
+                    _ => failed += 1,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            (waits, failed)
+        })
+    };
     let t = Instant::now();
     let compacted = store::compact(&db, Timestamp::from_millis(half), state.ts.unwrap_or_default())?
         .context("rows before the middle")?;
     let compaction = t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut waits, failed) = beside.join().map_err(|_| anyhow::anyhow!("the writer beside panicked"))?;
+    writer_thread.join().map_err(|_| anyhow::anyhow!("the store thread panicked"))?;
+    waits.sort_by(f64::total_cmp);
+    let pct = |q: f64| waits.get(((waits.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(f64::NAN);
     let t = Instant::now();
     let after = store::project(&db, None, true)?.into_state();
     let replay_after = t.elapsed().as_secs_f64();
     anyhow::ensure!(after.settled == state.settled && after.fleet == state.fleet, "compaction changed the state");
     println!(
         "
-compact: {} rows removed in {compaction:.2} s (one transaction); snapshot {:.1} KB; replay after it {replay_after:.2} s",
+compact: {} rows removed in {compaction:.2} s; snapshot {:.1} KB; replay after it {replay_after:.2} s
+  a writer beside it (one durable append every 10 ms): {} appends, {failed} failed; wait p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         compacted.removed,
-        compacted.snapshot_bytes as f64 / 1e3
+        compacted.snapshot_bytes as f64 / 1e3,
+        waits.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0)
     );
 
     let t = Instant::now();

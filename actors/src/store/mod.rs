@@ -101,6 +101,9 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// Another `compact` recorded a retention step while this one was computing its own.
+    #[error("{}: another compaction ran at the same time; nothing was changed, run it again", .0.display())]
+    Concurrent(PathBuf),
     /// The chain is broken: compacting would hide it.
     #[error("{}: the log does not match its hash chain ({error}); it is not compacted, so that the evidence stays", path.display())]
     Broken {
@@ -789,43 +792,120 @@ pub struct Compacted {
     pub snapshot_bytes: usize,
 }
 
+/// Rows [`compact`] deletes per transaction: a running gateway's writes wait for one
+/// chunk at most (tens of ms), never for the whole compaction.
+const DELETE_CHUNK: i64 = 5_000;
+
 /// `gridweaver compact`: removes every row before the first one stamped at or after
-/// `before`, in one transaction that first appends a `LogCompacted` event (stamped `now`)
-/// with the state those rows fold to and records the retention step. The projection of
-/// the log is the same after as before (but for the last row folded, the new one).
-/// `None` when no row is that old. A log that does not match its hash chain, or has a row
-/// the projection cannot read, is refused untouched.
+/// `before`. The state those rows fold to is computed on a read snapshot (a running
+/// gateway goes on writing meanwhile); then one short transaction appends a
+/// `LogCompacted` event (stamped `now`) with that state and records the retention step:
+/// from that commit on the log starts at the snapshot, and the rows it covers are deleted
+/// in chunks of [`DELETE_CHUNK`]. If that is cut off, the rows left over are disowned
+/// (the chain, replay and audit start at the snapshot) and the next `compact` removes them.
+/// The projection of the log is the same after as before (but for the last row folded,
+/// the new one). `None` when no row is that old. A log that does not match its hash chain,
+/// or has a row the projection cannot read, is refused untouched.
 pub fn compact(path: &Path, before: Timestamp, now: Timestamp) -> Result<Option<Compacted>, StoreError> {
     drop(Reader::open(path)?); // an existing event log, not a new or foreign file
     let mut conn = open_writer(path, true)?;
+    // What an earlier compaction that was cut off left, first.
+    let leftover = remove_retained(&mut conn)?;
+    let Some((step, retained)) = retention_step(&mut conn, path, before)? else {
+        if leftover == 0 {
+            return Ok(None);
+        }
+        // Only the earlier step's rows went: say so.
+        let Some((through, _, snapshot_seq)) = schema::last_retention(&conn)? else { return Ok(None) };
+        let bytes: i64 =
+            conn.query_row("SELECT length(payload) FROM events WHERE seq = ?1", [snapshot_seq], |r| r.get(0))?;
+        return Ok(Some(Compacted {
+            removed: leftover,
+            through_seq: u64::try_from(through)?,
+            snapshot_seq: u64::try_from(snapshot_seq)?,
+            snapshot_bytes: usize::try_from(bytes)?,
+        }));
+    };
+    let (through_seq, snapshot_seq, snapshot_bytes) = record_retention(&mut conn, path, step, retained, now)?;
+    let removed = leftover + remove_retained(&mut conn)?;
+    Ok(Some(Compacted { removed, through_seq, snapshot_seq, snapshot_bytes }))
+}
+
+/// Appends the `LogCompacted` event of `step` and its retention row in one short
+/// transaction, unless another compaction recorded a step since `retained` was read.
+/// Returns the step's `through_seq`, the event's seq and its payload's size.
+fn record_retention(
+    conn: &mut Connection,
+    path: &Path,
+    step: LogCompacted,
+    retained: Option<i64>,
+    now: Timestamp,
+) -> Result<(u64, u64, usize), StoreError> {
+    let through = i64::try_from(step.through_seq)?;
+    let anchor = step.anchor.clone();
+    let event = Event::of(now, "compact", &step);
+    let bytes = event.payload.len();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if let Err(error) = schema::verify_chain(&tx)? {
+    if schema::last_retention(&tx)?.map(|(t, _, _)| t) != retained {
+        return Err(StoreError::Concurrent(path.to_owned()));
+    }
+    let snapshot_seq = insert_rows(&tx, &[Request::Append { events: vec![event], reply: None }])?;
+    tx.execute(
+        "INSERT INTO retention (through_seq, anchor, snapshot_seq, ts_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![through, anchor, i64::try_from(snapshot_seq)?, now.as_millis()],
+    )?;
+    tx.commit()?;
+    Ok((step.through_seq, snapshot_seq, bytes))
+}
+
+/// The retention step for `before`, computed in one read transaction (the chain verified,
+/// the rows folded), with the retention step it follows; `None` when no row is that old.
+fn retention_step(
+    conn: &mut Connection,
+    path: &Path,
+    before: Timestamp,
+) -> Result<Option<(LogCompacted, Option<i64>)>, StoreError> {
+    let read = conn.transaction()?;
+    let retained = schema::last_retention(&read)?.map(|(t, _, _)| t);
+    if let Err(error) = schema::verify_chain(&read)? {
         return Err(StoreError::Broken { path: path.to_owned(), error });
     }
-    let (first, through): (Option<i64>, Option<i64>) = tx.query_row(
-        "SELECT MIN(seq), COALESCE((SELECT MIN(seq) FROM events WHERE ts_ms >= ?1), MAX(seq) + 1) - 1 FROM events",
-        [before.as_millis()],
+    let after = retained.unwrap_or(0);
+    let (first, through): (Option<i64>, Option<i64>) = read.query_row(
+        "SELECT MIN(seq), COALESCE((SELECT MIN(seq) FROM events WHERE seq > ?2 AND ts_ms >= ?1), MAX(seq) + 1) - 1
+         FROM events WHERE seq > ?2",
+        params![before.as_millis(), after],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let (Some(first), Some(through)) = (first, through) else { return Ok(None) };
     if through < first {
         return Ok(None);
     }
-    let state = fold(&tx, path, None, Some(u64::try_from(through)?), true)?.into_state();
-    let anchor: String = tx.query_row("SELECT hash FROM event_chain WHERE seq = ?1", [through], |r| r.get(0))?;
+    let state = fold(&read, path, None, Some(u64::try_from(through)?), true)?.into_state();
+    let anchor: String = read.query_row("SELECT hash FROM event_chain WHERE seq = ?1", [through], |r| r.get(0))?;
     let removed = u64::try_from(through - first + 1)?;
     let step = LogCompacted { before, through_seq: u64::try_from(through)?, removed, anchor, state };
-    let event = Event::of(now, "compact", &step);
-    let snapshot_bytes = event.payload.len();
-    let snapshot_seq = insert_rows(&tx, &[Request::Append { events: vec![event], reply: None }])?;
-    tx.execute(
-        "INSERT INTO retention (through_seq, anchor, snapshot_seq, ts_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![through, step.anchor, i64::try_from(snapshot_seq)?, now.as_millis()],
-    )?;
-    tx.execute("DELETE FROM event_chain WHERE seq <= ?1", [through])?;
-    tx.execute("DELETE FROM events WHERE seq <= ?1", [through])?;
-    tx.commit()?;
-    Ok(Some(Compacted { removed, through_seq: step.through_seq, snapshot_seq, snapshot_bytes }))
+    Ok(Some((step, retained)))
+}
+
+/// Deletes the rows (and their chain hashes) that the last retention step covers and that
+/// are still there, [`DELETE_CHUNK`] per transaction; returns how many.
+fn remove_retained(conn: &mut Connection) -> Result<u64, StoreError> {
+    let Some((through, _, _)) = schema::last_retention(conn)? else { return Ok(0) };
+    let mut removed = 0u64;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let low: Option<i64> = tx.query_row(
+            "SELECT MIN(s) FROM (SELECT MIN(seq) AS s FROM events UNION ALL SELECT MIN(seq) FROM event_chain)",
+            [],
+            |r| r.get(0),
+        )?;
+        let Some(low) = low.filter(|&l| l <= through) else { return Ok(removed) };
+        let high = through.min(low.saturating_add(DELETE_CHUNK - 1));
+        tx.execute("DELETE FROM event_chain WHERE seq BETWEEN ?1 AND ?2", [low, high])?;
+        removed += tx.execute("DELETE FROM events WHERE seq BETWEEN ?1 AND ?2", [low, high])? as u64;
+        tx.commit()?;
+    }
 }
 
 #[cfg(test)]
@@ -1069,6 +1149,40 @@ mod schema_tests {
         assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Missing(7)));
         conn.execute("INSERT INTO events VALUES (100, 1, 'LogRecovered', NULL, 'me', NULL, '{}')", []).unwrap();
         assert_eq!(schema::verify_chain(&conn).unwrap(), Err(ChainBreak::Unchained(100)));
+    }
+
+    /// A compaction cut off after its step was recorded, before every row it covers was
+    /// deleted: the leftover rows are disowned (chain, projection, audit start at the
+    /// snapshot) and the next `compact` removes them first.
+    #[test]
+    fn a_compaction_cut_off_while_deleting_leaves_a_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        v1_log(&path);
+        let mut conn = open_writer(&path, false).unwrap();
+        let whole = project(&path, None, true).unwrap().into_state();
+        let mid: i64 = conn.query_row("SELECT ts_ms FROM events WHERE seq = 15", [], |r| r.get(0)).unwrap();
+        let now = Timestamp::from_millis(whole.ts.unwrap().as_millis() + 60_000);
+        let (step, retained) = retention_step(&mut conn, &path, Timestamp::from_millis(mid)).unwrap().unwrap();
+        let removed = step.removed;
+        let (through, snapshot_seq, _) = record_retention(&mut conn, &path, step, retained, now).unwrap();
+        // Cut off after one chunk's worth: here, after deleting a single row.
+        conn.execute("DELETE FROM events WHERE seq = 1", []).unwrap();
+        conn.execute("DELETE FROM event_chain WHERE seq = 1", []).unwrap();
+        let left: i64 = conn.query_row("SELECT COUNT(*) FROM events WHERE seq <= ?1", [through], |r| r.get(0)).unwrap();
+        assert_eq!(left as u64, removed - 1);
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(29 - through + 1), "the chain starts at the anchor");
+        let mut after = project(&path, None, true).unwrap().into_state();
+        assert_eq!(after.seq, snapshot_seq);
+        (after.seq, after.ts) = (whole.seq, whole.ts);
+        assert_eq!(after, whole, "the projection starts at the snapshot");
+        drop(conn);
+        let c = compact(&path, Timestamp::from_millis(mid), now.plus_millis(1)).unwrap().unwrap();
+        assert_eq!((c.removed, c.through_seq, c.snapshot_seq), (removed - 1, through, snapshot_seq));
+        let conn = Connection::open(&path).unwrap();
+        let first: i64 = conn.query_row("SELECT MIN(seq) FROM events", [], |r| r.get(0)).unwrap();
+        assert_eq!(first as u64, through + 1);
+        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(29 - through + 1));
     }
 
     /// Compaction at every time the log holds: the projection is the one before (but for

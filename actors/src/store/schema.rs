@@ -343,16 +343,18 @@ pub fn verify_chain(conn: &Connection) -> Result<Result<u64, ChainBreak>, StoreE
             return Ok(Err(ChainBreak::Retention(*through)));
         }
     }
+    // Rows up to the retention step's `through_seq` that are still there (a compaction
+    // stopped while deleting them) are no longer part of the log: not checked.
     let mut stmt = conn.prepare(
         "SELECT e.seq, e.ts_ms, e.kind, e.correlation_id, e.actor, e.region, e.payload, c.seq, c.hash
-         FROM event_chain c LEFT JOIN events e ON e.seq = c.seq
+         FROM event_chain c LEFT JOIN events e ON e.seq = c.seq WHERE c.seq >= ?1
          UNION ALL
          SELECT e.seq, e.ts_ms, e.kind, e.correlation_id, e.actor, e.region, e.payload, NULL, NULL
-         FROM events e WHERE e.seq NOT IN (SELECT seq FROM event_chain)
+         FROM events e WHERE e.seq >= ?1 AND e.seq NOT IN (SELECT seq FROM event_chain)
          ORDER BY 8, 1",
     )?;
     // Unchained rows sort first (NULL chain seq); any of them is a break.
-    let mut rows = stmt.query([])?;
+    let mut rows = stmt.query([expected])?;
     let mut checked = 0u64;
     while let Some(r) = rows.next()? {
         let chain_seq: Option<i64> = r.get(7)?;
