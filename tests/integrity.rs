@@ -247,6 +247,29 @@ fn a_restart_keeps_the_fleet_and_the_power_already_committed_even_after_compacti
     sim.stop();
 }
 
+/// The broker keeps a signal sent while the gateway was down and delivers it as soon as the
+/// session resumes, before the retained vehicle states: it is held until the fleet is
+/// learnt, then planned with it (not with an empty fleet, its id used up).
+#[test]
+fn a_signal_sent_while_the_gateway_was_down_is_planned_with_the_fleet() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "queued", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..2).map(|i| vehicle(&format!("ev{i}"), 0.9, 50.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 2);
+    assert!(g.terminate().success());
+    op.publish(&format!("{}/signals", g.prefix), signal("queued", "mfrr", 60.0, 900));
+    std::thread::sleep(Duration::from_millis(300));
+    g.restart();
+    let out = op.wait_json(WAIT, "", "signal_id", "queued").expect("the queued signal's outcome");
+    assert!((num(&out, "acknowledged_kw") - 60.0).abs() < 1e-6, "planned with both vehicles: {out}");
+    let plan = g.events(Some("DispatchPlanCreated"));
+    assert_eq!(plan.last().unwrap()["payload"]["fleet"]["vehicles"], 2, "{plan:?}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
 #[test]
 fn a_resumed_session_with_a_new_prefix_still_hears_its_fleet() {
     let broker = Mosquitto::start();

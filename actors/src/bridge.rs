@@ -20,7 +20,7 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
-use crate::dispatcher::{AckIn, DispatcherActor, Reconnected, SignalIn};
+use crate::dispatcher::{AckIn, DispatcherActor, Reconnected, SignalIn, Subscribed};
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
 use crate::supervisor::{Supervisor, VehicleStateIn};
@@ -134,6 +134,8 @@ impl Actor for MqttBridge {
                         routes.publisher.status(true);
                         deliver(&routes.dispatcher, Reconnected).await;
                     }
+                    // The broker sends the retained vehicle states after this.
+                    Ok(Event::Incoming(Packet::SubAck(_))) => deliver(&routes.dispatcher, Subscribed).await,
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                         tracing::info!("disconnected from the MQTT broker");
                         break;

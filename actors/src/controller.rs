@@ -317,7 +317,8 @@ mod tests {
         dispatcher.send(Connect { resync: supervisor.clone().recipient() }).await.unwrap();
         let v = Vehicle::new("ev1", 0.8, 60.0, 11.0);
         supervisor.send(VehicleStateIn { id: v.id.clone(), state: Some(v), at: now() }).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        dispatcher.send(crate::dispatcher::Subscribed).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
 
         dispatcher.send(SignalIn { signal: signal("boom"), at: now() }).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

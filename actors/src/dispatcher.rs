@@ -66,7 +66,27 @@ pub struct DispatcherActor {
     online: bool,
     /// Shutting down: `status` is the bridge's to publish (offline).
     stopping: bool,
+    /// Until the fleet is learnt after start-up: the signals held back meanwhile.
+    warmup: Option<Warmup>,
 }
+
+/// Start-up: the gateway knows no vehicle until the broker re-sends their retained states,
+/// which it does after the subscription is acknowledged; a signal the broker kept for the
+/// gateway's session arrives before them. Such signals are held back (in order, with the
+/// time received) until the states have come in: [`FLEET_QUIET`] without a new one after
+/// [`FLEET_SETTLE_MIN`], at most [`FLEET_SETTLE_MAX`] after the subscription.
+struct Warmup {
+    held: Vec<SignalIn>,
+    subscribed: Option<tokio::time::Instant>,
+    last_state: tokio::time::Instant,
+    check: Option<SpawnHandle>,
+}
+
+/// Held back at most (more are refused on `errors`: the gateway is starting).
+const WARMUP_HELD: usize = 256;
+const FLEET_SETTLE_MIN: Duration = Duration::from_millis(300);
+const FLEET_QUIET: Duration = Duration::from_millis(200);
+const FLEET_SETTLE_MAX: Duration = Duration::from_secs(3);
 
 /// The store failed a step; signals are refused until a probe write succeeds.
 struct StoreOutage {
@@ -115,6 +135,33 @@ impl DispatcherActor {
             tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
             online: false,
             stopping: false,
+            warmup: Some(Warmup {
+                held: Vec::new(),
+                subscribed: None,
+                last_state: tokio::time::Instant::now(),
+                check: None,
+            }),
+        }
+    }
+
+    /// Ends the start-up hold once the fleet's states have come in; the held signals are
+    /// then dispatched in the order they arrived.
+    fn check_warmup(&mut self, ctx: &mut Context<Self>) {
+        let Some(w) = &self.warmup else { return };
+        let Some(subscribed) = w.subscribed else { return };
+        let since = subscribed.elapsed();
+        let settled = since >= FLEET_SETTLE_MAX || (since >= FLEET_SETTLE_MIN && w.last_state.elapsed() >= FLEET_QUIET);
+        if !settled {
+            return;
+        }
+        if let Some(w) = self.warmup.take() {
+            if let Some(check) = w.check {
+                ctx.cancel_future(check);
+            }
+            tracing::info!(vehicles = self.engine.planner().fleet().count(), held = w.held.len(), "fleet learnt");
+            for signal in w.held {
+                self.signal_in(signal, ctx);
+            }
         }
     }
 
@@ -352,6 +399,10 @@ impl Actor for DispatcherActor {
         if let Some(step) = self.recovery.take() {
             self.carry_out(step, ctx);
         }
+        // A restart during the start-up hold: its check is armed again.
+        if let Some(w) = self.warmup.as_mut().filter(|w| w.subscribed.is_some()) {
+            w.check = Some(ctx.run_interval(Duration::from_millis(50), |act, ctx| act.check_warmup(ctx)));
+        }
     }
 }
 
@@ -401,6 +452,45 @@ impl Handler<SignalIn> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
+        if let Some(w) = &mut self.warmup {
+            if w.held.len() < WARMUP_HELD {
+                w.held.push(msg);
+            } else {
+                let topic = self.publisher.topics().signals();
+                let why = format!(
+                    "signal `{}` was not dispatched: the gateway is starting and still learning its fleet ({WARMUP_HELD} signals already wait); send it again",
+                    msg.signal.id
+                );
+                let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
+                self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+            }
+            return;
+        }
+        self.signal_in(msg, ctx);
+    }
+}
+
+/// The bridge's subscriptions were acknowledged (the retained vehicle states follow).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribed;
+
+impl Handler<Subscribed> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Subscribed, ctx: &mut Context<Self>) {
+        if let Some(w) = &mut self.warmup {
+            if w.subscribed.is_none() {
+                w.subscribed = Some(tokio::time::Instant::now());
+                w.check = Some(ctx.run_interval(Duration::from_millis(50), |act, ctx| act.check_warmup(ctx)));
+            }
+        }
+    }
+}
+
+impl DispatcherActor {
+    /// A signal, once the fleet is known: admitted, planned and carried out, or refused.
+    fn signal_in(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
         let topic = self.publisher.topics().signals();
         if let Some(outage) = &mut self.store_failing {
             outage.refused += 1;
@@ -487,6 +577,9 @@ impl Handler<FleetUpdate> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: FleetUpdate, ctx: &mut Context<Self>) {
+        if let Some(w) = &mut self.warmup {
+            w.last_state = tokio::time::Instant::now();
+        }
         let engine = &mut self.engine;
         let Some((_, event)) = guarded("updating the fleet", || engine.on_state(now(), msg.id, msg.state)) else {
             ctx.stop();
@@ -540,6 +633,13 @@ impl Handler<Shutdown> for DispatcherActor {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
+        // Signals held back at start-up are answered, not dropped.
+        for msg in self.warmup.take().map(|w| w.held).unwrap_or_default() {
+            let topic = self.publisher.topics().signals();
+            let why = format!("signal `{}` was not dispatched: the gateway stopped while starting", msg.signal.id);
+            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
+            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+        }
         self.stopping = true;
         let engine = &mut self.engine;
         let steps = guarded("shutting down", || engine.shutdown(now(), "gateway shutdown")).unwrap_or_default();
@@ -624,6 +724,9 @@ mod tests {
         let dispatcher = DispatcherActor::new(rebuild, fb, store.clone(), publisher).start();
         let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
         dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
+        // The bridge's subscription is acknowledged; the start-up hold ends (virtual time).
+        dispatcher.send(Subscribed).await.unwrap();
+        tokio::time::sleep(FLEET_SETTLE_MAX).await;
         let signal = Signal::new("s", SignalType::Afrr, Direction::Up, 5.0, now());
         dispatcher.send(SignalIn { signal, at: now() }).await.unwrap();
         // Let the store commit the plan in real time while virtual time stands still (a task

@@ -181,6 +181,21 @@ impl Ledger {
         })
     }
 
+    /// Energy that `id`'s commitments in `direction` still draw from its battery after
+    /// `now` (each from `now` or its start, to its end), kWh. A new order must leave them
+    /// theirs: power committed over different windows still empties one battery.
+    pub fn committed_kwh(&self, id: &VehicleId, direction: Direction, now: Timestamp) -> f64 {
+        self.by_vehicle.get(id).map_or(0.0, |cs| {
+            cs.iter()
+                .filter(|c| c.direction == direction)
+                .map(|c| {
+                    let from = c.start.as_millis().max(now.as_millis());
+                    c.power_kw * (c.until.as_millis() - from).max(0) as f64 / 3_600_000.0
+                })
+                .sum()
+        })
+    }
+
     /// Whether `id` is committed against `direction` over any part of `[from, to)`.
     pub fn committed_other_way(&self, id: &VehicleId, direction: Direction, from: Timestamp, to: Timestamp) -> bool {
         self.by_vehicle.get(id).is_some_and(|cs| cs.iter().any(|c| c.direction != direction && c.overlaps(from, to)))

@@ -109,6 +109,8 @@ pub enum AckIgnored {
 pub struct Dispatch {
     pub(super) id: DispatchId,
     pub(super) signal: Signal,
+    /// When it was planned (the time its fallback counts committed energy from).
+    pub(super) planned_at: Timestamp,
     pub(super) strategy: StrategyKind,
     pub(super) fallback: FallbackKind,
     pub(super) no_fallback_segments: BTreeSet<String>,

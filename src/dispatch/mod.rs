@@ -458,7 +458,7 @@ impl Engine {
         let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
         let ids: Vec<VehicleId> = std::mem::take(&mut req.candidates).into_iter().map(|(v, _)| v.id).collect();
         let (candidates, limits) =
-            fallback_room(&self.planner.cfg.limits, &self.planner.fleet, &self.ledger, d.signal(), &ids);
+            fallback_room(&self.planner.cfg.limits, &self.planner.fleet, &self.ledger, d.signal(), d.planned_at, &ids);
         req.candidates = candidates;
         req.limits = limits;
     }
@@ -485,7 +485,8 @@ impl Engine {
 }
 
 /// What a fallback for `signal` over the vehicles `ids` may use: each one's free capacity
-/// (its state in `fleet` less everything `ledger` commits on it over the signal's window;
+/// (its state in `fleet` less everything `ledger` commits on it over the signal's window,
+/// and the energy its commitments draw after `planned_at`;
 /// vehicles with less than the minimum order left, or unknown, are left out) and the free
 /// room of the shared `limits`. The engine asks it before a fallback runs; the auditor asks
 /// it again on the projected state.
@@ -494,6 +495,7 @@ pub fn fallback_room(
     fleet: &BTreeMap<VehicleId, Vehicle>,
     ledger: &Ledger,
     signal: &Signal,
+    planned_at: Timestamp,
     ids: &[VehicleId],
 ) -> (Vec<(Vehicle, f64)>, LimitSet) {
     let (from, to, direction, duration) = (signal.start, signal.end(), signal.direction, signal.duration_s as f64);
@@ -501,7 +503,9 @@ pub fn fallback_room(
         .iter()
         .filter_map(|id| {
             let v = fleet.get(id)?;
-            let free = v.effective_capacity(direction, ledger.committed_kw(id, direction, from, to), duration);
+            let (kw, kwh) =
+                (ledger.committed_kw(id, direction, from, to), ledger.committed_kwh(id, direction, planned_at));
+            let free = v.capacity_beside(direction, kw, kwh, duration);
             (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
         })
         .collect();

@@ -249,11 +249,19 @@ impl Planner {
         let mut eligible: BTreeSet<&VehicleId> = BTreeSet::new();
         for direction in [Direction::Up, Direction::Down] {
             let sig = probe(direction);
-            let (candidates, _) = self.candidates(&sig, ledger, &predicted);
+            let (candidates, _) = self.candidates(now, &sig, ledger, &predicted);
             let caps: Vec<f64> = candidates.iter().map(|c| c.capacity_kw).collect();
             let limits = self.limits(&sig, &candidates, ledger);
             let total: f64 = caps.iter().sum();
-            let free: f64 = crate::allocation::greedy_fill(&vec![1.0; caps.len()], &caps, total, &limits).iter().sum();
+            // The most the limits allow, as every dispatch delivers it: the greedy fill,
+            // repaired (the LP) where overlapping rows leave it short.
+            let ones = vec![1.0; caps.len()];
+            let mut power = crate::allocation::greedy_fill(&ones, &caps, total, &limits);
+            let mut lp = crate::allocation::lp::LpDispatcher::default();
+            crate::allocation::repair::fill_to_max(&mut lp, &mut power, &caps, total, &limits, &ones);
+            // To the watt: a prediction that drifts by micro-watts is not a new capacity
+            // (and never `-0`).
+            let free = (power.iter().sum::<f64>() * 1000.0).round() / 1000.0 + 0.0;
             match direction {
                 Direction::Up => cap.up_kw = free,
                 Direction::Down => cap.down_kw = free,
@@ -268,11 +276,12 @@ impl Planner {
     /// vehicles excluded, with why.
     fn candidates<'a>(
         &'a self,
+        now: Timestamp,
         signal: &Signal,
         ledger: &Ledger,
         predicted: &'a HashMap<VehicleId, Vehicle>,
     ) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
-        candidates(&self.fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
+        candidates(now, &self.fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
     }
 
     /// The shared limits over `candidates` for `signal`, less what `ledger` has committed.
@@ -321,7 +330,7 @@ impl Planner {
 
         let predicted = self.predicted(now);
         let (candidates, excluded) =
-            candidates(&self.fleet, self.filter.as_ref(), &self.participation, &signal, ledger, &predicted);
+            candidates(now, &self.fleet, self.filter.as_ref(), &self.participation, &signal, ledger, &predicted);
         let capacity_kw: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
         let target_kw = signal.power_kw;
         let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
@@ -409,6 +418,7 @@ impl Planner {
         let mut dispatch = Dispatch {
             id: dispatch_id,
             signal,
+            planned_at: now,
             strategy: allocation.strategy,
             fallback: self.cfg.fallback,
             no_fallback_segments: self.cfg.no_fallback_segments.clone(),
@@ -435,6 +445,7 @@ impl Planner {
 /// The candidates for `signal` among `fleet` (predicted availability applied), each with
 /// the capacity `ledger` leaves it, and the vehicles excluded, with why.
 fn candidates<'a>(
+    now: Timestamp,
     fleet: &'a BTreeMap<VehicleId, Vehicle>,
     filter: &dyn VehicleFilter,
     participation: &HashMap<VehicleId, f64>,
@@ -455,7 +466,8 @@ fn candidates<'a>(
             continue;
         }
         let committed = ledger.committed_kw(&v.id, signal.direction, from, to);
-        let capacity_kw = v.effective_capacity(signal.direction, committed, signal.duration_s as f64);
+        let energy = ledger.committed_kwh(&v.id, signal.direction, now);
+        let capacity_kw = v.capacity_beside(signal.direction, committed, energy, signal.duration_s as f64);
         if capacity_kw <= 0.0 {
             excluded.push((&v.id, Exclusion::NoCapacity));
             continue;

@@ -502,6 +502,52 @@ fn overlapping_signals_never_exceed_a_vehicles_rating() {
     }
 }
 
+/// A battery's energy is booked once: a second signal while the first still draws on it
+/// gets only what the first leaves (not what the second's shorter window alone would allow).
+#[test]
+fn overlapping_signals_never_book_a_battery_twice() {
+    // 0.5 kWh above min_soc (0.25 - 0.2 of 10 kWh): 2 kW for 15 min takes all of it.
+    let small = Vehicle::new("y1", 0.25, 10.0, 20.0);
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), std::slice::from_ref(&small));
+    let a = e.on_signal(T0, signal("ea", 2.0)).unwrap();
+    assert!((total(&a.orders) - 2.0).abs() < 1e-6, "{:?}", a.orders);
+    accept_all(&mut e, T0.plus_millis(10), &a.orders);
+    let later = T0.plus_millis(1_000);
+    let b = e.on_signal(later, Signal { start: later, duration_s: 60, ..signal("eb", 15.0) }).unwrap();
+    // Left: 0.5 kWh less 2 kW over the 899 s still to go = 0.56 Wh, 0.033 kW over a minute.
+    let left_kw = (0.5 - 2.0 * 899.0 / 3600.0) / (60.0 / 3600.0);
+    assert!(total(&b.orders) <= left_kw + 1e-9, "{} kW ordered, {left_kw} kW left", total(&b.orders));
+    let cap = e.capacity(later);
+    assert!(cap.up_kw <= 0.001 + 1e-9, "capacity counts the energy committed too: {cap:?}");
+}
+
+/// `capacity` is the most a dispatch can deliver under overlapping phase and group rows
+/// (the exact maximum, as every strategy delivers it), not a heuristic's fill.
+#[test]
+fn capacity_is_the_most_the_limits_allow() {
+    use crate::model::{Phase, Wiring};
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let mut v = Vehicle::new(format!("l1-{i}"), 0.9, 400.0, 7.0);
+        v.wiring = Wiring::SinglePhase(Phase::L1);
+        fleet.push(v);
+    }
+    for i in 0..2 {
+        let mut v = Vehicle::new(format!("fa-{i}"), 0.9, 400.0, 11.0);
+        (v.wiring, v.group) = (Wiring::SinglePhase(Phase::L2), Some("fa".into()));
+        fleet.push(v);
+    }
+    fleet.extend((0..2).map(|i| Vehicle::new(format!("tp-{i}"), 0.9, 400.0, 22.0)));
+    let groups = [("fa".to_owned(), 15.0)].into_iter().collect();
+    let limits = Limits { phase_kw: Some(20.0), groups, ..Limits::default() };
+    let mut e = engine_with_limits(FallbackKind::Noop, limits, &fleet);
+    // Both three-phase vehicles in full (14.67 kW on each phase), then 5.33 kW on L1 and L2.
+    let most = 44.0 + 2.0 * (20.0 - 44.0 / 3.0);
+    let cap = e.capacity(T0);
+    assert!((cap.up_kw - most).abs() <= 0.001, "{cap:?}, the most is {most}");
+    assert_eq!(cap.up_kw.to_bits(), ((cap.up_kw * 1000.0).round() / 1000.0).to_bits(), "to the watt");
+}
+
 #[test]
 fn releases_free_the_power_for_later_signals() {
     let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();

@@ -461,21 +461,29 @@ impl Vehicle {
     }
 
     /// The power it can still give in `direction`, kW, on top of `current_kw` it already
-    /// gives in that direction, sustained for `duration_s` seconds.
-    ///
-    /// It is the smaller of the rating's headroom (`rating - current_kw`) and the power the
-    /// energy between its SoC and its SoC bound sustains over the duration, less
-    /// `current_kw` (which draws on the same energy); then scaled by its availability and by
-    /// `1 - degradation`. A battery at or beyond its bound gives 0. A zero duration moves no
-    /// energy, so only the rating limits it. Never negative.
+    /// gives in that direction, sustained for `duration_s` seconds (as if `current_kw` ran
+    /// over the same window: [`Vehicle::capacity_beside`] with its energy).
     pub fn effective_capacity(&self, direction: Direction, current_kw: f64, duration_s: f64) -> f64 {
         let current = current_kw.max(0.0);
-        let power_room = self.rating_kw(direction) - current;
-        let energy = self.energy_headroom_kwh(direction);
+        self.capacity_beside(direction, current, current * duration_s.max(0.0) / 3600.0, duration_s)
+    }
+
+    /// The power it can still give in `direction` for `duration_s` seconds beside what it
+    /// is committed to: `committed_kw` at once during the window (against its rating) and
+    /// `committed_kwh` still to be delivered from its SoC by every commitment (against the
+    /// energy between its SoC and its bound).
+    ///
+    /// It is the smaller of the rating's headroom and the power the energy left sustains
+    /// over the duration; then scaled by its availability and by `1 - degradation`. A
+    /// battery at or beyond its bound, or whose energy is all committed, gives 0. A zero
+    /// duration moves no energy, so only the rating limits it. Never negative.
+    pub fn capacity_beside(&self, direction: Direction, committed_kw: f64, committed_kwh: f64, duration_s: f64) -> f64 {
+        let power_room = self.rating_kw(direction) - committed_kw.max(0.0);
+        let energy = self.energy_headroom_kwh(direction) - committed_kwh.max(0.0);
         if energy <= 0.0 || power_room <= 0.0 {
             return 0.0;
         }
-        let energy_room = if duration_s > 0.0 { energy / (duration_s / 3600.0) - current } else { f64::INFINITY };
+        let energy_room = if duration_s > 0.0 { energy / (duration_s / 3600.0) } else { f64::INFINITY };
         let scale = self.availability.clamp(0.0, 1.0) * (1.0 - self.degradation.clamp(0.0, 1.0));
         (power_room.min(energy_room) * scale).max(0.0)
     }
