@@ -72,7 +72,7 @@ impl DispatchBook {
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
         let Some(dispatch_id) = self.orders.get(ack.order_id.as_str()) else {
             return Err(if order_dispatch(&ack.order_id).is_some_and(|d| self.settled.contains(d)) {
-                AckIgnored::Late(ack.order_id.clone())
+                AckIgnored::Settled(ack.order_id.clone())
             } else {
                 AckIgnored::UnknownOrder(ack.order_id.clone())
             });
@@ -81,7 +81,7 @@ impl DispatchBook {
         let step = self
             .live
             .get_mut(&dispatch_id)
-            .ok_or_else(|| AckIgnored::Late(ack.order_id.clone()))?
+            .ok_or_else(|| AckIgnored::Settled(ack.order_id.clone()))?
             .on_ack(now, from, ack)?;
         self.after(&dispatch_id);
         Ok(step)

@@ -92,28 +92,24 @@ impl Fallback for BalancedFallback {
     }
 }
 
-/// Orders the residual so that the power *expected* to be delivered meets it.
+/// Orders the residual to the vehicles most likely to deliver it.
 ///
 /// Each candidate delivers an ordered kW with probability `q = availability * (1 -
-/// degradation)` (its stated availability, or the prediction from its ACK history).
-/// Working in expected kW `e = q * x`, the residual is spread in proportion to `q` (the
-/// reliable and healthy first), each vehicle capped at `q * remaining` and every shared
-/// row at its room (a row's coefficient on `e` is its coefficient on `x` divided by `q`);
-/// then each order is `x = e / q`. Vehicles with `q` below `min_probability` are skipped.
-/// Because orders exceed what is expected, the total ordered is capped at
-/// `max_overorder * residual`: if every vehicle accepts, the fleet over-delivers by at most
-/// that factor.
+/// degradation)` (its stated availability, or the prediction from its ACK history). The
+/// residual is spread in proportion to `q` (the reliable and healthy get more), each
+/// vehicle capped at what it has left and every shared row at its room; vehicles with `q`
+/// below `min_probability` are not asked. Like every strategy and fallback it orders
+/// min(residual, the most the capacities and limits allow), never more: a shortfall of
+/// the ones who then reject is the next attempt's to cover, not an over-order's.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbabilisticFallback {
     /// Vehicles less likely than this to deliver are not asked.
     pub min_probability: f64,
-    /// Ceiling on the total ordered, as a multiple of the residual.
-    pub max_overorder: f64,
 }
 
 impl Default for ProbabilisticFallback {
     fn default() -> Self {
-        Self { min_probability: 0.05, max_overorder: 2.0 }
+        Self { min_probability: 0.05 }
     }
 }
 
@@ -129,26 +125,12 @@ impl Fallback for ProbabilisticFallback {
             .collect();
         let skipped: Vec<usize> = (0..candidates.len()).filter(|&i| q[i] < self.min_probability).collect();
         let weights: Vec<f64> = q.iter().map(|&p| if p < self.min_probability { 0.0 } else { p }).collect();
-        let expected_caps: Vec<f64> =
-            candidates.iter().zip(&weights).map(|(c, w)| w * c.remaining_kw.max(0.0)).collect();
-        let scaled = LimitSet {
-            rows: limits.rows.clone(),
-            members: limits
-                .members
-                .iter()
-                .zip(&weights)
-                .map(|(m, w)| if *w > 0.0 { m.iter().map(|(r, coef)| (*r, coef / w)).collect() } else { m.clone() })
-                .collect(),
-        };
-        let (expected, _) = proportional_fill(&weights, &expected_caps, residual_kw, u32::MAX, &scaled);
-        let mut power_kw: Vec<f64> =
-            expected.iter().zip(&weights).map(|(e, w)| if *w > 0.0 { e / w } else { 0.0 }).collect();
-        let total: f64 = power_kw.iter().sum();
-        let ceiling = self.max_overorder * residual_kw.max(0.0);
-        if total > ceiling && total > 0.0 {
-            let f = ceiling / total;
-            power_kw.iter_mut().for_each(|x| *x *= f);
-        }
+        let caps: Vec<f64> = candidates
+            .iter()
+            .zip(&weights)
+            .map(|(c, w)| if *w > 0.0 { c.remaining_kw.max(0.0) } else { 0.0 })
+            .collect();
+        let (power_kw, _) = proportional_fill(&weights, &caps, residual_kw.max(0.0), u32::MAX, limits);
         Reallocation { power_kw, skipped }
     }
 }
@@ -200,7 +182,7 @@ mod tests {
     }
 
     #[test]
-    fn probabilistic_orders_enough_that_the_expected_delivery_meets_the_residual() {
+    fn probabilistic_orders_the_residual_to_the_likeliest_first() {
         let mut sure = Vehicle::new("sure", 0.8, 60.0, 22.0);
         sure.availability = 1.0;
         let mut coin = Vehicle::new("coin", 0.8, 60.0, 22.0);
@@ -211,10 +193,9 @@ mod tests {
         let r = ProbabilisticFallback::default().reallocate(9.0, &cands(&fleet), &LimitSet::none(3));
         assert_eq!(r.skipped, vec![2]);
         assert_eq!(r.power_kw[2], 0.0);
-        let expected = r.power_kw[0] * 1.0 + r.power_kw[1] * 0.5;
-        assert!((expected - 9.0).abs() < 1e-9, "{r:?}");
-        // Expected shares go by probability: 6 kW expected from `sure`, 3 from `coin` (6 kW ordered).
-        assert!((r.power_kw[0] - 6.0).abs() < 1e-9 && (r.power_kw[1] - 6.0).abs() < 1e-9, "{r:?}");
+        assert!((r.power_kw.iter().sum::<f64>() - 9.0).abs() < 1e-9, "exactly the residual: {r:?}");
+        // Shares go by probability: 6 kW to `sure`, 3 to `coin`.
+        assert!((r.power_kw[0] - 6.0).abs() < 1e-9 && (r.power_kw[1] - 3.0).abs() < 1e-9, "{r:?}");
     }
 
     #[test]
@@ -227,12 +208,12 @@ mod tests {
         let cand = [crate::allocation::Candidate { vehicle: c[0].vehicle, capacity_kw: 20.0, participation: 0.0 }];
         let set = LimitSet::new(&limits, crate::model::Direction::Up, &cand);
         let r = ProbabilisticFallback::default().reallocate(10.0, &c, &set);
-        assert!((r.power_kw[0] - 4.0).abs() < 1e-9, "the site row caps the order, not the expectation: {r:?}");
+        assert!((r.power_kw[0] - 4.0).abs() < 1e-9, "the site row caps the order: {r:?}");
     }
 
     proptest! {
         #[test]
-        fn probabilistic_never_exceeds_remaining_capacity_limits_or_the_overorder_ceiling(
+        fn probabilistic_never_exceeds_remaining_capacity_limits_or_the_residual(
             specs in prop::collection::vec((0.0f64..=1.0, 0.0f64..=1.0, 0.0f64..20.0), 0..30),
             residual in 0.0f64..300.0,
             site in prop::option::of(1.0f64..200.0),
@@ -252,7 +233,7 @@ mod tests {
                 prop_assert!(*p >= 0.0 && *p <= rem + 1e-9);
             }
             prop_assert!(set.violations(&r.power_kw, 1e-6).is_empty());
-            prop_assert!(r.power_kw.iter().sum::<f64>() <= 2.0 * residual + 1e-6);
+            prop_assert!(r.power_kw.iter().sum::<f64>() <= residual + 1e-6);
         }
 
         #[test]

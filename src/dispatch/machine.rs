@@ -85,20 +85,30 @@ pub(super) enum State {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AckIgnored {
     /// No order in flight or recently settled has this id.
-    #[error("field `order_id` names no order of this vehicle (`{0}`)")]
+    #[error(
+        "field `order_id` names no order of this vehicle (`{0}`) still open: unknown, or its dispatch has settled"
+    )]
     UnknownOrder(String),
     /// The order belongs to another vehicle (the answer says no more than for an unknown
     /// order: a sender learns nothing about other vehicles).
-    #[error("field `order_id` names no order of this vehicle (`{order_id}`)")]
+    #[error(
+        "field `order_id` names no order of this vehicle (`{order_id}`) still open: unknown, or its dispatch has settled"
+    )]
     WrongVehicle {
         /// The order.
         order_id: String,
         /// Its vehicle.
         owner: VehicleId,
     },
-    /// The order's deadline passed (or its dispatch settled) before the ACK arrived.
+    /// The order's deadline passed before the ACK arrived (its dispatch is still open).
     #[error("order `{0}` was already settled: the ACK came after its deadline")]
     Late(String),
+    /// The order's dispatch has settled: whether the order was this vehicle's is no longer
+    /// known, so the answer says no more than for an unknown order.
+    #[error(
+        "field `order_id` names no order of this vehicle (`{0}`) still open: unknown, or its dispatch has settled"
+    )]
+    Settled(String),
     /// The order was already answered.
     #[error("order `{0}` was already answered")]
     AlreadyAnswered(String),

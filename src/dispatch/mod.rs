@@ -43,6 +43,10 @@ use crate::model::{
 use crate::time::Timestamp;
 use ledger::{Commitment, Ledger};
 
+/// Streams of setpoints remembered at most while their windows are open (beyond it only
+/// those with a dispatch in flight or commitments in force are kept).
+const MAX_STREAMS: usize = 4_096;
+
 /// Settings of the planner and its dispatches.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -195,9 +199,9 @@ pub struct Engine {
     planner: Planner,
     book: DispatchBook,
     ledger: Ledger,
-    /// Signal id -> dispatch id, for signals that may still be replaced (in flight or with
-    /// commitments in force).
-    streams: BTreeMap<String, DispatchId>,
+    /// Signal id -> (dispatch id, window end), for signals that may still be replaced (in
+    /// flight, with commitments in force, or with their window still open).
+    streams: BTreeMap<String, (DispatchId, Timestamp)>,
     /// Learns weights from each outcome, in the step that settles it.
     tuner: Option<Box<dyn LearningTuner>>,
 }
@@ -299,7 +303,7 @@ impl Engine {
     pub fn restore(&mut self, signal_id: &str, order: &Order, accepted: bool) {
         let mut c = Commitment::of(order);
         c.accepted = accepted;
-        self.streams.insert(signal_id.to_owned(), order.dispatch_id.clone());
+        self.streams.insert(signal_id.to_owned(), (order.dispatch_id.clone(), order.until));
         self.ledger.commit(c);
     }
 
@@ -309,7 +313,12 @@ impl Engine {
     pub fn on_signal(&mut self, now: Timestamp, signal: Signal) -> Result<Step, SignalRefused> {
         self.ledger.expire(now);
         let (book, ledger) = (&self.book, &self.ledger);
-        self.streams.retain(|_, d| book.contains(d) || ledger.has_dispatch(d));
+        // A stream goes on while its last signal's window is open, even when that setpoint
+        // got nothing (all rejected, or no room): the next one replaces it all the same.
+        self.streams.retain(|_, (d, until)| now < *until || book.contains(d) || ledger.has_dispatch(d));
+        if self.streams.len() > MAX_STREAMS {
+            self.streams.retain(|_, (d, _)| book.contains(d) || ledger.has_dispatch(d));
+        }
         self.planner.admit(now, &signal)?;
         let replaced = match &signal.replaces {
             None => None,
@@ -325,9 +334,9 @@ impl Engine {
             step.merge(self.withdraw(now, &dispatch_id, &format!("replaced by signal {}", signal.id)));
             self.streams.remove(old);
         }
-        let signal_id = signal.id.clone();
+        let (signal_id, until) = (signal.id.clone(), signal.end());
         let (dispatch, first) = self.planner.plan(now, signal, &self.ledger);
-        self.streams.insert(signal_id, dispatch.id().clone());
+        self.streams.insert(signal_id, (dispatch.id().clone(), until));
         self.book.insert(dispatch);
         step.merge(first);
         self.commit(&step.orders);
@@ -337,8 +346,7 @@ impl Engine {
 
     /// The dispatch of signal `signal_id`, if it can still be replaced.
     fn replaceable(&self, signal_id: &str) -> Option<DispatchId> {
-        let d = self.streams.get(signal_id)?;
-        (self.book.contains(d) || self.ledger.has_dispatch(d)).then(|| d.clone())
+        self.streams.get(signal_id).map(|(d, _)| d.clone())
     }
 
     /// Settles `dispatch_id` if it is in flight and withdraws every order of it still

@@ -197,13 +197,18 @@ fn acks_from_the_wrong_vehicle_unknown_late_or_repeated_are_ignored() {
     book.on_ack(T0, &a.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap();
     let again = book.on_ack(T0, &a.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap_err();
     assert!(matches!(again, AckIgnored::AlreadyAnswered(_)));
-    // After the deadline the dispatch has settled: b's ACK is late.
+    // After the deadline the dispatch has settled: b's ACK is late, and a's ACK sent on
+    // b's topic gets the very same answer (nothing about a's order comes out).
     let steps = book.on_timeout(T0.plus_millis(2_000));
     assert!(!steps[0].outcomes.is_empty());
-    assert!(matches!(
-        book.on_ack(T0.plus_millis(2_001), &b.vehicle_id, &ack(b, AckStatus::Accepted)),
-        Err(AckIgnored::Late(_))
-    ));
+    let late = book.on_ack(T0.plus_millis(2_001), &b.vehicle_id, &ack(b, AckStatus::Accepted)).unwrap_err();
+    assert!(matches!(late, AckIgnored::Settled(_)));
+    let foreign = book.on_ack(T0.plus_millis(2_001), &b.vehicle_id, &ack(a, AckStatus::Rejected)).unwrap_err();
+    let made_up = Ack { order_id: format!("{}9", a.order_id), status: AckStatus::Accepted, reason: None };
+    let made_up = book.on_ack(T0.plus_millis(2_001), &b.vehicle_id, &made_up).unwrap_err();
+    let text = |e: &AckIgnored, id: &str| e.to_string().replace(id, "ID");
+    assert_eq!(text(&foreign, &a.order_id), text(&made_up, &format!("{}9", a.order_id)));
+    assert_eq!(text(&foreign, &a.order_id), text(&late, &b.order_id));
 }
 
 #[test]
@@ -620,6 +625,28 @@ fn a_setpoint_stream_never_stacks() {
     assert!(matches!(again, Err(SignalRefused::UnknownReplacement(_))), "an already replaced signal");
     let unknown = e.on_signal(T0.plus_millis(90_000), Signal { replaces: Some("nope".into()), ..signal("y", 1.0) });
     assert!(matches!(unknown, Err(SignalRefused::UnknownReplacement(_))));
+}
+
+/// A setpoint that got nothing (every vehicle rejected it) does not end its stream: the
+/// next one replaces it while its window is open; once the window is over it cannot.
+#[test]
+fn a_setpoint_that_got_nothing_can_still_be_replaced() {
+    let fleet: Vec<Vehicle> = (0..2).map(|i| Vehicle::new(format!("v{i}"), 0.9, 400.0, 100.0)).collect();
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), &fleet);
+    let a = e.on_signal(T0, Signal { duration_s: 60, ..signal("w3", 50.0) }).unwrap();
+    for o in &a.orders {
+        e.on_ack(T0, &o.vehicle_id, &ack(o, AckStatus::Rejected)).unwrap();
+    }
+    assert!(e.ledger().is_empty());
+    let t = T0.plus_millis(4_000);
+    let b = Signal { start: t, duration_s: 60, replaces: Some("w3".into()), ..signal("w4", 50.0) };
+    let b = e.on_signal(t, b).expect("w3's window is open");
+    assert!((total(&b.orders) - 50.0).abs() < 1e-6);
+    let late = T0.plus_millis(70_000);
+    let c = Signal { start: late, replaces: Some("w3".into()), ..signal("w5", 50.0) };
+    assert!(matches!(e.on_signal(late, c), Err(SignalRefused::UnknownReplacement(_))), "w3 was replaced already");
+    let d = Signal { start: late, replaces: Some("w4".into()), ..signal("w6", 10.0) };
+    assert!(e.on_signal(late, d).is_ok(), "w4 still has commitments");
 }
 
 #[test]
