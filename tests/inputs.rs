@@ -67,3 +67,41 @@ fn malformed_payloads_on_every_inbound_topic_are_answered_recorded_and_change_no
     assert!(op.wait_json(Duration::from_secs(10), "", "signal_id", "fine").is_some(), "{}", g.log());
     assert!(g.terminate().success());
 }
+
+/// The live tail (`<p>/events`) carries every row the log gets while one listens: a
+/// dispatch's rows, and those recorded outside a dispatch (a vehicle joining, a refused
+/// signal, bad input), each as its row with the payload inlined.
+#[test]
+fn the_live_tail_carries_every_row_the_log_gets() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "tail", "ack_timeout_seconds: 1");
+    let p = g.prefix.clone();
+    let mut op = Operator::connect(&broker, "tail-op", &[format!("{p}/events"), format!("{p}/dispatches/+")]);
+    std::thread::sleep(Duration::from_millis(800));
+    op.publish_retained(&format!("{p}/vehicles/v1/state"), common::state(0.8, 11.0));
+    std::thread::sleep(Duration::from_millis(300));
+    op.publish(&format!("{p}/signals"), "not json");
+    op.publish(&format!("{p}/vehicles/v1/ack"), r#"{"order_id":"nope","status":"accepted"}"#);
+    op.publish(&format!("{p}/signals"), r#"{"id":"ok","type":"afrr","direction":"up","power_kw":2}"#);
+    op.wait_json(Duration::from_secs(10), "", "signal_id", "ok").expect("the dispatch's outcome");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(g.terminate().success());
+    let mut tail = std::collections::BTreeMap::new();
+    while let Some(row) = op.wait_for(Duration::from_millis(200), |t, body| {
+        t.ends_with("/events").then(|| serde_json::from_slice::<Value>(body).ok()).flatten()
+    }) {
+        tail.insert(row["seq"].as_u64().expect("a seq"), row);
+    }
+    let first = *tail.keys().next().expect("rows on the tail");
+    let log: Vec<Value> = g.events(None).into_iter().filter(|e| e["seq"].as_u64() >= Some(first)).collect();
+    for row in &log {
+        let seq = row["seq"].as_u64().unwrap();
+        let on_tail = tail.get(&seq).unwrap_or_else(|| panic!("row {seq} ({}) is not on the tail", row["kind"]));
+        assert_eq!(on_tail["kind"], row["kind"]);
+        assert_eq!(on_tail["payload"], row["payload"], "row {seq}");
+    }
+    let kinds: Vec<&str> = log.iter().filter_map(|r| r["kind"].as_str()).collect();
+    for k in ["VehicleDiscovered", "SignalRejected", "InputRejected", "SignalReceived", "DispatchCompleted"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+}

@@ -387,6 +387,14 @@ impl Actor for DispatcherActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(crate::MAILBOX);
+        // Rows recorded without a step (rejections, fleet changes, the config) reach the
+        // live tail too; a full mailbox leaves them to the log (the tail is QoS 0).
+        let me = std::sync::Mutex::new(ctx.address().recipient::<TailRows>());
+        self.store.set_tail(Box::new(move |rows| {
+            if let Ok(me) = me.lock() {
+                let _ = me.try_send(TailRows(rows));
+            }
+        }));
         ctx.run_interval(CAPACITY_EVERY, |act, _| act.publish_capacity());
         ctx.run_interval(STATUS_EVERY, |act, _| act.publish_status());
         // After a restart, an outage that was being probed is probed again.
@@ -423,6 +431,19 @@ impl Supervised for DispatcherActor {
 }
 
 /// Connects the fleet's owner (started after the dispatcher).
+/// Durable rows for the live tail (of events recorded outside a step).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TailRows(pub crate::store::Appended);
+
+impl Handler<TailRows> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TailRows, _ctx: &mut Context<Self>) {
+        self.tail(msg.0);
+    }
+}
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Connect {

@@ -141,6 +141,10 @@ pub struct Appended {
 
 type Reply = oneshot::Sender<Result<Appended, String>>;
 
+/// Takes the durable rows of [`StoreHandle::record`]ed events (an append's caller gets
+/// its own back).
+pub type TailSink = Box<dyn Fn(Appended) + Send + Sync>;
+
 enum Request {
     Append {
         events: Vec<Event>,
@@ -175,6 +179,8 @@ struct Queue {
 
 struct Journal {
     queue: Mutex<Queue>,
+    /// Where the rows of appends nobody waits for go once durable (the live tail).
+    tail: std::sync::OnceLock<TailSink>,
     /// The writer waits on it for work.
     work: Condvar,
     /// Producers wait on it for room.
@@ -343,6 +349,7 @@ impl StoreHandle {
             }),
             work: Condvar::new(),
             room: Condvar::new(),
+            tail: std::sync::OnceLock::new(),
         });
         let gone = WriterGone(journal.clone());
         let join = thread::Builder::new()
@@ -393,6 +400,12 @@ impl StoreHandle {
         rx
     }
 
+    /// Where the rows of [`StoreHandle::record`] go once durable (set once; later calls
+    /// change nothing).
+    pub fn set_tail(&self, sink: TailSink) {
+        let _ = self.journal().tail.set(sink);
+    }
+
     /// What waits for the writer now.
     pub fn backlog(&self) -> Backlog {
         let q = self.journal().lock();
@@ -423,7 +436,13 @@ fn writer(mut conn: Connection, journal: WriterGone) {
                             let _ = reply.send(Ok(Appended { first_seq: seq, events }));
                             seq += n;
                         }
-                        Request::Append { events, reply: None } => seq += events.len() as u64,
+                        Request::Append { events, reply: None } => {
+                            let n = events.len() as u64;
+                            if let Some(tail) = journal.0.tail.get() {
+                                tail(Appended { first_seq: seq, events });
+                            }
+                            seq += n;
+                        }
                         Request::Flush { reply, checkpoint } => {
                             if checkpoint {
                                 let done =
