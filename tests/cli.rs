@@ -2,9 +2,71 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use common::gridweaver;
+use common::{free_port, gridweaver, Gateway, Mosquitto};
+
+/// Runs `cmd` to its end and returns what it printed; kills it and fails the test if it
+/// is still running after `within` (a `run` that should have refused to start).
+fn output_within(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn gridweaver");
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("still running after {within:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// A config in `dir` with `mqtt` entries (YAML flow map) and the log at `log`; no broker
+/// listens on its port.
+fn write_config(dir: &Path, mqtt: &str, log: &Path) -> PathBuf {
+    let config = dir.join("gateway.yaml");
+    let yaml = format!(
+        "site: x\nmqtt: {{ host: 127.0.0.1, port: {}, {mqtt} }}\nstore: {{ path: {:?} }}\n",
+        free_port(),
+        log.display().to_string()
+    );
+    std::fs::write(&config, yaml).expect("write config");
+    config
+}
+
+/// `check-config FILE` and `run --config FILE` both exit 2 with one line on stderr that
+/// contains every one of `needles`.
+fn assert_config_error(config: &Path, needles: &[&str]) {
+    for args in [vec!["check-config"], vec!["run", "--config"]] {
+        let out = output_within(gridweaver().args(&args).arg(config), Duration::from_secs(20));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
+        }
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+    }
+}
+
+/// How many rows of `kind` the log at `db` holds (0 while it does not exist).
+fn rows_of(db: &Path, kind: &str) -> i64 {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    conn.query_row("SELECT COUNT(*) FROM events WHERE kind = ?1", [kind], |r| r.get(0)).unwrap_or(0)
+}
+
+/// Waits until the log at `db` holds `n` rows of `kind`.
+fn await_rows(db: &Path, kind: &str, n: i64, gateway: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows_of(db, kind) < n {
+        assert!(Instant::now() < deadline, "the log never held {n} {kind}:\n{}", gateway.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
 
 #[test]
 fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
@@ -13,7 +75,8 @@ fn check_config_accepts_the_shipped_configs_and_names_bad_keys() {
     for entry in std::fs::read_dir(root.join("config")).expect("config/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let out = gridweaver().arg("check-config").arg(&path).output().expect("run");
+            // They name /var/lib and /etc paths of a gateway, not of this machine.
+            let out = gridweaver().args(["check-config", "--skip-environment"]).arg(&path).output().expect("run");
             assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
             checked += 1;
         }
@@ -216,4 +279,78 @@ fn migrate_starts_a_new_log_from_a_snapshot_and_refuses_an_existing_one() {
     let bad = bad.expect("run");
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("fleet[0]"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
+
+#[test]
+fn a_missing_or_unreadable_password_file_is_a_config_error_for_check_config_and_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("events.db");
+    // A directory cannot be read as a file, even by root (for whom no mode bit forbids it).
+    for file in [dir.path().join("missing-password"), dir.path().join("a-directory")] {
+        if file.ends_with("a-directory") {
+            std::fs::create_dir(&file).expect("mkdir");
+        }
+        let mqtt = format!("username: gw, password_file: {:?}", file.display().to_string());
+        let config = write_config(dir.path(), &mqtt, &db);
+        assert_config_error(&config, &["mqtt.password_file", &file.display().to_string()]);
+        assert!(!db.exists(), "run stopped before it opened the log");
+    }
+    // A readable one passes.
+    let file = dir.path().join("password");
+    std::fs::write(&file, "s3cret\n").expect("write");
+    let mqtt = format!("username: gw, password_file: {:?}", file.display().to_string());
+    let out = gridweaver().arg("check-config").arg(write_config(dir.path(), &mqtt, &db)).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_log_in_a_missing_directory_is_a_config_error_for_check_config_and_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let missing = dir.path().join("no-such-dir");
+    let config = write_config(dir.path(), "", &missing.join("events.db"));
+    assert_config_error(&config, &["store.path", &missing.display().to_string()]);
+    assert!(!missing.exists(), "nothing was created");
+    let out = gridweaver().args(["check-config", "--skip-environment"]).arg(&config).output().expect("run");
+    assert!(out.status.success(), "the text alone is valid: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// One gateway per log: a second `run` (or a `migrate`) on a live gateway's log exits 1
+/// and writes nothing; readers work beside it; `kill -9` releases the lock.
+#[test]
+fn a_second_gateway_on_the_same_log_exits_1_while_the_first_runs() {
+    let broker = Mosquitto::start();
+    let mut first = Gateway::start(&broker, "locked", "");
+    // The first has taken the lock and recorded its configuration.
+    await_rows(&first.db, "ConfigRecorded", 1, &first);
+    let lock = format!("{}.lock", first.db.display());
+
+    let out = output_within(gridweaver().args(["run", "--config"]).arg(&first.config), Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the second gateway: {err}");
+    assert!(err.contains(&lock) && err.contains("another gateway holds"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    let snapshot = first.dir.path().join("snapshot.json");
+    std::fs::write(
+        &snapshot,
+        r#"{"site": "locked", "taken_at": "2026-12-01T06:00:00Z", "fleet": [], "weights": {}, "programs": {}}"#,
+    )
+    .expect("write");
+    let out = gridweaver().args(["migrate", "--snapshot"]).arg(&snapshot).arg("--db").arg(&first.db).output();
+    let out = out.expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "migrate: {err}");
+    assert!(err.contains(&lock) && err.contains("another gateway holds"), "{err}");
+
+    for reader in ["events", "replay", "audit"] {
+        let out = gridweaver().args([reader, "--db"]).arg(&first.db).output().expect("run");
+        assert!(out.status.success(), "{reader} beside the gateway: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(rows_of(&first.db, "ConfigRecorded"), 1, "the refused ones wrote nothing");
+
+    // A crash releases it: the next start takes the lock and runs.
+    first.kill();
+    first.restart();
+    await_rows(&first.db, "ConfigRecorded", 2, &first);
+    assert!(first.terminate().success(), "{}", first.log());
 }

@@ -50,7 +50,7 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
     let mut k = 0u64;
     while events < min_events && (k as usize) < max_dispatches {
         let now = t0.plus_millis(2_000 * (k as i64 + 1));
-        let direction = if k % 3 == 0 { Direction::Down } else { Direction::Up };
+        let direction = if k.is_multiple_of(3) { Direction::Down } else { Direction::Up };
         let signal = Signal::new(format!("s{k}"), SignalType::ALL[(k % 5) as usize], direction, 20.0, now);
         k += 1;
         let step = engine.on_signal(now, Signal { duration_s: 1, ..signal });

@@ -12,8 +12,8 @@ use gridweaver_core::events::audit::Auditor;
 use gridweaver_core::events::{decode, Decoded, EventKind, StoredEvent};
 use gridweaver_core::time::Timestamp;
 
-use crate::controller;
-use crate::store::{Query, Reader};
+use crate::store::{LogLock, Query, Reader};
+use crate::{controller, environment};
 
 /// GridWeaver Edge: an edge controller that dispatches grid-flexibility signals over an
 /// EV depot's chargers and records every decision in an append-only SQLite log.
@@ -51,10 +51,16 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Validates a config; errors name the offending key.
+    /// Validates a config; errors name the offending key. Also checks what it names on this
+    /// machine, as `run` does first: `mqtt.password_file` readable, the directory of
+    /// `store.path` present.
     CheckConfig {
         /// The YAML config.
         file: PathBuf,
+        /// Only the file's content: do not look at the files and directories it names (to
+        /// check a config on another machine than its gateway's).
+        #[arg(long)]
+        skip_environment: bool,
     },
     /// Prints events from a log, oldest first.
     Events {
@@ -185,12 +191,18 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Demo { db, vehicles, seed } => crate::demo::run(&db, vehicles, seed).map_err(Failure::Runtime),
         Command::Run { config } => {
             let cfg = load_config(&config)?;
+            check_environment(&config, &cfg)?;
+            // One gateway per log, for the whole process: the OS releases the lock at any exit.
+            let _lock = LogLock::acquire(Path::new(&cfg.store.path)).map_err(|e| Failure::Runtime(e.into()))?;
             let system = actix::System::new();
             system.block_on(controller::run_until(&cfg, shutdown_signal())).map_err(|e| Failure::Runtime(e.into()))?;
             Ok(())
         }
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, skip_environment } => {
             let cfg = load_config(&file)?;
+            if !skip_environment {
+                check_environment(&file, &cfg)?;
+            }
             println!(
                 "{}: ok (site `{}`, broker {}:{}, prefix `{}`, log {}, strategy {:?}, fallback {:?})",
                 file.display(),
@@ -331,6 +343,8 @@ fn migrate(snapshot: &Path, db: &Path) -> Result<(), Failure> {
         serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: snapshot: {e}", snapshot.display())))?;
     let rows =
         events(&parsed, crate::publish::now()).map_err(|e| Failure::Usage(format!("{}: {e}", snapshot.display())))?;
+    // Not beside a gateway (or another migrate) writing the same log.
+    let _lock = LogLock::acquire(db).map_err(|e| Failure::Runtime(e.into()))?;
     let mut conn = crate::store::open_writer(db, true).map_err(|e| Failure::Runtime(e.into()))?;
     let existing: i64 =
         conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).map_err(|e| Failure::Runtime(e.into()))?;
@@ -362,6 +376,11 @@ pub fn load_config(path: &Path) -> Result<Config, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Usage(format!("cannot read config {}: {e}", path.display())))?;
     Config::from_yaml(&text).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}
+
+/// [`environment::check_environment`]; a failure is a config error naming the file.
+fn check_environment(path: &Path, cfg: &Config) -> Result<(), Failure> {
+    environment::check_environment(cfg).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
 }
 
 async fn shutdown_signal() {

@@ -19,6 +19,7 @@ use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
 use crate::bridge::{Disconnect, MqttBridge, Routes};
 use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Shutdown};
+use crate::environment::EnvironmentError;
 use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreError, StoreHandle};
@@ -30,14 +31,9 @@ pub enum ControllerError {
     /// The event log.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// `mqtt.password_file` could not be read.
-    #[error("mqtt.password_file: cannot read {file}: {error}")]
-    PasswordFile {
-        /// The configured file.
-        file: String,
-        /// Why.
-        error: std::io::Error,
-    },
+    /// A file the config names (`mqtt.password_file`) could not be read.
+    #[error(transparent)]
+    Environment(#[from] EnvironmentError),
     /// An actor did not start.
     #[error("{0} did not start")]
     NotStarted(&'static str),
@@ -58,13 +54,9 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, Contro
         .set_max_packet_size(crate::publish::MAX_PACKET_BYTES, crate::publish::MAX_PACKET_BYTES)
         .set_last_will(LastWill::new(topics.status(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
     if let Some(user) = &m.username {
+        // No password file: a user name alone (the CONNECT's password flag stays unset).
         let password = match &m.password_file {
-            Some(file) => std::fs::read_to_string(file)
-                .map_err(|error| ControllerError::PasswordFile { file: file.clone(), error })?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
+            Some(file) => crate::environment::password(Path::new(file))?,
             None => String::new(),
         };
         opts.set_credentials(user, password);

@@ -12,9 +12,12 @@
 //! - [`vehicle`]: `VehicleActor`, one per vehicle: its state, its orders, its ACKs.
 //! - [`fallback`]: `FallbackActor`, owns the configured fallback rule.
 //! - [`tuner`]: `TunerActor`, owns the `LearningTuner`; weights changes go durable, then to the dispatcher.
-//! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers.
+//! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers;
+//!   `LogLock`, the lock that keeps one gateway per log.
 //! - [`publish`]: the outbound MQTT handle and the wall clock.
 //! - [`cli`]: the `gridweaver` commands; [`demo`]: `gridweaver demo`.
+//! - [`environment`]: what a config names on this machine (password file, the log's
+//!   directory), checked before `check-config` says ok and before `run` starts anything.
 //! - [`sim`]: the seeded simulated fleet (demo, tests, benchmarks); [`broker`]: the demo's
 //!   embedded MQTT broker.
 
@@ -26,6 +29,7 @@ pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod dispatcher;
+pub mod environment;
 pub mod fallback;
 pub mod guard;
 pub mod publish;

@@ -25,7 +25,10 @@ use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
+mod lock;
 pub mod schema;
+
+pub use lock::{lock_path, LogLock};
 
 /// What can go wrong with the event log.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,26 @@ pub enum StoreError {
     /// Another `compact` recorded a retention step while this one was computing its own.
     #[error("{}: another compaction ran at the same time; nothing was changed, run it again", .0.display())]
     Concurrent(PathBuf),
+    /// Another process (a gateway, or a `migrate`) holds the log's lock.
+    #[error(
+        "{}: another gateway holds the lock of this event log{}; one gateway per log",
+        path.display(),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The pid the holder wrote into it, when readable.
+        holder: Option<u32>,
+    },
+    /// The lock file could not be created or locked.
+    #[error("cannot lock the event log with {}: {error}", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The chain is broken: compacting would hide it.
     #[error("{}: the log does not match its hash chain ({error}); it is not compacted, so that the evidence stays", path.display())]
     Broken {
