@@ -105,7 +105,8 @@ fn a_dispatch_cut_off_by_a_crash_is_recorded_as_interrupted_at_the_next_start() 
     let broker = Mosquitto::start();
     let mut g = Gateway::start(&broker, "crash", "ack_timeout_seconds: 30");
     let p = g.prefix.clone();
-    let mut op = Operator::connect(&broker, "crash-op", &[format!("{p}/vehicles/+/order"), format!("{p}/status")]);
+    let subs = [format!("{p}/vehicles/+/order"), format!("{p}/status"), format!("{p}/dispatches/+")];
+    let mut op = Operator::connect(&broker, "crash-op", &subs);
     assert!(status_is(&mut op, "online"));
     op.publish_retained(&format!("{p}/vehicles/v/state"), common::state(0.8, 11.0));
     std::thread::sleep(Duration::from_millis(500));
@@ -129,5 +130,13 @@ fn a_dispatch_cut_off_by_a_crash_is_recorded_as_interrupted_at_the_next_start() 
         op.wait_json(Duration::from_secs(5), "/order", "cancel", true).expect("the order cut off is cancelled");
     assert_eq!(cancel["reason"], "unanswered when the gateway stopped");
     assert_eq!(g.events(Some("OrderCancelled")).len(), 1);
+    // Settled at the restart with what it had: its outcome is published and in the view.
+    let out = op.wait_json(Duration::from_secs(5), "", "signal_id", "cut").expect("the interrupted outcome");
+    assert_eq!((out["requested_kw"].as_f64(), out["acknowledged_kw"].as_f64()), (Some(5.0), Some(0.0)), "{out}");
+    assert_eq!(out["vehicles"]["timed_out"], 1, "{out}");
+    let rows = g.query("SELECT signal_id, requested_kw, delivered_kw, interrupted FROM dispatches");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0]["signal_id"].as_str(), rows[0]["delivered_kw"].as_f64()), (Some("cut"), Some(0.0)));
+    assert!(rows[0]["interrupted"].as_str().is_some_and(|r| r.contains("unfinished")), "{rows:?}");
     assert!(g.terminate().success());
 }

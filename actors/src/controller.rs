@@ -71,16 +71,26 @@ fn read_state(cfg: &Config) -> Result<ProjectedState, StoreError> {
 }
 
 /// The engine for `cfg` as the log leaves it, and the step that closes what the last run
-/// left unfinished: each unfinished dispatch is recorded as `DispatchInterrupted` and its
-/// unanswered orders are cancelled; accepted orders whose window is still open are
-/// committed again.
+/// left unfinished: each unfinished dispatch is recorded as `DispatchInterrupted` (with its
+/// outcome, which is then published) and its unanswered orders are cancelled; accepted
+/// orders whose window is still open are committed again.
 pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (Engine, Step) {
     let mut engine = build::engine(cfg, recovery).unwrap_or_else(|e| {
         // Unreachable with a validated config; the gateway runs on without tuning.
         tracing::error!(error = %e, "tuner settings rejected; weights will not be tuned");
         Engine::new(build::planner(cfg, recovery))
     });
-    let unfinished = recovery.unfinished();
+    // Each is settled now, with what it had delivered: recorded, and its outcome published
+    // once that is durable.
+    let configured = (cfg.dispatch.strategy, cfg.dispatch.fallback);
+    let unfinished: Vec<_> = recovery
+        .unfinished()
+        .into_iter()
+        .map(|(d, s)| {
+            let outcome = recovery.interrupted_outcome(&d, t, configured);
+            (d, s, outcome)
+        })
+        .collect();
     let step = engine.recover(t, &unfinished, &recovery.commitments_at(t));
     if !unfinished.is_empty() {
         tracing::warn!(count = unfinished.len(), "dispatches interrupted by the last stop are recorded");

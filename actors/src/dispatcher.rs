@@ -158,6 +158,8 @@ impl DispatcherActor {
             if let Some(check) = w.check {
                 ctx.cancel_future(check);
             }
+            self.capacity_dirty = true;
+            self.publish_capacity();
             tracing::info!(vehicles = self.engine.planner().fleet().count(), held = w.held.len(), "fleet learnt");
             for signal in w.held {
                 self.signal_in(signal, ctx);
@@ -208,6 +210,10 @@ impl DispatcherActor {
 
     /// Publishes the capacity when it changed (commitments, fleet, or windows ending).
     fn publish_capacity(&mut self) {
+        if self.warmup.is_some() {
+            // Not before the fleet is learnt: a retained `0 vehicles` would mislead.
+            return;
+        }
         if !std::mem::take(&mut self.capacity_dirty) && self.engine.ledger().is_empty() {
             return;
         }

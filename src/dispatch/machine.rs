@@ -406,9 +406,9 @@ impl Dispatch {
             kind: self.signal.kind,
             direction: self.signal.direction,
             requested_kw: self.signal.power_kw,
-            allocated_kw: self.allocated_kw,
-            acknowledged_kw: self.acknowledged_kw,
-            shortfall_kw: self.residual_kw(),
+            allocated_kw: to_milliwatt(self.allocated_kw),
+            acknowledged_kw: to_milliwatt(self.acknowledged_kw),
+            shortfall_kw: (self.signal.power_kw - to_milliwatt(self.acknowledged_kw)).max(0.0),
             strategy: self.strategy,
             fallback: self.fallback,
             vehicles: self.counts,
@@ -446,4 +446,11 @@ pub(super) fn cancel_events(now: Timestamp, actor: &str, region: &str, cancels: 
         events.push(Event::of(now, actor, &payload).correlation(&first.dispatch_id).region(Some(region)));
     }
     events
+}
+
+/// An outcome's sums to the milliwatt: what was delivered, not the float noise of adding
+/// up the orders (`20.000000000000004` delivered, so `3.55e-15` kW short; never `-0`). The
+/// shortfall is then exactly the request less the rounded delivery.
+fn to_milliwatt(kw: f64) -> f64 {
+    (kw * 1e6).round() / 1e6 + 0.0
 }

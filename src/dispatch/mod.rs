@@ -273,18 +273,20 @@ impl Engine {
     pub fn recover(
         &mut self,
         now: Timestamp,
-        unfinished: &[(DispatchId, String)],
+        unfinished: &[(DispatchId, String, Option<DispatchOutcome>)],
         orders: &[(String, Order, bool)],
     ) -> Step {
         let region = self.planner.cfg.region.clone();
         let mut step = Step::default();
-        for (dispatch_id, signal_id) in unfinished {
+        for (dispatch_id, signal_id, outcome) in unfinished {
             let payload = DispatchInterrupted {
                 dispatch_id: dispatch_id.clone(),
                 signal_id: signal_id.clone(),
                 reason: "found unfinished at start-up: the gateway stopped before it settled".to_owned(),
+                outcome: outcome.clone(),
             };
             step.events.push(Event::of(now, "supervisor", &payload).correlation(dispatch_id).region(Some(&region)));
+            step.outcomes.extend(outcome.clone());
         }
         for (signal_id, order, accepted) in orders {
             if *accepted {

@@ -405,8 +405,11 @@ pub struct DispatchInterrupted {
     pub signal_id: String,
     /// Why.
     pub reason: String,
+    /// What it had delivered when it was settled at start-up (v2; v1 rows have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<crate::model::DispatchOutcome>,
 }
-payload!(DispatchInterrupted, DispatchInterrupted, 1);
+payload!(DispatchInterrupted, DispatchInterrupted, 2);
 
 /// `LogRecovered`: the log could be written again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

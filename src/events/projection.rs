@@ -13,7 +13,10 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
-use crate::model::{DispatchId, DispatchOutcome, Order, OrderId, Signal, SignalType, Vehicle, VehicleId};
+use crate::model::{
+    DispatchId, DispatchOutcome, FallbackKind, Order, OrderId, Signal, SignalType, StrategyKind, Vehicle,
+    VehicleCounts, VehicleId,
+};
 use crate::time::Timestamp;
 
 use super::payload::{ConfigRecorded, Decoded, OrdersSent};
@@ -69,6 +72,9 @@ pub struct ProjectedDispatch {
     pub signal: Option<Signal>,
     /// When it was planned.
     pub planned_at: Timestamp,
+    /// The strategy its plan used (absent in snapshots from before it was kept).
+    #[serde(default)]
+    pub strategy: Option<StrategyKind>,
     /// Attempts sent so far.
     pub attempts: u32,
     /// Every order sent, in the order they were sent (by attempt and number).
@@ -183,6 +189,47 @@ impl ProjectedState {
     /// Dispatches in flight as (dispatch id, signal id), in id order.
     pub fn unfinished(&self) -> Vec<(DispatchId, String)> {
         self.in_flight.iter().map(|(id, d)| (id.clone(), d.signal_id.clone())).collect()
+    }
+
+    /// The outcome of unfinished dispatch `dispatch_id`, settled at `now` as it stands:
+    /// what was ordered and accepted; orders never answered count as timed out. `None` for
+    /// a dispatch not in flight, or whose signal the log lacks. `configured` are the
+    /// strategy (for a plan whose strategy the log does not say) and the fallback.
+    pub fn interrupted_outcome(
+        &self,
+        dispatch_id: &str,
+        now: Timestamp,
+        configured: (StrategyKind, FallbackKind),
+    ) -> Option<DispatchOutcome> {
+        let d = self.in_flight.get(dispatch_id)?;
+        let signal = d.signal.as_ref()?;
+        let mut counts = VehicleCounts::default();
+        let (mut allocated_kw, mut acknowledged_kw) = (0.0, 0.0);
+        for o in d.orders.values() {
+            allocated_kw += o.power_kw;
+            match o.answer {
+                OrderAnswer::Accepted => {
+                    counts.accepted += 1;
+                    acknowledged_kw += o.power_kw;
+                }
+                OrderAnswer::Rejected => counts.rejected += 1,
+                OrderAnswer::Pending | OrderAnswer::TimedOut => counts.timed_out += 1,
+            }
+        }
+        Some(DispatchOutcome {
+            dispatch_id: DispatchId::from(dispatch_id),
+            signal_id: d.signal_id.clone(),
+            kind: signal.kind,
+            direction: signal.direction,
+            requested_kw: signal.power_kw,
+            allocated_kw,
+            acknowledged_kw,
+            shortfall_kw: (signal.power_kw - acknowledged_kw).max(0.0),
+            strategy: d.strategy.unwrap_or(configured.0),
+            fallback: configured.1,
+            vehicles: counts,
+            completed_at: now,
+        })
     }
 
     /// Orders still committed at `now` (window not over), in the order they were sent,
@@ -312,11 +359,12 @@ impl DispatchProjection {
                 v: u32,
                 dispatch_id: DispatchId,
                 signal_id: String,
+                strategy: StrategyKind,
             }
             if let Ok(p) = serde_json::from_str::<Plan>(payload) {
                 if p.v == <super::payload::PlanCreated as super::Payload>::VERSION {
                     (self.state.seq, self.state.ts) = (seq, Some(ts));
-                    self.state.planned(ts, p.dispatch_id, p.signal_id);
+                    self.state.planned(ts, p.dispatch_id, p.signal_id, p.strategy);
                     return Ok(());
                 }
             }
@@ -344,7 +392,7 @@ impl DispatchProjection {
                 s.last_signal = Some(e.signal);
             }
             Decoded::Rejected(_) => s.rejected += 1,
-            Decoded::PlanCreated(p) => s.planned(ts, p.dispatch_id, p.signal_id),
+            Decoded::PlanCreated(p) => s.planned(ts, p.dispatch_id, p.signal_id, p.strategy),
             Decoded::OrdersSent(mut sent) => {
                 for (vehicle, _) in &mut sent.orders {
                     *vehicle = s.vehicle(vehicle.as_str()).unwrap_or_else(|| vehicle.clone());
@@ -505,7 +553,7 @@ impl ProjectedState {
     }
 
     /// Dispatch `dispatch_id` of `signal_id` was planned at `ts`.
-    fn planned(&mut self, ts: Timestamp, dispatch_id: DispatchId, signal_id: String) {
+    fn planned(&mut self, ts: Timestamp, dispatch_id: DispatchId, signal_id: String, strategy: StrategyKind) {
         if let Some(n) = dispatch_id.number() {
             self.dispatches = self.dispatches.max(n);
         }
@@ -514,7 +562,8 @@ impl ProjectedState {
             self.participation.pop_front();
         }
         let signal = self.last_signal.take().filter(|g| g.id == signal_id);
-        let d = ProjectedDispatch { signal_id, signal, planned_at: ts, attempts: 0, orders: BTreeMap::new() };
+        let strategy = Some(strategy);
+        let d = ProjectedDispatch { signal_id, signal, planned_at: ts, strategy, attempts: 0, orders: BTreeMap::new() };
         self.in_flight.insert(dispatch_id, d);
     }
 

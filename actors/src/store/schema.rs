@@ -136,7 +136,15 @@ CREATE VIEW dispatches AS
          json_extract(payload, '$.strategy') AS strategy, json_extract(payload, '$.fallback') AS fallback,
          json_extract(payload, '$.attempts') AS attempts, json_extract(payload, '$.interrupted') AS interrupted,
          ts_ms AS completed_ms, seq
-  FROM events WHERE kind = 'DispatchCompleted';
+  FROM events WHERE kind = 'DispatchCompleted'
+  UNION ALL
+  SELECT correlation_id, json_extract(payload, '$.signal_id'),
+         json_extract(payload, '$.outcome.type'), json_extract(payload, '$.outcome.direction'),
+         json_extract(payload, '$.outcome.requested_kw'), json_extract(payload, '$.outcome.allocated_kw'),
+         json_extract(payload, '$.outcome.acknowledged_kw'), json_extract(payload, '$.outcome.shortfall_kw'),
+         json_extract(payload, '$.outcome.strategy'), json_extract(payload, '$.outcome.fallback'),
+         NULL, json_extract(payload, '$.reason'), ts_ms, seq
+  FROM events WHERE kind = 'DispatchInterrupted';
 ";
 
 /// Brings the schema at `conn` to [`VERSION`], in one transaction. A log written by a newer
