@@ -71,9 +71,14 @@ impl Obj {
     pub(super) fn opt_uint(&self, f: &'static str) -> Result<Option<u64>, InputError> {
         match self.get(f) {
             None => Ok(None),
-            Some(Value::Number(n)) => {
-                n.as_u64().map(Some).ok_or_else(|| invalid(f, format!("must be a whole number >= 0, got {n}")))
-            }
+            // `60.0` is the whole number 60 (some encoders write every number as a float).
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
+                (Some(u), _) => Ok(Some(u)),
+                (None, Some(x)) if x.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(&x) => {
+                    Ok(Some(x as u64))
+                }
+                _ => Err(invalid(f, format!("must be a whole number >= 0, got {n}"))),
+            },
             Some(v) => Err(invalid(f, format!("must be a whole number, got {}", type_name(v)))),
         }
     }

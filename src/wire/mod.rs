@@ -216,6 +216,18 @@ mod tests {
     }
 
     #[test]
+    fn whole_floats_and_names_in_any_case_are_read() {
+        let Inbound::Signal(sig) =
+            dec("signals", r#"{"id":"s","type":"AFRR","direction":"DOWN","power_kw":1,"duration_s":60.0}"#).unwrap()
+        else {
+            panic!("a signal")
+        };
+        assert_eq!((sig.direction, sig.duration_s), (Direction::Down, 60));
+        let err = dec("signals", r#"{"id":"s","type":"afrr","direction":"up","power_kw":1,"duration_s":60.5}"#);
+        assert!(err.unwrap_err().error.to_string().contains("field `duration_s`"));
+    }
+
+    #[test]
     fn a_full_signal_decodes() {
         let s = r#"{"id":"s1","type":"afrr","direction":"down","power_kw":120.5,
                     "start":"2026-11-23T10:00:00Z","duration_s":300,"region":"north","extra":1}"#;

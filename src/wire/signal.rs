@@ -14,10 +14,14 @@ pub(super) fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputErro
         Some(_) => None,
     }
     .ok_or_else(|| invalid("type", "must be one of fcr, afrr, mfrr, dr, transfer or their codes 0-4"))?;
+    // Names in any case, as for `type`.
     let direction = match o.str("direction")? {
-        "up" => Direction::Up,
-        "down" => Direction::Down,
-        other => return Err(invalid("direction", format!("must be `up` or `down`, got `{other}`"))),
+        d if d.eq_ignore_ascii_case("up") => Direction::Up,
+        d if d.eq_ignore_ascii_case("down") => Direction::Down,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(invalid("direction", format!("must be `up` or `down`, got `{shown}`")));
+        }
     };
     let power_kw = within("power_kw", o.num("power_kw")?, MAX_SIGNAL_KW)?;
     let start = o.opt_time("start")?.unwrap_or(now);
