@@ -230,7 +230,7 @@ impl DispatcherActor {
     /// live tail; a fallback request goes to the FallbackActor; the timer is re-armed.
     fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
         // The engine has learnt from the answers already (prediction, tuner).
-        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers: _ } = step;
+        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers: _, interrupted: _ } = step;
         self.capacity_dirty |= !orders.is_empty() || !cancels.is_empty() || !outcomes.is_empty();
         if events.is_empty() {
             if let Some(request) = fallback {

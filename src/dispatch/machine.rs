@@ -395,6 +395,7 @@ impl Dispatch {
         self.interrupted = Some(why.to_owned());
         let mut step = self.cancel_pending(now, why);
         step.merge(self.complete(now));
+        step.interrupted.push(self.id.clone());
         step
     }
 

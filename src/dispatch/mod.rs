@@ -113,6 +113,9 @@ pub struct Step {
     /// The results of the dispatches this step settled (a replacement settles the
     /// dispatch it replaces in the same step as it plans its own).
     pub outcomes: Vec<DispatchOutcome>,
+    /// Dispatches this step settled early (replaced in flight, shut down): their outcomes
+    /// say what happened, but the tuner does not learn from them.
+    pub interrupted: Vec<DispatchId>,
 }
 
 impl Step {
@@ -124,6 +127,7 @@ impl Step {
         self.fallback = other.fallback.or(self.fallback.take());
         self.outcomes.extend(other.outcomes);
         self.answers.extend(other.answers);
+        self.interrupted.extend(other.interrupted);
     }
 
     /// Whether there is nothing to do.
@@ -227,7 +231,7 @@ impl Engine {
             self.planner.observe_answers(&step.answers);
         }
         let Some(tuner) = self.tuner.as_mut() else { return };
-        for outcome in &step.outcomes {
+        for outcome in step.outcomes.iter().filter(|o| !step.interrupted.contains(&o.dispatch_id)) {
             if let Some(change) = tuner.observe(outcome) {
                 self.planner.set_weights(change.signal_type, change.after);
                 step.events.push(change.event(now, &self.planner.cfg.region));

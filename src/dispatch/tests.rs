@@ -225,6 +225,29 @@ fn a_signal_no_vehicle_can_serve_completes_at_once_with_a_full_shortfall() {
     assert_eq!(constraint["excluded"][0]["reason"], "not_plugged_in");
 }
 
+/// The tuner learns from dispatches that ran their course: silence cut short by a
+/// shutdown says nothing about the vehicles, silence past the deadline does.
+#[test]
+fn the_tuner_does_not_learn_from_dispatches_cut_short() {
+    use crate::learning::tuning::AckBasedTuner;
+    let tuned = |e: &mut Engine, until: Timestamp, shut: bool| {
+        let step = e.on_signal(T0, signal("s", 30.0)).unwrap();
+        assert_eq!(step.orders.len(), 5);
+        let steps = if shut { e.shutdown(until, "gateway shutdown") } else { e.on_timeout(until) };
+        steps.iter().flat_map(|s| &s.events).filter(|ev| ev.kind == EventKind::WeightsTuned).count()
+    };
+    let engine = || {
+        let tuner = AckBasedTuner::new(SignalType::ALL.map(crate::allocation::Weights::default_for));
+        with_fleet(planner(FallbackKind::Noop), &fleet(5)).with_tuner(Some(Box::new(tuner)))
+    };
+    assert_eq!(tuned(&mut engine(), T0.plus_millis(500), true), 0, "shut down: no change");
+    assert_eq!(
+        tuned(&mut engine(), T0.plus_millis(2_000), false),
+        1,
+        "no ACK by the deadline: availability counts more"
+    );
+}
+
 #[test]
 fn shutdown_settles_what_is_in_flight() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(3));

@@ -180,7 +180,9 @@ impl Auditor {
                         p.observe_answers(&answers);
                     }
                 }
-                if let Some(change) = self.tuner.as_mut().and_then(|t| t.observe(&done.outcome)) {
+                // The tuner learns from dispatches that ran their course, as the gateway's.
+                let tuned = done.interrupted.is_none().then_some(()).and(self.tuner.as_mut());
+                if let Some(change) = tuned.and_then(|t| t.observe(&done.outcome)) {
                     self.tunings.push_back((row.seq, change));
                 }
             }
