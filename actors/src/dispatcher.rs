@@ -525,6 +525,16 @@ impl DispatcherActor {
             self.publisher.error(&topic, &why, msg.at);
             return;
         }
+        if let Some(queued) = self.publisher.busy() {
+            // Admission: what is decided must go out; the broker is not keeping up.
+            let why = format!(
+                "signal `{}` was not dispatched: the gateway is behind publishing ({queued} messages waiting for the broker); send it again later",
+                msg.signal.id
+            );
+            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
+            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+            return;
+        }
         if let Some(backlog) = self.store.behind() {
             // Admission: the log is not keeping up, so no new dispatch is queued behind it
             // (what is in flight goes on; the refusal itself is recorded).

@@ -45,6 +45,32 @@ pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 /// Messages waiting to be handed to the MQTT client, at most.
 pub const OUTBOUND_QUEUE: usize = 32_768;
 
+/// Payload bytes waiting, beyond which only decisions are queued.
+const OUTBOUND_BYTES: usize = 8 << 20;
+
+/// What a message is, for what a busy queue still takes. Decisions (orders, cancels,
+/// outcomes, `status`) take the whole queue, and the dispatcher refuses new signals
+/// before it fills ([`Publisher::busy`]); answers (errors, capacity) stop at three
+/// quarters, and the live tail (QoS 0, the log has every row) at an eighth, so neither can
+/// crowd a decision out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Decision,
+    Answer,
+    Tail,
+}
+
+impl Class {
+    /// Whether a queue holding `queued` messages of `bytes` takes one more of this class.
+    fn admits(self, queued: usize, bytes: usize) -> bool {
+        match self {
+            Class::Decision => true,
+            Class::Answer => queued < OUTBOUND_QUEUE * 3 / 4 && bytes < OUTBOUND_BYTES,
+            Class::Tail => queued < OUTBOUND_QUEUE / 8 && bytes < OUTBOUND_BYTES / 4,
+        }
+    }
+}
+
 /// The controller's clock: wall time that never goes backwards.
 ///
 /// It follows the wall clock forwards (so a gateway whose clock is set by NTP after boot
@@ -87,6 +113,8 @@ pub struct Publisher {
     client: AsyncClient,
     topics: Arc<Topics>,
     queue: mpsc::Sender<Outbound>,
+    /// Payload bytes queued and not yet handed to the client.
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Publisher {
@@ -95,10 +123,13 @@ impl Publisher {
     pub fn new(client: AsyncClient, topics: Arc<Topics>) -> Self {
         let (queue, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
         let drain = client.clone();
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let drained = bytes.clone();
         tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 match m {
                     Outbound::Publish { topic, qos, retain, payload } => {
+                        drained.fetch_sub(payload.len(), std::sync::atomic::Ordering::Relaxed);
                         if let Err(e) = drain.publish(topic.clone(), qos, retain, payload).await {
                             tracing::error!(%topic, error = %e, "publish failed: the MQTT client has stopped");
                         }
@@ -109,7 +140,7 @@ impl Publisher {
                 }
             }
         });
-        Self { client, topics, queue }
+        Self { client, topics, queue, bytes }
     }
 
     /// The topic layout.
@@ -127,23 +158,43 @@ impl Publisher {
         OUTBOUND_QUEUE - self.queue.capacity()
     }
 
-    /// Queues `payload` for `topic`. A message larger than the packet limit, or one that
-    /// finds the queue full, is dropped with an error log (rumqttc would otherwise fail the
-    /// whole connection over an oversized packet). The live tail (QoS 0) is dropped quietly.
-    pub fn raw(&self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
+    /// The queue is past half full (in messages or bytes): new work should be refused
+    /// rather than answered later than the broker can take it. Returns what waits.
+    pub fn busy(&self) -> Option<usize> {
+        let (queued, bytes) = (self.queued(), self.bytes.load(std::sync::atomic::Ordering::Relaxed));
+        (queued * 2 >= OUTBOUND_QUEUE || bytes * 2 >= OUTBOUND_BYTES).then_some(queued)
+    }
+
+    /// Queues `payload` for `topic` if a queue this busy still takes its `class`. A message
+    /// larger than the packet limit is dropped with an error log (rumqttc would otherwise
+    /// fail the whole connection over an oversized packet); so is one that finds the queue
+    /// full, which admission keeps from happening to decisions. The live tail is shed
+    /// quietly.
+    fn raw(&self, class: Class, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) {
         if payload.len() + topic.len() + 16 > MAX_PACKET_BYTES {
             tracing::error!(%topic, bytes = payload.len(), "message larger than the MQTT packet limit; not published");
             return;
         }
-        let quiet = qos == QoS::AtMostOnce;
-        match self.queue.try_send(Outbound::Publish { topic, qos, retain, payload }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) if quiet => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::error!(queued = OUTBOUND_QUEUE, "outbound queue full; message dropped");
+        let bytes = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if !class.admits(self.queued(), bytes) {
+            if class != Class::Tail {
+                tracing::warn!(%topic, queued = self.queued(), bytes, "outbound queue busy; an answer is not published");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!("the outbound queue has stopped; message dropped");
+            return;
+        }
+        // Counted before it is queued: the drain task may take it (and count it off) at once.
+        let n = payload.len();
+        self.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let sent = self.queue.try_send(Outbound::Publish { topic, qos, retain, payload });
+        if let Err(e) = sent {
+            self.bytes.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    tracing::error!(queued = OUTBOUND_QUEUE, "outbound queue full; message dropped")
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    tracing::error!("the outbound queue has stopped; message dropped")
+                }
             }
         }
     }
@@ -157,44 +208,44 @@ impl Publisher {
     }
 
     /// Publishes a serializable value as JSON.
-    fn json(&self, topic: String, qos: QoS, retain: bool, value: &impl serde::Serialize) {
+    fn json(&self, class: Class, topic: String, qos: QoS, retain: bool, value: &impl serde::Serialize) {
         match serde_json::to_vec(value) {
-            Ok(bytes) => self.raw(topic, qos, retain, bytes),
+            Ok(bytes) => self.raw(class, topic, qos, retain, bytes),
             Err(e) => tracing::error!(%topic, error = %e, "cannot serialize an outbound message"),
         }
     }
 
     /// `<p>/vehicles/<id>/order`, QoS 1.
     pub fn order(&self, order: &Order) {
-        self.json(self.topics.vehicle_order(&order.vehicle_id), QoS::AtLeastOnce, false, order);
+        self.json(Class::Decision, self.topics.vehicle_order(&order.vehicle_id), QoS::AtLeastOnce, false, order);
     }
 
     /// `<p>/vehicles/<id>/order`, QoS 1: the order's withdrawal.
     pub fn cancel(&self, cancel: &OrderCancel) {
-        self.json(self.topics.vehicle_order(&cancel.vehicle_id), QoS::AtLeastOnce, false, cancel);
+        self.json(Class::Decision, self.topics.vehicle_order(&cancel.vehicle_id), QoS::AtLeastOnce, false, cancel);
     }
 
     /// `<p>/dispatches/<id>`, QoS 1.
     pub fn outcome(&self, outcome: &DispatchOutcome) {
-        self.json(self.topics.dispatch(&outcome.dispatch_id), QoS::AtLeastOnce, false, outcome);
+        self.json(Class::Decision, self.topics.dispatch(&outcome.dispatch_id), QoS::AtLeastOnce, false, outcome);
     }
 
     /// `<p>/capacity`, QoS 1, retained.
     pub fn capacity(&self, capacity: &impl serde::Serialize) {
-        self.json(self.topics.capacity(), QoS::AtLeastOnce, true, capacity);
+        self.json(Class::Answer, self.topics.capacity(), QoS::AtLeastOnce, true, capacity);
     }
 
     /// `<p>/errors`, QoS 1: one per rejected inbound message.
     pub fn error(&self, topic: &str, error: &str, received_at: Timestamp) {
         let report = ErrorReport { topic: topic.to_owned(), error: error.to_owned(), received_at };
-        self.json(self.topics.errors(), QoS::AtLeastOnce, false, &report);
+        self.json(Class::Answer, self.topics.errors(), QoS::AtLeastOnce, false, &report);
     }
 
     /// `<p>/events`, QoS 0: rows already rendered by the store.
     pub fn tail(&self, rows: Vec<String>) {
         let topic = self.topics.events();
         for row in rows {
-            self.raw(topic.clone(), QoS::AtMostOnce, false, row.into_bytes());
+            self.raw(Class::Tail, topic.clone(), QoS::AtMostOnce, false, row.into_bytes());
         }
     }
 
@@ -204,19 +255,36 @@ impl Publisher {
         if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
             b.extend(e.clone());
         }
-        self.json(self.topics.status(), QoS::AtLeastOnce, true, &body);
+        self.json(Class::Answer, self.topics.status(), QoS::AtLeastOnce, true, &body);
     }
 
     /// `<p>/status`, QoS 1, retained: `online` or `offline`.
     pub fn status(&self, online: bool) {
         let state = if online { "online" } else { "offline" };
-        self.json(self.topics.status(), QoS::AtLeastOnce, true, &serde_json::json!({ "state": state }));
+        self.json(
+            Class::Decision,
+            self.topics.status(),
+            QoS::AtLeastOnce,
+            true,
+            &serde_json::json!({ "state": state }),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_queue_sheds_the_tail_first_then_answers_never_decisions() {
+        let at = |q: usize| (Class::Tail.admits(q, 0), Class::Answer.admits(q, 0), Class::Decision.admits(q, 0));
+        assert_eq!(at(0), (true, true, true));
+        assert_eq!(at(OUTBOUND_QUEUE / 8), (false, true, true));
+        assert_eq!(at(OUTBOUND_QUEUE * 3 / 4), (false, false, true));
+        assert_eq!(at(OUTBOUND_QUEUE - 1), (false, false, true));
+        assert!(!Class::Tail.admits(0, OUTBOUND_BYTES / 4) && Class::Answer.admits(0, OUTBOUND_BYTES / 4));
+        assert!(!Class::Answer.admits(0, OUTBOUND_BYTES) && Class::Decision.admits(0, OUTBOUND_BYTES));
+    }
 
     #[test]
     fn the_clock_never_goes_backwards() {

@@ -2,7 +2,7 @@
 //! memory of signals; it turns an admitted signal into a dispatch planned against the
 //! commitment ledger.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::Serialize;
 
@@ -14,6 +14,7 @@ use crate::events::payload::{
     fleet_fingerprint, ConstraintApplied, Excluded, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost,
     VehicleState,
 };
+use crate::events::projection::PARTICIPATION_DISPATCHES;
 use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
 use crate::model::{Direction, DispatchId, Order, OrderId, Signal, Vehicle, VehicleCounts, VehicleId};
@@ -56,6 +57,9 @@ pub struct Planner {
     filter: Box<dyn VehicleFilter>,
     strategy: Box<dyn Dispatcher>,
     participation: HashMap<VehicleId, f64>,
+    /// The vehicles each of the last [`PARTICIPATION_DISPATCHES`] dispatches ordered first:
+    /// the scores are exactly theirs, as the log's projection rebuilds them.
+    recent: VecDeque<Vec<VehicleId>>,
     prediction: Option<PredictionEngine>,
     /// Signal ids seen, bounded: the oldest are forgotten first.
     seen: BoundedSet<String>,
@@ -81,6 +85,7 @@ impl Planner {
             filter,
             strategy,
             participation: HashMap::new(),
+            recent: VecDeque::new(),
             prediction: None,
             seen,
             highest_term: None,
@@ -144,14 +149,28 @@ impl Planner {
 
     /// One dispatch's effect on the fairness scores: every score decays, and each vehicle
     /// ordered in its first attempt gains 1.
+    /// Only the last [`PARTICIPATION_DISPATCHES`] dispatches count: the oldest one's share
+    /// (`decay^N` by now) is taken off again as it leaves the window, so that the scores
+    /// are those the projection rebuilds from the log (the auditor re-runs plans with them).
     fn note_participation<'v>(&mut self, ordered: impl Iterator<Item = &'v VehicleId>) {
+        let decay = self.cfg.participation_decay;
         for p in self.participation.values_mut() {
-            *p *= self.cfg.participation_decay;
+            *p *= decay;
         }
-        for v in ordered {
+        let ordered: Vec<VehicleId> = ordered.cloned().collect();
+        for v in &ordered {
             *self.participation.entry(v.clone()).or_insert(0.0) += 1.0;
         }
-        self.participation.retain(|_, p| *p > 1e-3);
+        self.recent.push_back(ordered);
+        if self.recent.len() > PARTICIPATION_DISPATCHES {
+            let share = decay.powi(PARTICIPATION_DISPATCHES as i32);
+            for v in self.recent.pop_front().unwrap_or_default() {
+                if let Some(p) = self.participation.get_mut(&v) {
+                    *p -= share;
+                }
+            }
+        }
+        self.participation.retain(|_, p| *p > 1e-12);
     }
 
     /// Replays the fairness scores from the vehicles each past dispatch ordered in its
@@ -220,6 +239,9 @@ impl Planner {
             None => match self.fleet.remove(&id) {
                 Some(_) => {
                     self.participation.remove(&id);
+                    for ordered in &mut self.recent {
+                        ordered.retain(|v| *v != id);
+                    }
                     let lost = VehicleLost { vehicle_id: id, released_orders: Vec::new() };
                     (FleetChange::Lost, Some(Event::of(now, actor, &lost).region(region)))
                 }

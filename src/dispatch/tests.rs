@@ -248,6 +248,32 @@ fn the_tuner_does_not_learn_from_dispatches_cut_short() {
     );
 }
 
+/// Fairness scores count the last `PARTICIPATION_DISPATCHES` dispatches only, exactly as
+/// the projection rebuilds them from the log: past that many dispatches, the live scores
+/// and the rebuilt ones agree (the auditor re-runs plans with the rebuilt ones).
+#[test]
+fn fairness_scores_are_the_ones_the_log_rebuilds_after_many_dispatches() {
+    use crate::events::projection::PARTICIPATION_DISPATCHES;
+    let mut e = with_fleet(planner(FallbackKind::Noop), &fleet(6));
+    let mut firsts: Vec<Vec<VehicleId>> = Vec::new();
+    for k in 0..(PARTICIPATION_DISPATCHES + 37) {
+        let now = T0.plus_millis(10_000 * k as i64);
+        let step = e.on_signal(now, Signal { start: now, ..signal(&format!("s{k}"), 2.0 + (k % 5) as f64 * 7.0) });
+        let step = step.unwrap();
+        firsts.push(step.orders.iter().map(|o| o.vehicle_id.clone()).collect());
+        for o in &step.orders {
+            e.on_ack(now, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
+        }
+    }
+    let mut rebuilt = with_fleet(planner(FallbackKind::Noop), &fleet(6));
+    rebuilt.planner_mut().remember_participation(&firsts[firsts.len() - PARTICIPATION_DISPATCHES..]);
+    let (live, again) = (e.planner().participation(), rebuilt.planner().participation());
+    assert_eq!(live.len(), again.len(), "{live:?} vs {again:?}");
+    for (v, p) in live {
+        assert!((p - again[v]).abs() <= 1e-12 * p.abs().max(1.0), "{v}: live {p}, rebuilt {}", again[v]);
+    }
+}
+
 #[test]
 fn shutdown_settles_what_is_in_flight() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(3));
