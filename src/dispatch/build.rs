@@ -76,7 +76,7 @@ pub fn planner_with(cfg: &Config, recovery: &ProjectedState, prediction: Option<
         planner.set_prediction(p);
     }
     for v in recovery.fleet.values() {
-        planner.restore_vehicle(v.clone());
+        planner.restore_vehicle(v.clone(), recovery.fleet_at.get(&v.id).copied());
     }
     planner
 }

@@ -471,8 +471,9 @@ impl Engine {
         let Some(req) = step.fallback.as_mut() else { return };
         let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
         let ids: Vec<VehicleId> = std::mem::take(&mut req.candidates).into_iter().map(|(v, _)| v.id).collect();
+        let fleet = (&self.planner.fleet, &self.planner.state_at);
         let (candidates, limits) =
-            fallback_room(&self.planner.cfg.limits, &self.planner.fleet, &self.ledger, d.signal(), d.planned_at, &ids);
+            fallback_room(&self.planner.cfg.limits, fleet, &self.ledger, d.signal(), d.planned_at, &ids);
         req.candidates = candidates;
         req.limits = limits;
     }
@@ -506,7 +507,7 @@ impl Engine {
 /// it again on the projected state.
 pub fn fallback_room(
     limits: &Limits,
-    fleet: &BTreeMap<VehicleId, Vehicle>,
+    (fleet, state_at): (&BTreeMap<VehicleId, Vehicle>, &BTreeMap<VehicleId, Timestamp>),
     ledger: &Ledger,
     signal: &Signal,
     planned_at: Timestamp,
@@ -517,8 +518,8 @@ pub fn fallback_room(
         .iter()
         .filter_map(|id| {
             let v = fleet.get(id)?;
-            let (kw, kwh) =
-                (ledger.committed_kw(id, direction, from, to), ledger.committed_kwh(id, direction, planned_at));
+            let since = state_at.get(id).map_or(planned_at, |at| (*at).min(planned_at));
+            let (kw, kwh) = (ledger.committed_kw(id, direction, from, to), ledger.committed_kwh(id, direction, since));
             let free = v.capacity_beside(direction, kw, kwh, duration);
             (free >= MIN_ORDER_KW).then(|| (v.clone(), free))
         })

@@ -54,6 +54,9 @@ pub struct Capacity {
 pub struct Planner {
     pub(super) cfg: EngineConfig,
     pub(super) fleet: BTreeMap<VehicleId, Vehicle>,
+    /// When each vehicle's state in `fleet` was taken: its battery has given the energy its
+    /// commitments drew since then, which its SoC does not show yet.
+    pub(super) state_at: BTreeMap<VehicleId, Timestamp>,
     filter: Box<dyn VehicleFilter>,
     strategy: Box<dyn Dispatcher>,
     participation: HashMap<VehicleId, f64>,
@@ -82,6 +85,7 @@ impl Planner {
         Self {
             cfg,
             fleet: BTreeMap::new(),
+            state_at: BTreeMap::new(),
             filter,
             strategy,
             participation: HashMap::new(),
@@ -203,7 +207,10 @@ impl Planner {
     }
 
     /// Knows `vehicle` as the log last recorded it (start-up; no event).
-    pub fn restore_vehicle(&mut self, vehicle: Vehicle) {
+    pub fn restore_vehicle(&mut self, vehicle: Vehicle, at: Option<Timestamp>) {
+        if let Some(at) = at {
+            self.state_at.insert(vehicle.id.clone(), at);
+        }
         self.fleet.insert(vehicle.id.clone(), vehicle);
     }
 
@@ -233,12 +240,14 @@ impl Planner {
                 };
                 let payload = VehicleState { vehicle: v, discovered: change == FleetChange::Discovered };
                 let event = Event::of(now, actor, &payload).region(region);
+                self.state_at.insert(id.clone(), now);
                 self.fleet.insert(id, payload.vehicle);
                 (change, Some(event))
             }
             None => match self.fleet.remove(&id) {
                 Some(_) => {
                     self.participation.remove(&id);
+                    self.state_at.remove(&id);
                     for ordered in &mut self.recent {
                         ordered.retain(|v| *v != id);
                     }
@@ -303,7 +312,8 @@ impl Planner {
         ledger: &Ledger,
         predicted: &'a HashMap<VehicleId, Vehicle>,
     ) -> (Vec<Candidate<'a>>, Vec<(&'a VehicleId, Exclusion)>) {
-        candidates(now, &self.fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
+        let fleet = (&self.fleet, &self.state_at);
+        candidates(now, fleet, self.filter.as_ref(), &self.participation, signal, ledger, predicted)
     }
 
     /// The shared limits over `candidates` for `signal`, less what `ledger` has committed.
@@ -351,8 +361,15 @@ impl Planner {
         let ev = |e: Event| e.correlation(&dispatch_id).region(region);
 
         let predicted = self.predicted(now);
-        let (candidates, excluded) =
-            candidates(now, &self.fleet, self.filter.as_ref(), &self.participation, &signal, ledger, &predicted);
+        let (candidates, excluded) = candidates(
+            now,
+            (&self.fleet, &self.state_at),
+            self.filter.as_ref(),
+            &self.participation,
+            &signal,
+            ledger,
+            &predicted,
+        );
         let capacity_kw: f64 = candidates.iter().map(|c| c.capacity_kw).sum();
         let target_kw = signal.power_kw;
         let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
@@ -468,7 +485,7 @@ impl Planner {
 /// the capacity `ledger` leaves it, and the vehicles excluded, with why.
 fn candidates<'a>(
     now: Timestamp,
-    fleet: &'a BTreeMap<VehicleId, Vehicle>,
+    (fleet, state_at): (&'a BTreeMap<VehicleId, Vehicle>, &BTreeMap<VehicleId, Timestamp>),
     filter: &dyn VehicleFilter,
     participation: &HashMap<VehicleId, f64>,
     signal: &Signal,
@@ -488,7 +505,8 @@ fn candidates<'a>(
             continue;
         }
         let committed = ledger.committed_kw(&v.id, signal.direction, from, to);
-        let energy = ledger.committed_kwh(&v.id, signal.direction, now);
+        let since = state_at.get(&v.id).map_or(now, |at| (*at).min(now));
+        let energy = ledger.committed_kwh(&v.id, signal.direction, since);
         let capacity_kw = v.capacity_beside(signal.direction, committed, energy, signal.duration_s as f64);
         if capacity_kw <= 0.0 {
             excluded.push((&v.id, Exclusion::NoCapacity));

@@ -575,6 +575,27 @@ fn overlapping_signals_never_book_a_battery_twice() {
     assert!(cap.up_kw <= 0.001 + 1e-9, "capacity counts the energy committed too: {cap:?}");
 }
 
+/// The SoC the gateway plans with is as of its last recorded state: the energy a
+/// commitment drew since then is still counted, however long ago that state came (a SoC
+/// step below the deadband is not a new state), so it is not offered a second time.
+#[test]
+fn energy_drawn_since_the_last_state_is_not_offered_again() {
+    let mut small = Vehicle::new("y1", 0.21, 50.0, 20.0);
+    small.min_soc = 0.2;
+    let mut e = engine_with_limits(FallbackKind::Noop, Limits::default(), std::slice::from_ref(&small));
+    let g1 = e.on_signal(T0, signal("g1", 2.0)).unwrap();
+    assert!((total(&g1.orders) - 2.0).abs() < 1e-6, "{:?}", g1.orders);
+    accept_all(&mut e, T0.plus_millis(10), &g1.orders);
+    let later = T0.plus_millis(30_000);
+    // The vehicle reports what it gave: 0.0167 kWh, below the deadband, so not a new state.
+    let (change, _) = e.on_state(later, small.id.clone(), Some(Vehicle { soc: 0.209_667, ..small.clone() }));
+    assert_eq!(change, FleetChange::Unchanged);
+    let g2 = e.on_signal(later, Signal { start: later, duration_s: 60, ..signal("g2", 5.0) }).unwrap();
+    assert!(total(&g2.orders) < 1e-6, "g1 holds all 0.5 kWh: {:?}", g2.orders);
+    let (a, b) = (e.capacity(T0.plus_millis(60_000)), e.capacity(T0.plus_millis(600_000)));
+    assert_eq!((a.up_kw, b.up_kw), (0.0, 0.0), "no energy frees up as g1 runs on");
+}
+
 /// `capacity` is the most a dispatch can deliver under overlapping phase and group rows
 /// (the exact maximum, as every strategy delivers it), not a heuristic's fill.
 #[test]

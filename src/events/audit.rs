@@ -304,7 +304,8 @@ impl Auditor {
         let limits = self.config.as_ref().map(|c| c.dispatch.limits.clone()).unwrap_or_default();
         let ledger = ledger_of(state, ts);
         let ids: Vec<VehicleId> = recorded.candidates.iter().map(|(id, _, _)| id.clone()).collect();
-        let (candidates, limits) = fallback_room(&limits, &state.fleet, &ledger, &signal, d.planned_at, &ids);
+        let (candidates, limits) =
+            fallback_room(&limits, (&state.fleet, &state.fleet_at), &ledger, &signal, d.planned_at, &ids);
         let mut diffs = Vec::new();
         let free_of: BTreeMap<&VehicleId, f64> = candidates.iter().map(|(v, free)| (&v.id, *free)).collect();
         for (id, remaining, _) in &recorded.candidates {

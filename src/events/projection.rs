@@ -158,6 +158,10 @@ pub struct ProjectedState {
     pub config: Option<ConfigRecorded>,
     /// The vehicles known, by id.
     pub fleet: BTreeMap<VehicleId, Vehicle>,
+    /// When each one's state was recorded (the energy its commitments drew since then is
+    /// not in its SoC yet).
+    #[serde(default)]
+    pub fleet_at: BTreeMap<VehicleId, Timestamp>,
     /// Signal ids seen, oldest first (at most [`REMEMBERED_SIGNALS`]).
     pub signal_ids: VecDeque<String>,
     /// The highest leader term on a signal.
@@ -446,10 +450,12 @@ impl DispatchProjection {
                 s.weights.insert(w.change.signal_type, w.change.after);
             }
             Decoded::VehicleState(v) => {
+                s.fleet_at.insert(v.vehicle.id.clone(), ts);
                 s.fleet.insert(v.vehicle.id.clone(), v.vehicle);
             }
             Decoded::VehicleLost(lost) => {
                 s.fleet.remove(&lost.vehicle_id);
+                s.fleet_at.remove(&lost.vehicle_id);
                 for id in &lost.released_orders {
                     if let (Some(order), Some(dispatch)) = (id.number(), id.dispatch()) {
                         s.release(dispatch, order);
@@ -463,6 +469,7 @@ impl DispatchProjection {
                 // A run starts with an empty fleet: the gateway learns it again from the
                 // vehicles' retained states.
                 s.fleet.clear();
+                s.fleet_at.clear();
                 s.config = Some(c);
             }
             // The state it holds is what the rows before it folded to.
