@@ -13,7 +13,7 @@
 //! rebuilt from the event log (what was in flight is recorded as interrupted and its
 //! unanswered orders cancelled); the vehicle actors then report the fleet again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -68,6 +68,10 @@ pub struct DispatcherActor {
     stopping: bool,
     /// Until the fleet is learnt after start-up: the signals held back meanwhile.
     warmup: Option<Warmup>,
+    /// Fallbacks asked of the FallbackActor and not yet answered.
+    fallbacks_pending: usize,
+    /// The latest state of each vehicle that changed meanwhile (at most one per vehicle).
+    deferred_states: BTreeMap<VehicleId, Option<Vehicle>>,
 }
 
 /// Start-up: the gateway knows no vehicle until the broker re-sends their retained states,
@@ -141,6 +145,8 @@ impl DispatcherActor {
                 last_state: tokio::time::Instant::now(),
                 check: None,
             }),
+            fallbacks_pending: 0,
+            deferred_states: BTreeMap::new(),
         }
     }
 
@@ -340,7 +346,9 @@ impl DispatcherActor {
     /// settles with the residual as its shortfall: it never waits for ever.
     fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
         let kept = request.clone();
+        self.fallbacks_pending += 1;
         let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(move |res, act, ctx| {
+            act.fallbacks_pending = act.fallbacks_pending.saturating_sub(1);
             let (request, realloc) = match res {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -352,6 +360,7 @@ impl DispatcherActor {
             if let Some(step) = guarded("applying a fallback", || engine.apply_fallback(now(), &request, &realloc)) {
                 act.carry_out(step, ctx);
             }
+            act.apply_deferred_states(ctx);
         });
         ctx.spawn(answer);
     }
@@ -423,6 +432,9 @@ impl Actor for DispatcherActor {
 impl Supervised for DispatcherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!("dispatcher restarting: engine rebuilt from the event log, fleet re-reported");
+        // The old context's fallback answers are gone with it; the fleet is re-reported.
+        self.fallbacks_pending = 0;
+        self.deferred_states.clear();
         let (engine, recovery) = (self.rebuild)();
         self.engine = engine;
         self.recovery = Some(recovery);
@@ -617,8 +629,20 @@ impl Handler<FleetUpdate> for DispatcherActor {
         if let Some(w) = &mut self.warmup {
             w.last_state = tokio::time::Instant::now();
         }
+        if self.fallbacks_pending > 0 {
+            // A fallback is being computed on the fleet as it was: the change is applied
+            // (and recorded) after its answer, so the log shows the state it used.
+            self.deferred_states.insert(msg.id, msg.state);
+            return;
+        }
+        self.apply_state(msg.id, msg.state, ctx);
+    }
+}
+
+impl DispatcherActor {
+    fn apply_state(&mut self, id: VehicleId, state: Option<Vehicle>, ctx: &mut Context<Self>) {
         let engine = &mut self.engine;
-        let Some((_, event)) = guarded("updating the fleet", || engine.on_state(now(), msg.id, msg.state)) else {
+        let Some((_, event)) = guarded("updating the fleet", || engine.on_state(now(), id, state)) else {
             ctx.stop();
             return;
         };
@@ -626,6 +650,15 @@ impl Handler<FleetUpdate> for DispatcherActor {
             self.store.record(vec![e]);
         }
         self.capacity_dirty = true;
+    }
+
+    /// Applies the fleet changes held back while fallbacks were computed.
+    fn apply_deferred_states(&mut self, ctx: &mut Context<Self>) {
+        if self.fallbacks_pending == 0 {
+            for (id, state) in std::mem::take(&mut self.deferred_states) {
+                self.apply_state(id, state, ctx);
+            }
+        }
     }
 }
 
