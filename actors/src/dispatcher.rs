@@ -395,6 +395,14 @@ impl DispatcherActor {
         tracing::info!(%topic, reason = %why, "input refused");
         reject(&self.store, &self.publisher, &self.region(), kind, actor, topic, why, payload, at);
     }
+
+    /// Refuses `signal`, received at `at`, for `why`: answered on `errors`, recorded as
+    /// `SignalRejected` with the signal as the gateway read it.
+    fn refuse_signal(&self, signal: &Signal, at: Timestamp, why: &str) {
+        let topic = self.publisher.topics().signals();
+        let raw = serde_json::to_vec(signal).unwrap_or_default();
+        self.refuse(&topic, why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), at);
+    }
 }
 
 impl Actor for DispatcherActor {
@@ -495,13 +503,11 @@ impl Handler<SignalIn> for DispatcherActor {
             if w.held.len() < WARMUP_HELD {
                 w.held.push(msg);
             } else {
-                let topic = self.publisher.topics().signals();
                 let why = format!(
                     "signal `{}` was not dispatched: the gateway is starting and still learning its fleet ({WARMUP_HELD} signals already wait); send it again",
                     msg.signal.id
                 );
-                let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
-                self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+                self.refuse_signal(&msg.signal, msg.at, &why);
             }
             return;
         }
@@ -543,8 +549,7 @@ impl DispatcherActor {
                 "signal `{}` was not dispatched: the gateway is behind publishing ({queued} messages waiting for the broker); send it again later",
                 msg.signal.id
             );
-            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
-            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+            self.refuse_signal(&msg.signal, msg.at, &why);
             return;
         }
         if let Some(backlog) = self.store.behind() {
@@ -556,8 +561,7 @@ impl DispatcherActor {
                 backlog.events,
                 backlog.bytes / 1024
             );
-            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
-            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+            self.refuse_signal(&msg.signal, msg.at, &why);
             return;
         }
         let started = std::time::Instant::now();
@@ -570,11 +574,7 @@ impl DispatcherActor {
         tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
             Ok(step) => self.carry_out(step, ctx),
-            Err(refused) => {
-                let raw = serde_json::to_vec(&signal).unwrap_or_default();
-                let actor = "dispatcher".to_owned();
-                self.refuse(&topic, &refused.to_string(), &raw, EventKind::SignalRejected, actor, msg.at);
-            }
+            Err(refused) => self.refuse_signal(&signal, msg.at, &refused.to_string()),
         }
     }
 }
@@ -705,10 +705,8 @@ impl Handler<Shutdown> for DispatcherActor {
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) -> Self::Result {
         // Signals held back at start-up are answered, not dropped.
         for msg in self.warmup.take().map(|w| w.held).unwrap_or_default() {
-            let topic = self.publisher.topics().signals();
             let why = format!("signal `{}` was not dispatched: the gateway stopped while starting", msg.signal.id);
-            let raw = serde_json::to_vec(&msg.signal).unwrap_or_default();
-            self.refuse(&topic, &why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), msg.at);
+            self.refuse_signal(&msg.signal, msg.at, &why);
         }
         self.stopping = true;
         let engine = &mut self.engine;
