@@ -36,8 +36,6 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
         .expect("a valid config");
     let empty = ProjectedState::default();
     let mut engine = build::engine(&cfg, &empty).expect("a valid tuner");
-    let fallback = gridweaver_core::dispatch::fallback::by_kind(cfg.dispatch.fallback);
-    let mut lp = gridweaver_core::allocation::lp::LpDispatcher::default();
     let t0 = Timestamp::from_millis(1_795_000_000_000);
     let mut steps = vec![vec![Event::of(t0, "gateway", &ConfigRecorded::of(&cfg))]];
     let mut fleet = Vec::new();
@@ -63,15 +61,11 @@ fn generate(min_events: usize, max_dispatches: usize, vehicles: usize) -> Vec<Ve
             let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
             let Ok(mut s) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) else { continue };
             batch.append(&mut s.events);
-            if let Some(request) = s.fallback.take() {
-                let realloc = request.reallocate(fallback.as_ref(), &mut lp);
-                let next = engine.apply_fallback(now.plus_millis(30), &request, &realloc);
-                batch.extend(next.events);
-                for o in &next.orders {
-                    let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
-                    if let Ok(done) = engine.on_ack(now.plus_millis(40), &o.vehicle_id, &ack) {
-                        batch.extend(done.events);
-                    }
+            // The last answer settles the attempt and runs the fallback in the same step.
+            for o in std::mem::take(&mut s.orders) {
+                let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
+                if let Ok(done) = engine.on_ack(now.plus_millis(40), &o.vehicle_id, &ack) {
+                    batch.extend(done.events);
                 }
             }
         }

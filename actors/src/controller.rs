@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use gridweaver_core::config::Config;
-use gridweaver_core::dispatch::fallback;
 use gridweaver_core::dispatch::{build, Engine, Step};
 use gridweaver_core::events::payload::ConfigRecorded;
 use gridweaver_core::events::{Event, ProjectedState};
@@ -20,7 +19,6 @@ use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use crate::bridge::{Disconnect, MqttBridge, Routes};
 use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Shutdown};
 use crate::environment::EnvironmentError;
-use crate::fallback::FallbackActor;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreError, StoreHandle};
 use crate::supervisor::Supervisor;
@@ -141,10 +139,8 @@ impl Controller {
             build_engine(&engine_cfg, &recovery, now())
         });
 
-        let kind = cfg.dispatch.fallback;
-        let fallback = actix::Supervisor::start(move |_| FallbackActor::new(fallback::by_kind(kind)));
         let (st, pb) = (store.clone(), publisher.clone());
-        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
+        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, st, pb));
         let supervisor =
             Supervisor::new(dispatcher.clone(), store.clone(), publisher.clone(), cfg.site.clone()).start();
         dispatcher
@@ -310,11 +306,8 @@ mod tests {
             let planner = Planner::new(EngineConfig::default(), Box::new(SimpleVehicleFilter), strategy);
             (Engine::new(planner), Step::default())
         });
-        let fallback = actix::Supervisor::start(|_| {
-            FallbackActor::new(fallback::by_kind(gridweaver_core::model::FallbackKind::Balanced))
-        });
         let (st, pb) = (store.clone(), publisher.clone());
-        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, fallback, st, pb));
+        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, st, pb));
         let supervisor = Supervisor::new(dispatcher.clone(), store.clone(), publisher, "default".into()).start();
         dispatcher.send(Connect { resync: supervisor.clone().recipient() }).await.unwrap();
         let v = Vehicle::new("ev1", 0.8, 60.0, 11.0);

@@ -1,11 +1,11 @@
 //! DispatcherActor: owns the core [`Engine`], the one writer of all dispatch state (the
 //! fleet view, the dispatches in flight, the commitment ledger, the memory of signals).
 //!
-//! Signals and ACKs come straight from the bridge, vehicle states from the vehicle actors,
-//! fallback answers from the FallbackActor. Every [`Step`] the engine returns is carried out
-//! here in the contract's order: its events go to the store, and only once they are durable
-//! are its cancels and orders published (the ACK window of those orders starts then), its
-//! outcomes published and its fallback request sent. One timer is armed for the engine's
+//! Signals and ACKs come straight from the bridge, vehicle states from the vehicle actors.
+//! Every [`Step`] the engine returns (a fallback runs inside the step that settles an
+//! attempt) is carried out here in the contract's order: its events go to the store, and
+//! only once they are durable are its cancels and orders published (the ACK window of
+//! those orders starts then) and its outcomes published. One timer is armed for the engine's
 //! earliest deadline. When the store cannot commit a step, nothing of it is published, its
 //! dispatches are closed as failed, and new signals are refused until the store works again.
 //!
@@ -13,19 +13,17 @@
 //! rebuilt from the event log (what was in flight is recorded as interrupted and its
 //! unanswered orders cancelled); the vehicle actors then report the fleet again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::dispatch::fallback::Reallocation;
-use gridweaver_core::dispatch::{Capacity, Engine, FallbackRequest, Step};
+use gridweaver_core::dispatch::{Capacity, Engine, Step};
 use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
-use crate::fallback::{FallbackActor, Reallocate};
 use crate::guard::guarded;
 use crate::publish::{now, reject, Publisher};
 use crate::store::StoreHandle;
@@ -48,7 +46,6 @@ pub struct DispatcherActor {
     rebuild: EngineFactory,
     /// Carried out once the actor runs: the recovery step of the engine just built.
     recovery: Option<Step>,
-    fallback: Addr<FallbackActor>,
     resync: Option<Recipient<Resync>>,
     store: StoreHandle,
     publisher: Publisher,
@@ -68,10 +65,6 @@ pub struct DispatcherActor {
     stopping: bool,
     /// Until the fleet is learnt after start-up: the signals held back meanwhile.
     warmup: Option<Warmup>,
-    /// Fallbacks asked of the FallbackActor and not yet answered.
-    fallbacks_pending: usize,
-    /// The latest state of each vehicle that changed meanwhile (at most one per vehicle).
-    deferred_states: BTreeMap<VehicleId, Option<Vehicle>>,
 }
 
 /// Start-up: the gateway knows no vehicle until the broker re-sends their retained states,
@@ -115,18 +108,12 @@ const ACK_RECORD_DELAY: Duration = Duration::from_millis(200);
 
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
-    pub fn new(
-        rebuild: EngineFactory,
-        fallback: Addr<FallbackActor>,
-        store: StoreHandle,
-        publisher: Publisher,
-    ) -> Self {
+    pub fn new(rebuild: EngineFactory, store: StoreHandle, publisher: Publisher) -> Self {
         let (engine, recovery) = rebuild();
         Self {
             engine,
             rebuild,
             recovery: Some(recovery),
-            fallback,
             resync: None,
             store,
             publisher,
@@ -145,8 +132,6 @@ impl DispatcherActor {
                 last_state: tokio::time::Instant::now(),
                 check: None,
             }),
-            fallbacks_pending: 0,
-            deferred_states: BTreeMap::new(),
         }
     }
 
@@ -233,15 +218,12 @@ impl DispatcherActor {
     }
 
     /// Carries out a step: events durable first, then cancels, orders, outcomes and the
-    /// live tail; a fallback request goes to the FallbackActor; the timer is re-armed.
+    /// live tail; the timer is re-armed.
     fn carry_out(&mut self, step: Step, ctx: &mut Context<Self>) {
         // The engine has learnt from the answers already (prediction, tuner).
-        let Step { events, cancels, orders, deadline: _, fallback, outcomes, answers: _, interrupted: _ } = step;
+        let Step { events, cancels, orders, outcomes, .. } = step;
         self.capacity_dirty |= !orders.is_empty() || !cancels.is_empty() || !outcomes.is_empty();
         if events.is_empty() {
-            if let Some(request) = fallback {
-                self.run_fallback(request, ctx);
-            }
             self.arm_timer(ctx);
             return;
         }
@@ -279,9 +261,6 @@ impl DispatcherActor {
                 act.completed += 1;
             }
             act.tail(appended);
-            if let Some(request) = fallback {
-                act.run_fallback(request, ctx);
-            }
             act.arm_timer(ctx);
         });
         ctx.spawn(after);
@@ -289,7 +268,7 @@ impl DispatcherActor {
     }
 
     /// The store could not commit a step: nothing of it is published and nothing after it
-    /// runs (no fallback); the dispatches it was about are closed as failed (recorded once
+    /// runs; the dispatches it was about are closed as failed (recorded once
     /// the store works again), their commitments released and their signals answered on
     /// `errors` (a signal whose plan was not recorded may be sent again); new signals are
     /// refused until a probe write succeeds.
@@ -339,30 +318,6 @@ impl DispatcherActor {
             ctx.cancel_future(outage.probe);
             tracing::info!(refused = outage.refused, "the event log is writable again; signals are accepted");
         }
-    }
-
-    /// Hands a residual to the FallbackActor; its answer goes back into the engine. If the
-    /// actor cannot answer (it is restarting), nothing is reallocated and the dispatch
-    /// settles with the residual as its shortfall: it never waits for ever.
-    fn run_fallback(&mut self, request: FallbackRequest, ctx: &mut Context<Self>) {
-        let kept = request.clone();
-        self.fallbacks_pending += 1;
-        let answer = self.fallback.send(Reallocate(request)).into_actor(self).map(move |res, act, ctx| {
-            act.fallbacks_pending = act.fallbacks_pending.saturating_sub(1);
-            let (request, realloc) = match res {
-                Ok(answer) => answer,
-                Err(e) => {
-                    tracing::error!(error = %e, "the fallback actor did not answer; nothing is reallocated");
-                    (kept, Reallocation { power_kw: Vec::new(), skipped: Vec::new() })
-                }
-            };
-            let engine = &mut act.engine;
-            if let Some(step) = guarded("applying a fallback", || engine.apply_fallback(now(), &request, &realloc)) {
-                act.carry_out(step, ctx);
-            }
-            act.apply_deferred_states(ctx);
-        });
-        ctx.spawn(answer);
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
@@ -440,9 +395,6 @@ impl Actor for DispatcherActor {
 impl Supervised for DispatcherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!("dispatcher restarting: engine rebuilt from the event log, fleet re-reported");
-        // The old context's fallback answers are gone with it; the fleet is re-reported.
-        self.fallbacks_pending = 0;
-        self.deferred_states.clear();
         let (engine, recovery) = (self.rebuild)();
         self.engine = engine;
         self.recovery = Some(recovery);
@@ -629,12 +581,6 @@ impl Handler<FleetUpdate> for DispatcherActor {
         if let Some(w) = &mut self.warmup {
             w.last_state = tokio::time::Instant::now();
         }
-        if self.fallbacks_pending > 0 {
-            // A fallback is being computed on the fleet as it was: the change is applied
-            // (and recorded) after its answer, so the log shows the state it used.
-            self.deferred_states.insert(msg.id, msg.state);
-            return;
-        }
         self.apply_state(msg.id, msg.state, ctx);
     }
 }
@@ -650,15 +596,6 @@ impl DispatcherActor {
             self.store.record(vec![e]);
         }
         self.capacity_dirty = true;
-    }
-
-    /// Applies the fleet changes held back while fallbacks were computed.
-    fn apply_deferred_states(&mut self, ctx: &mut Context<Self>) {
-        if self.fallbacks_pending == 0 {
-            for (id, state) in std::mem::take(&mut self.deferred_states) {
-                self.apply_state(id, state, ctx);
-            }
-        }
     }
 }
 
@@ -752,7 +689,6 @@ mod tests {
 
     use gridweaver_core::allocation::filter::SimpleVehicleFilter;
     use gridweaver_core::allocation::SmartDispatcher;
-    use gridweaver_core::dispatch::fallback;
     use gridweaver_core::dispatch::{EngineConfig, Planner};
     use gridweaver_core::model::{Direction, FallbackKind, SignalType};
     use gridweaver_core::wire::Topics;
@@ -788,8 +724,7 @@ mod tests {
             let planner = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()));
             (Engine::new(planner), Step::default())
         });
-        let fb = actix::Supervisor::start(|_| FallbackActor::new(fallback::by_kind(FallbackKind::Noop)));
-        let dispatcher = DispatcherActor::new(rebuild, fb, store.clone(), publisher).start();
+        let dispatcher = DispatcherActor::new(rebuild, store.clone(), publisher).start();
         let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
         dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
         // The bridge's subscription is acknowledged; the start-up hold ends (virtual time).

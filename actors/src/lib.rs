@@ -6,12 +6,10 @@
 //! # Layout
 //! - [`controller`]: builds and wires the actors from a config; graceful shutdown.
 //! - [`bridge`]: `MqttBridge`, the one MQTT connection: decode once, route, reconnect.
-//! - [`dispatcher`]: `DispatcherActor`, owns the `Planner` (fleet view, strategy).
-//! - [`supervisor`]: `Supervisor`, owns the `DispatchBook` (dispatches in flight, ACK
-//!   deadlines) and the vehicle actors; carries out each step durable-first.
-//! - [`vehicle`]: `VehicleActor`, one per vehicle: its state, its orders, its ACKs.
-//! - [`fallback`]: `FallbackActor`, owns the configured fallback rule.
-//! - [`tuner`]: `TunerActor`, owns the `LearningTuner`; weights changes go durable, then to the dispatcher.
+//! - [`dispatcher`]: `DispatcherActor`, owns the core `Engine` (fleet view, dispatches in
+//!   flight, commitment ledger, fallbacks, tuner); carries out each step durable-first.
+//! - [`supervisor`]: `Supervisor`, fleet membership: the vehicle actors.
+//! - [`vehicle`]: `VehicleActor`, one per vehicle: its latest state, forwarded on change.
 //! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers;
 //!   `LogLock`, the lock that keeps one gateway per log.
 //! - [`publish`]: the outbound MQTT handle and the wall clock.
@@ -30,7 +28,6 @@ pub mod controller;
 pub mod demo;
 pub mod dispatcher;
 pub mod environment;
-pub mod fallback;
 pub mod guard;
 pub mod publish;
 #[cfg(feature = "demo")]

@@ -95,7 +95,12 @@ impl Ledger {
         self.release(&c.order_id);
         self.vehicle_of.insert(c.order_id.clone(), c.vehicle_id.clone());
         *self.per_dispatch.entry(c.dispatch_id.clone()).or_default() += 1;
-        self.by_vehicle.entry(c.vehicle_id.clone()).or_default().push(c);
+        // Kept in order-id order, whatever order they were committed and released in: sums
+        // over a vehicle's commitments then add in one order, so the ledger the log rebuilds
+        // gives the very same free capacity to the last bit (the auditor compares plans).
+        let list = self.by_vehicle.entry(c.vehicle_id.clone()).or_default();
+        let at = list.partition_point(|x| x.order_id < c.order_id);
+        list.insert(at, c);
     }
 
     /// Marks an order accepted; false when it is not committed (any more).
@@ -113,7 +118,7 @@ impl Ledger {
         let v = self.vehicle_of.remove(order_id)?;
         let list = self.by_vehicle.get_mut(&v)?;
         let i = list.iter().position(|c| c.order_id == order_id)?;
-        let c = list.swap_remove(i);
+        let c = list.remove(i);
         if list.is_empty() {
             self.by_vehicle.remove(&v);
         }

@@ -25,6 +25,8 @@ use super::Step;
 pub struct FallbackRequest {
     /// The dispatch.
     pub dispatch_id: DispatchId,
+    /// The fallback the dispatch was planned with.
+    pub kind: FallbackKind,
     /// Power still missing, kW.
     pub residual_kw: f64,
     /// Vehicles that accepted, with remaining effective capacity, kW.
@@ -327,6 +329,7 @@ impl Dispatch {
                 self.state = State::AwaitingFallback;
                 let request = FallbackRequest {
                     dispatch_id: self.id.clone(),
+                    kind: self.fallback,
                     residual_kw,
                     candidates,
                     limits: LimitSet::default(),

@@ -4,8 +4,9 @@
 //! holds the [`Planner`] (fleet view, strategy, fairness, memory of signals), the
 //! [`DispatchBook`] of dispatches in flight, each a [`Dispatch`] state machine, and the
 //! commitment [`ledger`]. Each call returns [`Step`]s: the events to record, then the cancels
-//! and orders to publish (only once those events are durable), the ACK deadline, a fallback
-//! request, the outcomes. The engine keeps the ledger in step with every order it returns.
+//! and orders to publish (only once those events are durable), the ACK deadline, the
+//! outcomes. The engine keeps the ledger in step with every order it returns, and runs the
+//! fallback of an attempt in the step that settles it.
 //!
 //! Nothing here reads a clock or does I/O: `now` comes in, steps go out. One dispatch:
 //!
@@ -13,7 +14,7 @@
 //! Planner::plan ──► Waiting(attempt 1, deadline) ──(all answered | deadline: cancels)──► settle
 //!     settle: residual > 0 and a fallback and vehicles that accepted ──► AwaitingFallback
 //!             otherwise ──► Done (DispatchCompleted, outcome)
-//!     AwaitingFallback ──apply_fallback──► Waiting(attempt 2, deadline) ──► settle ──► Done
+//!     AwaitingFallback ──the fallback, same step──► Waiting(attempt 2, deadline) ──► settle ──► Done
 //!     replaced, shut down or aborted ──► Done at once (pending orders cancelled)
 //! ```
 
@@ -31,9 +32,9 @@ pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S};
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::allocation::limits::LimitSet;
+use crate::allocation::lp::LpDispatcher;
 use crate::allocation::{Candidate, MIN_ORDER_KW};
 use crate::config::Limits;
-use crate::dispatch::fallback::Reallocation;
 use crate::events::payload::{DispatchInterrupted, VehicleLost};
 use crate::events::Event;
 use crate::learning::tuning::LearningTuner;
@@ -94,7 +95,8 @@ impl Default for EngineConfig {
 }
 
 /// What the runtime must do next for a dispatch, in this order: record `events` (durably),
-/// then publish `orders`, arm `deadline`, run `fallback` and publish `outcome`.
+/// then publish `cancels`, `orders` (a fallback's orders among them), arm `deadline` and
+/// publish `outcomes`.
 #[derive(Debug, Default)]
 pub struct Step {
     /// Events to append, in order.
@@ -105,8 +107,8 @@ pub struct Step {
     pub orders: Vec<Order>,
     /// When the dispatch next needs [`DispatchBook::on_timeout`], if it waits for ACKs.
     pub deadline: Option<Timestamp>,
-    /// A residual to hand to the fallback; answer with [`DispatchBook::apply_fallback`].
-    pub fallback: Option<FallbackRequest>,
+    /// A residual the engine hands to the fallback before the step leaves it.
+    pub(crate) fallback: Option<FallbackRequest>,
     /// Once settled: each order's vehicle, when, and whether it accepted (for the
     /// availability prediction).
     pub answers: Vec<(VehicleId, Timestamp, bool)>,
@@ -208,12 +210,21 @@ pub struct Engine {
     streams: BTreeMap<String, (DispatchId, Timestamp)>,
     /// Learns weights from each outcome, in the step that settles it.
     tuner: Option<Box<dyn LearningTuner>>,
+    /// Tops up a fallback that places less than the limits allow.
+    fallback_lp: LpDispatcher,
 }
 
 impl Engine {
     /// An engine around `planner`, with nothing in flight or committed.
     pub fn new(planner: Planner) -> Self {
-        Self { planner, book: DispatchBook::new(), ledger: Ledger::new(), streams: BTreeMap::new(), tuner: None }
+        Self {
+            planner,
+            book: DispatchBook::new(),
+            ledger: Ledger::new(),
+            streams: BTreeMap::new(),
+            tuner: None,
+            fallback_lp: LpDispatcher::default(),
+        }
     }
 
     /// Tunes the strategy's weights with `tuner`: a change is applied and recorded
@@ -335,7 +346,9 @@ impl Engine {
         if self.book.len() - freed >= self.planner.cfg.max_in_flight {
             return Err(SignalRefused::Busy(self.book.len()));
         }
-        let mut step = Step::default();
+        // The ACKs taken so far changed the ledger this plan reads (a rejection frees its
+        // room): they are recorded first, so the log before the plan is what it saw.
+        let mut step = self.record_acks();
         if let (Some(dispatch_id), Some(old)) = (replaced, signal.replaces.as_ref()) {
             step.merge(self.withdraw(now, &dispatch_id, &format!("replaced by signal {}", signal.id)));
             self.streams.remove(old);
@@ -426,7 +439,7 @@ impl Engine {
                 self.ledger.release(&ack.order_id);
             }
         }
-        self.fill_fallback(&mut step);
+        self.reallocate(now, &mut step);
         self.learn(now, &mut step);
         Ok(step)
     }
@@ -438,7 +451,8 @@ impl Engine {
 
     /// The `AckReceived` events of every ACK taken and not yet recorded, one per attempt.
     /// ACKs are recorded in batches: the runtime calls this shortly after they arrive, and
-    /// a dispatch records its own before anything else it decides. Until then an ACK is
+    /// a dispatch records its own before anything else it decides, and a plan or a fallback
+    /// records every one taken before it reads the ledger. Until then an ACK is
     /// known in memory only; a gateway killed meanwhile treats the order as unanswered at
     /// its next start, and cancels it.
     pub fn record_acks(&mut self) -> Step {
@@ -453,7 +467,7 @@ impl Engine {
         let mut steps = self.book.on_timeout(now);
         for step in &mut steps {
             self.release(&step.cancels);
-            self.fill_fallback(step);
+            self.reallocate(now, step);
             self.learn(now, step);
         }
         steps
@@ -465,10 +479,18 @@ impl Engine {
         self.book.published(dispatch_id, now);
     }
 
-    /// Fills in a fallback request with what each candidate still has free (its current
-    /// state less everything committed on it) and the free room of the shared limits.
-    fn fill_fallback(&mut self, step: &mut Step) {
-        let Some(req) = step.fallback.as_mut() else { return };
+    /// Runs the fallback an attempt that settled with a residual asks for, in the same
+    /// step: the room is what each candidate still has free (its current state less
+    /// everything committed on it) and the free room of the shared limits, read after the
+    /// step's cancels were released and before anything else can commit. So no other
+    /// dispatch takes that room in between, and the log holds, just before
+    /// `FallbackApplied`, exactly the state the fallback ran on (the auditor re-runs it there;
+    /// ACKs taken and not yet recorded are recorded before it for that reason).
+    fn reallocate(&mut self, now: Timestamp, step: &mut Step) {
+        let Some(mut req) = step.fallback.take() else { return };
+        // Other dispatches' ACKs taken and not yet recorded changed the ledger: recorded
+        // first, like before a plan.
+        step.merge(self.record_acks());
         let Some(d) = self.book.live.get(&req.dispatch_id) else { return };
         let ids: Vec<VehicleId> = std::mem::take(&mut req.candidates).into_iter().map(|(v, _)| v.id).collect();
         let fleet = (&self.planner.fleet, &self.planner.state_at);
@@ -476,14 +498,10 @@ impl Engine {
             fallback_room(&self.planner.cfg.limits, fleet, &self.ledger, d.signal(), d.planned_at, &ids);
         req.candidates = candidates;
         req.limits = limits;
-    }
-
-    /// The fallback's answer for `request`; its orders are committed.
-    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
-        let mut step = self.book.apply_fallback(now, request, realloc);
-        self.commit(&step.orders);
-        self.learn(now, &mut step);
-        step
+        let realloc = req.reallocate(fallback::by_kind(req.kind).as_ref(), &mut self.fallback_lp);
+        let next = self.book.apply_fallback(now, &req, &realloc);
+        self.commit(&next.orders);
+        step.merge(next);
     }
 
     /// Graceful shutdown: every dispatch in flight settles now; its unanswered orders are

@@ -3,7 +3,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::*;
 use crate::allocation::filter::{SimpleVehicleFilter, VehicleFilter};
 use crate::allocation::{Dispatcher, EqualDispatcher, SmartDispatcher};
-use crate::dispatch::fallback::{BalancedFallback, Fallback, NoopFallback};
 use crate::events::EventKind;
 use crate::model::{Direction, SignalType, VehicleCounts};
 use proptest::prelude::*;
@@ -42,14 +41,6 @@ fn kinds(step: &Step) -> Vec<EventKind> {
     step.events.iter().map(|e| e.kind).collect()
 }
 
-fn run_fallback(book: &mut Engine, now: Timestamp, step: &mut Step, f: &dyn Fallback) {
-    if let Some(req) = step.fallback.take() {
-        let realloc = f.reallocate(req.residual_kw, &req.fallback_candidates(), &req.limits);
-        let next = book.apply_fallback(now, &req, &realloc);
-        step.merge(next);
-    }
-}
-
 #[test]
 fn all_vehicles_ack_and_the_dispatch_completes_without_fallback() {
     let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(4));
@@ -84,17 +75,17 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
     // Two answer, two stay silent.
     for o in &step.orders[..2] {
         let s = book.on_ack(T0.plus_millis(5), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
-        assert!(s.outcomes.is_empty() && s.fallback.is_none());
+        assert!(s.outcomes.is_empty() && s.orders.is_empty());
     }
     assert!(book.on_timeout(T0.plus_millis(1_999)).is_empty());
     let deadline = book.next_deadline().unwrap();
     let mut steps = book.on_timeout(deadline);
     assert_eq!(steps.len(), 1);
-    let mut step2 = steps.remove(0);
+    let step2 = steps.remove(0);
     assert_eq!(
-        kinds(&step2),
-        [EventKind::AckReceived, EventKind::AckTimedOut, EventKind::OrderCancelled],
-        "the two ACKs in one event, then the two timeouts and the two cancels, one event each"
+        kinds(&step2)[..4],
+        [EventKind::AckReceived, EventKind::AckTimedOut, EventKind::OrderCancelled, EventKind::FallbackApplied],
+        "the two ACKs in one event, then the two timeouts and the two cancels, one event each, then the fallback in the same step"
     );
     assert_eq!(step2.events[0].payload_value()["accepted"], serde_json::json!([1, 2]));
     assert_eq!(step2.events[1].payload_value()["orders"], serde_json::json!([3, 4]));
@@ -103,12 +94,10 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
     let cancelled: Vec<&str> = step2.cancels.iter().map(|c| c.order_id.as_str()).collect();
     assert_eq!(cancelled, silent, "the silent vehicles' orders are withdrawn before the fallback runs");
     assert!(step2.cancels.iter().all(|c| c.cancel && c.reason.contains("deadline")));
-    let req = step2.fallback.as_ref().expect("residual goes to the fallback");
-    assert_eq!(req.candidates.len(), 2);
-    assert!((req.residual_kw - 12.0).abs() < 1e-9);
-    run_fallback(book, deadline, &mut step2, &BalancedFallback::default());
+    let applied = step2.events[3].payload_value();
+    assert_eq!(applied["candidates"].as_array().map(Vec::len), Some(2), "the two that accepted are asked");
+    assert_eq!(applied["residual_kw"], 12.0);
     assert_eq!(step2.events.last().map(|e| e.kind), Some(EventKind::OrderSent));
-    assert!(step2.events.iter().any(|e| e.kind == EventKind::FallbackApplied));
     // Each accepted 6 kW of 10 kW: 4 kW left each, 8 kW in all.
     let placed: f64 = step2.orders.iter().map(|o| o.power_kw).sum();
     assert!((placed - 8.0).abs() < 1e-9, "{placed}");
@@ -146,8 +135,9 @@ fn segments_without_fallback_are_never_asked_twice() {
         book.on_ack(T0, &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
     }
     let steps = book.on_timeout(T0.plus_millis(1_000));
-    let req = steps[0].fallback.as_ref().expect("a fallback round");
-    let asked: Vec<&str> = req.candidates.iter().map(|(v, _)| v.id.as_str()).collect();
+    let applied = steps[0].events.iter().find(|e| e.kind == EventKind::FallbackApplied).expect("a fallback round");
+    let applied = applied.payload_value();
+    let asked: Vec<&str> = applied["candidates"].as_array().unwrap().iter().filter_map(|c| c[0].as_str()).collect();
     assert_eq!(asked, ["v01"], "the bus (fallback: false) is not asked again");
 }
 
@@ -284,7 +274,7 @@ fn shutdown_settles_what_is_in_flight() {
     assert_eq!(steps.len(), 1);
     let out = steps[0].outcomes.first().unwrap();
     assert_eq!(out.vehicles.timed_out, 2);
-    assert!(steps[0].fallback.is_none());
+    assert!(steps[0].events.iter().all(|e| e.kind != EventKind::FallbackApplied), "no fallback at shutdown");
     let done = steps[0].events.last().unwrap();
     assert_eq!(done.payload_value()["interrupted"], "shutdown");
     assert!(book.book().is_empty());
@@ -370,8 +360,6 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
         for v in &fleet {
             p.on_state(T0, v.id.clone(), Some(v.clone()));
         }
-        let fb: Box<dyn Fallback> =
-            if fallback == FallbackKind::Noop { Box::new(NoopFallback) } else { Box::new(BalancedFallback::default()) };
         let mut now = T0;
         // Pending ACKs: (due, vehicle, ack).
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
@@ -415,7 +403,6 @@ fn seeded_simulation_of_many_dispatches_keeps_every_invariant() {
                     steps = book.on_timeout(now);
                 }
                 for mut s in steps {
-                    run_fallback(book, now, &mut s, fb.as_ref());
                     schedule(&s.orders, now, &mut rng, &mut pending);
                     events.append(&mut s.events);
                     outcomes.append(&mut s.outcomes);
@@ -785,7 +772,6 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
         };
         let fallback = if seed % 2 == 0 { FallbackKind::Balanced } else { FallbackKind::Noop };
         let mut e = engine_with_limits(fallback, limits.clone(), &fleet);
-        let fb = BalancedFallback::default();
         let mut now = T0;
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
         let mut streams: Vec<String> = Vec::new();
@@ -806,8 +792,7 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
                 replaces,
                 ..signal("", 1.0)
             };
-            if let Ok(mut step) = e.on_signal(now, sig) {
-                run_fallback(&mut e, now, &mut step, &fb);
+            if let Ok(step) = e.on_signal(now, sig) {
                 schedule(&step.orders, now, &mut rng, &mut pending);
                 streams.push(format!("s{k}"));
             }
@@ -822,8 +807,7 @@ fn overlapping_dispatches_never_overcommit_a_vehicle_or_a_limit() {
                 } else {
                     steps = e.on_timeout(t);
                 }
-                for mut s in steps {
-                    run_fallback(&mut e, t, &mut s, &fb);
+                for s in steps {
                     schedule(&s.orders, t, &mut rng, &mut pending);
                 }
                 check_commitments(&e, &fleet, &limits, t, seed);
@@ -909,7 +893,6 @@ fn replaying_the_log_gives_the_live_state() {
         for v in &fleet {
             log.append(&e.on_state(T0, v.id.clone(), Some(v.clone())).1.into_iter().collect::<Vec<_>>()).unwrap();
         }
-        let fb = BalancedFallback::default();
         let mut now = T0;
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
         let mut projection = DispatchProjection::new();
@@ -917,8 +900,7 @@ fn replaying_the_log_gives_the_live_state() {
         // Carries out the steps of one input (a timeout may settle several dispatches at
         // once), logs their events, folds them and compares.
         let mut record = |e: &mut Engine, steps: Vec<Step>, t: Timestamp, rng: &mut Rng, pending: &mut Vec<_>| {
-            for mut step in steps {
-                run_fallback(e, t, &mut step, &fb);
+            for step in steps {
                 schedule_answers(&step.orders, t, rng, pending, (0.15, 0.3), 2_500.0);
                 log.append(&step.events).unwrap();
             }

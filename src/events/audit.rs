@@ -17,7 +17,7 @@
 //! Powers must agree to 1e-6 relative ([`agree`]). An LP that the solver's time limit cut
 //! short (status `MaxTime`) is reported as such rather than as a difference.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 
@@ -319,6 +319,7 @@ impl Auditor {
         }
         let request = FallbackRequest {
             dispatch_id: DispatchId::from(dispatch_id),
+            kind: recorded.fallback,
             residual_kw: recorded.residual_kw,
             candidates,
             limits,
@@ -395,24 +396,36 @@ fn ledger_of(state: &ProjectedState, after: Timestamp) -> Ledger {
 
 /// How two order lists differ, if they do.
 fn differ(recorded: &[(VehicleId, f64)], today: &[(VehicleId, f64)]) -> Option<String> {
-    if recorded.len() != today.len() {
-        let total = |o: &[(VehicleId, f64)]| o.iter().map(|(_, p)| p).sum::<f64>();
-        return Some(format!(
-            "{} orders ({} kW) recorded, {} ({} kW) today",
-            recorded.len(),
-            total(recorded),
-            today.len(),
-            total(today)
-        ));
-    }
-    let diffs: Vec<String> = recorded
-        .iter()
-        .zip(today)
-        .filter(|((rv, rp), (tv, tp))| rv != tv || !agree(*rp, *tp))
-        .take(5)
-        .map(|((rv, rp), (tv, tp))| format!("{rv} {rp} kW -> {tv} {tp} kW"))
+    let by_vehicle = |o: &[(VehicleId, f64)]| -> BTreeMap<VehicleId, f64> {
+        let mut m = BTreeMap::new();
+        for (v, p) in o {
+            *m.entry(v.clone()).or_insert(0.0) += p;
+        }
+        m
+    };
+    let (was, now) = (by_vehicle(recorded), by_vehicle(today));
+    let vehicles: BTreeSet<&VehicleId> = was.keys().chain(now.keys()).collect();
+    let diffs: Vec<String> = vehicles
+        .into_iter()
+        .filter_map(|v| {
+            let (r, t) = (was.get(v).copied().unwrap_or(0.0), now.get(v).copied().unwrap_or(0.0));
+            (!agree(r, t)).then(|| format!("{v} {r} kW -> {t} kW"))
+        })
         .collect();
-    (!diffs.is_empty()).then(|| diffs.join(", "))
+    if diffs.is_empty() {
+        return None;
+    }
+    let total = |o: &[(VehicleId, f64)]| o.iter().map(|(_, p)| p).sum::<f64>();
+    let shown = diffs.len().min(5);
+    let more = if diffs.len() > shown { format!(" and {} more", diffs.len() - shown) } else { String::new() };
+    Some(format!(
+        "{} orders ({} kW) recorded, {} ({} kW) today: {}{more}",
+        recorded.len(),
+        total(recorded),
+        today.len(),
+        total(today),
+        diffs[..shown].join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -438,7 +451,6 @@ mod tests {
         let mut log = MemoryStore::default();
         log.append(&[Event::of(T0, "gateway", &ConfigRecorded::of(recorded))]).unwrap();
         let mut engine = build::engine(cfg, &ProjectedState::default()).unwrap();
-        let mut lp = LpDispatcher::default();
         for i in 0..12 {
             let mut v = Vehicle::new(format!("v{i:02}"), 0.3 + 0.05 * i as f64, 70.0, 8.0 + i as f64);
             v.group = Some(format!("g{}", i % 2));
@@ -460,23 +472,23 @@ mod tests {
                 let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
                 steps.push(engine.on_ack(now.plus_millis(10), &o.vehicle_id, &ack).unwrap());
             }
-            steps.push(engine.record_acks());
-            steps.extend(engine.on_timeout(now.plus_millis(2_500)));
-            for mut step in steps {
-                let request = step.fallback.take();
-                log_step(&mut log, step);
-                if let Some(req) = request {
-                    let realloc = req.reallocate(by_kind(cfg.dispatch.fallback).as_ref(), &mut lp);
-                    let next = engine.apply_fallback(now.plus_millis(2_500), &req, &realloc);
-                    let orders = next.orders.clone();
-                    log_step(&mut log, next);
-                    for o in &orders {
+            // A fallback runs in the step that settles the attempt: its orders are in it,
+            // and they are answered before their own deadline.
+            let answer = |engine: &mut Engine, log: &mut MemoryStore, steps: Vec<Step>, at: Timestamp| {
+                for step in steps {
+                    let fallback_orders: Vec<_> = step.orders.iter().filter(|o| o.attempt > 1).cloned().collect();
+                    log_step(log, step);
+                    for o in &fallback_orders {
                         let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
-                        let done = engine.on_ack(now.plus_millis(2_600), &o.vehicle_id, &ack).unwrap();
-                        log_step(&mut log, done);
+                        log_step(log, engine.on_ack(at, &o.vehicle_id, &ack).unwrap());
                     }
                 }
-            }
+            };
+            answer(&mut engine, &mut log, steps, now.plus_millis(20));
+            let recorded = vec![engine.record_acks()];
+            answer(&mut engine, &mut log, recorded, now.plus_millis(30));
+            let timeouts = engine.on_timeout(now.plus_millis(2_500));
+            answer(&mut engine, &mut log, timeouts, now.plus_millis(2_600));
         }
         log
     }
