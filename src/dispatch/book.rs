@@ -103,7 +103,7 @@ impl DispatchBook {
     }
 
     /// The fallback's answer for `request`.
-    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
+    pub(crate) fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
         let Some(d) = self.live.get_mut(&request.dispatch_id) else { return Step::default() };
         let step = d.apply_fallback(now, request, realloc);
         for o in &step.orders {

@@ -341,7 +341,7 @@ impl Dispatch {
     }
 
     /// The fallback's answer to this dispatch's [`FallbackRequest`].
-    pub fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
+    pub(crate) fn apply_fallback(&mut self, now: Timestamp, request: &FallbackRequest, realloc: &Reallocation) -> Step {
         if self.state != State::AwaitingFallback {
             return Step::default();
         }

@@ -26,7 +26,8 @@ mod machine;
 mod planner;
 
 pub use book::DispatchBook;
-pub use machine::{AckIgnored, Dispatch, FallbackRequest};
+pub(crate) use machine::FallbackRequest;
+pub use machine::{AckIgnored, Dispatch};
 pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S};
 
 use std::collections::{BTreeMap, BTreeSet};
