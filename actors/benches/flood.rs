@@ -4,6 +4,7 @@
 //! ```sh
 //! cargo bench -p gridweaver-actors --bench flood                  # 100 vehicles, 10 s flood
 //! cargo bench -p gridweaver-actors --bench flood -- --vehicles 100 --seconds 10 --factor 10
+//! cargo bench -p gridweaver-actors --bench flood -- --vehicles 1000 --power-kw 5000  # 1,000 orders a dispatch
 //! ```
 //!
 //! 1. Capacity: signals are sent one at a time, each after the previous outcome, for 3 s:
@@ -39,12 +40,15 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn signal(id: &str) -> String {
-    json!({"id": id, "type": "afrr", "direction": "up", "power_kw": 1.0, "duration_s": 1}).to_string()
+/// A 1-second up signal of `kw` (`--power-kw`, default 1 kW: one vehicle; more spreads each
+/// dispatch over many vehicles, one order each).
+fn signal(id: &str, kw: f64) -> String {
+    json!({"id": id, "type": "afrr", "direction": "up", "power_kw": kw, "duration_s": 1}).to_string()
 }
 
 fn main() {
     let (n, seconds, factor) = (arg("--vehicles", 100) as usize, arg("--seconds", 10), arg("--factor", 10));
+    let kw = arg("--power-kw", 1) as f64;
     let broker = Mosquitto::start();
     let mut g = Gateway::start(&broker, "flood", "ack_timeout_seconds: 2");
     // Only what the bench reads: a subscription to every order would flood the bench itself.
@@ -65,7 +69,7 @@ fn main() {
     let mut done = 0u64;
     while started.elapsed() < Duration::from_secs(3) {
         let id = format!("cap-{done}");
-        op.publish(&topic, signal(&id));
+        op.publish(&topic, signal(&id, kw));
         op.wait_json(Duration::from_secs(10), "", "signal_id", id.as_str()).expect("an outcome");
         done += 1;
     }
@@ -81,7 +85,7 @@ fn main() {
     while flood_start.elapsed() < Duration::from_secs(seconds) {
         let due = (flood_start.elapsed().as_secs_f64() * per_s as f64) as u64;
         while sent < due {
-            op.publish(&topic, signal(&format!("flood-{sent}")));
+            op.publish(&topic, signal(&format!("flood-{sent}"), kw));
             let v = sent as usize % n;
             op.publish(
                 &format!("{}/vehicles/ev{v:04}/state", g.prefix),
@@ -104,7 +108,7 @@ fn main() {
     let mut watch = Operator::connect(&broker, "flood-watch", &subs);
     std::thread::sleep(Duration::from_millis(200));
     let fresh = Instant::now();
-    watch.publish(&topic, signal("fresh"));
+    watch.publish(&topic, signal("fresh", kw));
     let mut after_kb = peak_kb;
     let (mut retries, mut last_try) = (0, Instant::now());
     let fresh_latency = loop {
@@ -114,16 +118,17 @@ fn main() {
             if t.contains("/dispatches/") && v["signal_id"] == "fresh" {
                 return Some(true);
             }
-            (t.ends_with("/errors") && v["error"].as_str()?.contains("max_in_flight")).then_some(false)
+            (t.ends_with("/errors") && v["error"].as_str()?.contains("signal `fresh` was not dispatched"))
+                .then_some(false)
         });
         watch.seen.clear();
         match answer {
             Some(true) => break fresh.elapsed(),
-            // A busy answer (errors do not say for which signal): try again, at most every 200 ms.
+            // A busy answer: try again, at most every 200 ms.
             Some(false) if last_try.elapsed() > Duration::from_millis(200) => {
                 retries += 1;
                 last_try = Instant::now();
-                watch.publish(&topic, signal("fresh"));
+                watch.publish(&topic, signal("fresh", kw));
             }
             _ => {}
         }
@@ -134,15 +139,15 @@ fn main() {
     peak_kb = peak_kb.max(after_kb);
     let final_kb = rss_kb(pid);
     let dispatched = g.events(Some("DispatchPlanCreated")).len();
-    let busy = g
-        .events(Some("SignalRejected"))
-        .iter()
-        .filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains("max_in_flight"))
-        .count();
+    let refusals = g.events(Some("SignalRejected"));
+    let refused = |why: &str| {
+        refusals.iter().filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains(why)).count()
+    };
+    let (busy, late, behind) = (refused("max_in_flight"), refused("for the planner"), refused("is behind"));
     assert!(g.terminate().success(), "the gateway did not stop cleanly:\n{}", g.log());
     sim.stop();
 
-    println!("GridWeaver Edge flood benchmark: {n} vehicles, flood {seconds} s at {factor}x");
+    println!("GridWeaver Edge flood benchmark: {n} vehicles, {kw} kW signals, flood {seconds} s at {factor}x");
     println!("| what | value |\n|---|---:|");
     println!("| dispatch capacity, one at a time | {rate:.0} signals/s |");
     println!(
@@ -151,6 +156,9 @@ fn main() {
     );
     println!("| dispatched (DispatchPlanCreated, the whole run) | {dispatched} |");
     println!("| refused as busy (dispatch.max_in_flight), recorded | {busy} |");
+    println!("| refused as late (waited over 1 s for the planner), recorded | {late} |");
+    println!("| refused as behind (log or publishing), recorded, besides the late | {} |", behind - late);
+    println!("| SignalRejected rows, all reasons | {} |", refusals.len());
     println!(
         "| VmRSS idle / peak / after | {:.1} / {:.1} / {:.1} MB (target: peak < 64 MB) |",
         idle_kb as f64 / 1024.0,

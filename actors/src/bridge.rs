@@ -20,7 +20,7 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
-use crate::dispatcher::{AckIn, DispatcherActor, Reconnected, SignalIn, Subscribed};
+use crate::dispatcher::{AckIn, DispatcherActor, Intake, Reconnected, SignalIn, Subscribed, SIGNALS_WAITING_MAX};
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
 use crate::supervisor::{Supervisor, VehicleStateIn};
@@ -38,6 +38,8 @@ pub struct Routes {
     pub publisher: Publisher,
     /// The region named in rejection events.
     pub region: String,
+    /// Signals on their way to the planner.
+    pub intake: Intake,
 }
 
 /// Sends `msg` without waiting when the mailbox has room, else waits for room: the bridge
@@ -57,7 +59,17 @@ async fn route(routes: &Routes, topics: &Topics, topic: &str, payload: &[u8]) {
     let at = now();
     match decode(topics, topic, payload, at) {
         None => {}
-        Some(Ok(Inbound::Signal(signal))) => deliver(&routes.dispatcher, SignalIn { signal, at }).await,
+        Some(Ok(Inbound::Signal(signal))) => match routes.intake.enter() {
+            Ok(()) => deliver(&routes.dispatcher, SignalIn { signal, at }).await,
+            Err(waiting) => {
+                // Admission at the door: the planner has enough waiting already.
+                let why = format!(
+                    "signal `{}` was not dispatched: {waiting} signals already wait for the planner (at most {SIGNALS_WAITING_MAX}): the gateway is behind; send it again later",
+                    signal.id
+                );
+                reject(routes, topic, &why, payload, EventKind::SignalRejected, "dispatcher".into(), at);
+            }
+        },
         Some(Ok(Inbound::VehicleState(id, state))) => {
             deliver(&routes.supervisor, VehicleStateIn { id, state: state.map(|b| *b), at }).await
         }

@@ -17,7 +17,7 @@ use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
 use crate::bridge::{Disconnect, MqttBridge, Routes};
-use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Shutdown};
+use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Intake, Shutdown};
 use crate::environment::EnvironmentError;
 use crate::publish::{now, Publisher};
 use crate::store::{self, StoreError, StoreHandle};
@@ -139,8 +139,9 @@ impl Controller {
             build_engine(&engine_cfg, &recovery, now())
         });
 
-        let (st, pb) = (store.clone(), publisher.clone());
-        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, st, pb));
+        let (st, pb, intake) = (store.clone(), publisher.clone(), Intake::default());
+        let counted = intake.clone();
+        let dispatcher = actix::Supervisor::start(move |_| DispatcherActor::new(rebuild, st, pb).with_intake(counted));
         let supervisor =
             Supervisor::new(dispatcher.clone(), store.clone(), publisher.clone(), cfg.site.clone()).start();
         dispatcher
@@ -152,6 +153,7 @@ impl Controller {
             store: store.clone(),
             publisher: publisher.clone(),
             region: cfg.site.clone(),
+            intake,
         };
         let bridge_arbiter = Arbiter::new();
         let reconnect_max = Duration::from_secs(cfg.mqtt.reconnect_max_s);

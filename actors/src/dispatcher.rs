@@ -13,7 +13,9 @@
 //! rebuilt from the event log (what was in flight is recorded as interrupted and its
 //! unanswered orders cancelled); the vehicle actors then report the fleet again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -21,12 +23,12 @@ use gridweaver_core::dispatch::{Capacity, Engine, Step};
 use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
-use gridweaver_core::model::{Ack, Signal, Vehicle, VehicleId};
+use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
 use crate::guard::guarded;
 use crate::publish::{now, reject, Publisher};
-use crate::store::StoreHandle;
+use crate::store::{Appended, StoreHandle};
 
 /// How often the retained `<p>/capacity` is refreshed when it changed, at most.
 const CAPACITY_EVERY: Duration = Duration::from_millis(250);
@@ -55,8 +57,13 @@ pub struct DispatcherActor {
     completed: u64,
     /// While the store cannot commit: why, since when, and how many signals were refused.
     store_failing: Option<StoreOutage>,
-    /// The pending record of ACKs taken.
-    ack_record: Option<SpawnHandle>,
+    /// The pending record of ACKs taken: since when, and its timer.
+    ack_record: Option<(tokio::time::Instant, SpawnHandle)>,
+    /// Steps whose events are with the store, oldest first: published in this order once
+    /// durable (by [`Pump`], or at the start of the next message: [`DispatcherActor::service`]).
+    unpublished: VecDeque<Unpublished>,
+    /// The [`Pump`] running while `unpublished` is not empty.
+    pump: Option<SpawnHandle>,
     /// The live tail's pipeline.
     tail: UnifiedPipeline<String>,
     /// Connected to the broker (the bridge said so).
@@ -65,6 +72,8 @@ pub struct DispatcherActor {
     stopping: bool,
     /// Until the fleet is learnt after start-up: the signals held back meanwhile.
     warmup: Option<Warmup>,
+    /// Signals on their way from the bridge.
+    intake: Intake,
 }
 
 /// Start-up: the gateway knows no vehicle until the broker re-sends their retained states,
@@ -91,6 +100,79 @@ struct StoreOutage {
     since: Timestamp,
     refused: u64,
     probe: SpawnHandle,
+}
+
+/// A step whose events are with the store: what it publishes once they are durable.
+struct Unpublished {
+    durable: tokio::sync::oneshot::Receiver<Result<Appended, String>>,
+    cancels: Vec<OrderCancel>,
+    orders: Vec<Order>,
+    outcomes: Vec<DispatchOutcome>,
+    /// The dispatches it is about (closed as failed if it cannot be recorded).
+    touched: BTreeSet<String>,
+    rows: usize,
+    queued: std::time::Instant,
+}
+
+/// Publishes the steps of [`DispatcherActor::unpublished`] in order as the store makes each
+/// durable; ends when none is left (the next [`DispatcherActor::carry_out`] starts another).
+struct Pump;
+
+impl ActorFuture<DispatcherActor> for Pump {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut DispatcherActor,
+        ctx: &mut Context<DispatcherActor>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<()> {
+        loop {
+            let Some(head) = act.unpublished.front_mut() else {
+                act.pump = None;
+                return Poll::Ready(());
+            };
+            let result = match std::future::Future::poll(Pin::new(&mut head.durable), task) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(result)) => result,
+                Poll::Ready(Err(_)) => Err("the store thread is gone".into()),
+            };
+            if let Some(step) = act.unpublished.pop_front() {
+                act.publish_step(step, result, ctx);
+            }
+        }
+    }
+}
+
+/// A signal that waited longer than this between the bridge and the planner is refused
+/// (the gateway is behind; a late activation is worse than a clear refusal), so that a
+/// flood is answered at the cost of a refusal and a fresh signal after it is planned soon.
+const SIGNAL_WAIT_MAX_MS: i64 = 1_000;
+
+/// Signals on their way from the bridge to the planner, at most; the bridge refuses more
+/// itself (so it never waits on a mailbox full of signals, and keeps the connection moving
+/// both ways).
+pub const SIGNALS_WAITING_MAX: usize = 128;
+
+/// The count of signals between the bridge and the planner, shared by both.
+#[derive(Clone, Debug, Default)]
+pub struct Intake(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Intake {
+    /// Counts one more signal in, unless [`SIGNALS_WAITING_MAX`] already wait: then `Err`
+    /// with how many.
+    pub fn enter(&self) -> Result<(), usize> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < SIGNALS_WAITING_MAX).then_some(n + 1))
+            .map(|_| ())
+    }
+
+    /// A signal reached the planner.
+    fn leave(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+    }
 }
 
 /// Rows the live tail holds between a commit and its publish.
@@ -123,6 +205,8 @@ impl DispatcherActor {
             completed: 0,
             store_failing: None,
             ack_record: None,
+            unpublished: VecDeque::new(),
+            pump: None,
             tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
             online: false,
             stopping: false,
@@ -132,7 +216,14 @@ impl DispatcherActor {
                 last_state: tokio::time::Instant::now(),
                 check: None,
             }),
+            intake: Intake::default(),
         }
+    }
+
+    /// Shares `intake` with the bridge, which counts signals in through it.
+    pub fn with_intake(mut self, intake: Intake) -> Self {
+        self.intake = intake;
+        self
     }
 
     /// Ends the start-up hold once the fleet's states have come in; the held signals are
@@ -168,11 +259,59 @@ impl DispatcherActor {
         if self.ack_record.is_some() || !self.engine.has_unrecorded_acks() {
             return;
         }
-        self.ack_record = Some(ctx.run_later(ACK_RECORD_DELAY, |act, ctx| {
+        let timer = ctx.run_later(ACK_RECORD_DELAY, |act, ctx| {
             act.ack_record = None;
-            let step = act.engine.record_acks();
-            act.carry_out(step, ctx);
-        }));
+            act.record_acks(ctx);
+        });
+        self.ack_record = Some((tokio::time::Instant::now(), timer));
+    }
+
+    fn record_acks(&mut self, ctx: &mut Context<Self>) {
+        let step = self.engine.record_acks();
+        self.carry_out(step, ctx);
+    }
+
+    /// What is due, done before the message at hand: steps now durable are published,
+    /// deadlines past are settled, a due record of ACKs is written. actix runs an actor's
+    /// timers and futures only once its mailbox is empty, which under a flood it never is;
+    /// without this, decided orders would wait behind the flood (and their replies pile up
+    /// in memory) and no ACK deadline would expire.
+    fn service(&mut self, ctx: &mut Context<Self>) {
+        let mut published = false;
+        while let Some(head) = self.unpublished.front_mut() {
+            let result = match head.durable.try_recv() {
+                Ok(result) => result,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err("the store thread is gone".into()),
+            };
+            if let Some(step) = self.unpublished.pop_front() {
+                self.publish_step(step, result, ctx);
+                published = true;
+            }
+        }
+        if published {
+            // The pump waited on a step taken here: a new one waits on the new head.
+            if let Some(pump) = self.pump.take() {
+                ctx.cancel_future(pump);
+            }
+            if !self.unpublished.is_empty() {
+                self.pump = Some(ctx.spawn(Pump));
+            }
+        }
+        if let Some((deadline, handle)) = self.timer {
+            if deadline <= now() {
+                ctx.cancel_future(handle);
+                self.timer = None;
+                self.settle_deadlines(ctx);
+            }
+        }
+        if let Some((since, handle)) = self.ack_record {
+            if since.elapsed() >= ACK_RECORD_DELAY {
+                ctx.cancel_future(handle);
+                self.ack_record = None;
+                self.record_acks(ctx);
+            }
+        }
     }
 
     /// Hands durable rows to the live tail through its pipeline (de-duplicated by seq,
@@ -231,39 +370,39 @@ impl DispatcherActor {
         // The dispatches this step is about: if it cannot be recorded, they are closed.
         let touched: BTreeSet<String> = events.iter().filter_map(|e| e.correlation_id.clone()).collect();
         let durable = self.store.append(events);
-        let after = durable.into_actor(self).map(move |res, act, ctx| {
-            let appended = match res {
-                Ok(Ok(appended)) => appended,
-                Ok(Err(e)) => return act.step_failed(e, touched, ctx),
-                Err(_) => return act.step_failed("the store thread is gone".into(), touched, ctx),
-            };
-            act.store_recovered(ctx);
-            tracing::debug!(
-                rows,
-                orders = orders.len(),
-                durable_us = queued.elapsed().as_micros() as u64,
-                "step durable"
-            );
-            for c in &cancels {
-                act.publisher.cancel(c);
-            }
-            for o in &orders {
-                act.publisher.order(o);
-            }
-            // The ACK window of these orders starts now that they are on their way.
-            let published = now();
-            let dispatches: BTreeSet<&str> = orders.iter().map(|o| o.dispatch_id.as_str()).collect();
-            for d in dispatches {
-                act.engine.published(d, published);
-            }
-            for outcome in outcomes {
-                act.publisher.outcome(&outcome);
-                act.completed += 1;
-            }
-            act.tail(appended);
-            act.arm_timer(ctx);
-        });
-        ctx.spawn(after);
+        self.unpublished.push_back(Unpublished { durable, cancels, orders, outcomes, touched, rows, queued });
+        if self.pump.is_none() {
+            self.pump = Some(ctx.spawn(Pump));
+        }
+        self.arm_timer(ctx);
+    }
+
+    /// The second half of [`DispatcherActor::carry_out`], once the store has answered.
+    fn publish_step(&mut self, step: Unpublished, result: Result<Appended, String>, ctx: &mut Context<Self>) {
+        let Unpublished { cancels, orders, outcomes, touched, rows, queued, .. } = step;
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(e) => return self.step_failed(e, touched, ctx),
+        };
+        self.store_recovered(ctx);
+        tracing::debug!(rows, orders = orders.len(), durable_us = queued.elapsed().as_micros() as u64, "step durable");
+        for c in &cancels {
+            self.publisher.cancel(c);
+        }
+        for o in &orders {
+            self.publisher.order(o);
+        }
+        // The ACK window of these orders starts now that they are on their way.
+        let published = now();
+        let dispatches: BTreeSet<&str> = orders.iter().map(|o| o.dispatch_id.as_str()).collect();
+        for d in dispatches {
+            self.engine.published(d, published);
+        }
+        for outcome in outcomes {
+            self.publisher.outcome(&outcome);
+            self.completed += 1;
+        }
+        self.tail(appended);
         self.arm_timer(ctx);
     }
 
@@ -332,18 +471,23 @@ impl DispatcherActor {
         let wait = u64::try_from(deadline.as_millis() - now().as_millis()).unwrap_or(0);
         let handle = ctx.run_later(Duration::from_millis(wait), |act, ctx| {
             act.timer = None;
-            let engine = &mut act.engine;
-            match guarded("settling deadlines", || engine.on_timeout(now())) {
-                Some(steps) => {
-                    for step in steps {
-                        act.carry_out(step, ctx);
-                    }
-                    act.arm_timer(ctx);
-                }
-                None => ctx.stop(),
-            }
+            act.settle_deadlines(ctx);
         });
         self.timer = Some((deadline, handle));
+    }
+
+    /// Settles what is past its deadline (ACK windows, windows ending) and re-arms the timer.
+    fn settle_deadlines(&mut self, ctx: &mut Context<Self>) {
+        let engine = &mut self.engine;
+        match guarded("settling deadlines", || engine.on_timeout(now())) {
+            Some(steps) => {
+                for step in steps {
+                    self.carry_out(step, ctx);
+                }
+                self.arm_timer(ctx);
+            }
+            None => ctx.stop(),
+        }
     }
 
     fn refuse(&self, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String, at: Timestamp) {
@@ -399,8 +543,11 @@ impl Supervised for DispatcherActor {
         self.engine = engine;
         self.recovery = Some(recovery);
         self.timer = None;
-        // Timers of the old context are gone with it.
+        // Timers and futures of the old context are gone with it. Steps not yet published
+        // are the rebuilt engine's to recover from the log (interrupted, orders cancelled).
         self.ack_record = None;
+        self.pump = None;
+        self.unpublished.clear();
         self.capacity_dirty = true;
         if let Some(r) = &self.resync {
             let _ = r.try_send(Resync);
@@ -417,7 +564,8 @@ pub struct TailRows(pub crate::store::Appended);
 impl Handler<TailRows> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, msg: TailRows, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: TailRows, ctx: &mut Context<Self>) {
+        self.service(ctx);
         self.tail(msg.0);
     }
 }
@@ -451,6 +599,8 @@ impl Handler<SignalIn> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
+        self.intake.leave();
+        self.service(ctx);
         if let Some(w) = &mut self.warmup {
             if w.held.len() < WARMUP_HELD {
                 w.held.push(msg);
@@ -462,6 +612,15 @@ impl Handler<SignalIn> for DispatcherActor {
                 self.refuse_signal(&msg.signal, msg.at, &why);
             }
             return;
+        }
+        let waited = now().as_millis().saturating_sub(msg.at.as_millis());
+        if waited > SIGNAL_WAIT_MAX_MS {
+            // Admission: the gateway is behind (a flood); a refusal costs far less than a plan.
+            let why = format!(
+                "signal `{}` was not dispatched: it waited {waited} ms for the planner (at most {SIGNAL_WAIT_MAX_MS} ms): the gateway is behind; send it again later",
+                msg.signal.id
+            );
+            return self.refuse_signal(&msg.signal, msg.at, &why);
         }
         self.signal_in(msg, ctx);
     }
@@ -547,6 +706,7 @@ impl Handler<AckIn> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: AckIn, ctx: &mut Context<Self>) {
+        self.service(ctx);
         let engine = &mut self.engine;
         match guarded("taking an ACK", || engine.on_ack(msg.at, &msg.vehicle, &msg.ack)) {
             Some(Ok(step)) => {
@@ -578,6 +738,7 @@ impl Handler<FleetUpdate> for DispatcherActor {
     type Result = ();
 
     fn handle(&mut self, msg: FleetUpdate, ctx: &mut Context<Self>) {
+        self.service(ctx);
         if let Some(w) = &mut self.warmup {
             w.last_state = tokio::time::Instant::now();
         }
@@ -659,9 +820,10 @@ impl Handler<Shutdown> for DispatcherActor {
                 tokio::task::yield_now().await;
             }
             .into_actor(self)
-            .then(|_, act, _| {
-                // The futures that publish after durability have run by now (the store
-                // answers in order); wait until what they queued is with the client.
+            .then(|_, act, ctx| {
+                // Everything is durable now: publish what waits for it, then wait until
+                // it is with the client.
+                act.service(ctx);
                 let publisher = act.publisher.clone();
                 async move { publisher.flush().await }.into_actor(act)
             })
@@ -707,6 +869,63 @@ mod tests {
             })
             .unwrap();
         out
+    }
+
+    /// actix runs an actor's timers and futures only once its mailbox is empty. Under a
+    /// stream of messages that never lets it empty (a flood), a decided order still goes
+    /// out and its ACK deadline still expires: the silent vehicle's order is cancelled and
+    /// the dispatch completed while the flood goes on, not after it.
+    #[actix_rt::test]
+    async fn deadlines_expire_and_steps_are_published_while_a_flood_keeps_the_mailbox_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("log.db");
+        let (store, _join) = StoreHandle::start(store::open_writer(&db, false).unwrap()).unwrap();
+        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 9), 10_000);
+        let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
+        let rebuild: EngineFactory = Box::new(|| {
+            let cfg = EngineConfig { ack_timeout_ms: 100, fallback: FallbackKind::Noop, ..EngineConfig::default() };
+            let planner = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()));
+            (Engine::new(planner), Step::default())
+        });
+        let dispatcher = DispatcherActor::new(rebuild, store.clone(), publisher).start();
+        let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
+        dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
+        dispatcher.send(Subscribed).await.unwrap();
+        tokio::time::sleep(FLEET_SETTLE_MIN + FLEET_QUIET * 3).await;
+
+        let signal = Signal::new("s", SignalType::Afrr, Direction::Up, 5.0, now());
+        dispatcher.do_send(SignalIn { signal, at: now() });
+        // From another thread, faster than the dispatcher takes them, for 1.5 s: another
+        // vehicle's changing state (do_send: past the mailbox's bound, so it never empties).
+        let addr = dispatcher.clone();
+        let flood = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut i = 0u64;
+            while started.elapsed() < Duration::from_millis(1_500) {
+                let v = Vehicle::new("chatty", 0.5 + (i % 40) as f64 / 100.0, 60.0, 11.0);
+                addr.do_send(FleetUpdate { id: v.id.clone(), state: Some(v) });
+                i += 1;
+                if i.is_multiple_of(32) {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+            now()
+        });
+        // This thread is the dispatcher's too: it must not block while the flood goes on.
+        while !flood.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let flood_ended = flood.join().unwrap();
+        store.flush().await.unwrap();
+        let cancelled = events(&db, EventKind::OrderCancelled);
+        let completed = events(&db, EventKind::DispatchCompleted);
+        assert_eq!((cancelled.len(), completed.len()), (1, 1));
+        assert!(
+            completed[0].ts_ms + 500 < flood_ended.as_millis(),
+            "the dispatch completed {} ms after the flood ended, not while it went on",
+            completed[0].ts_ms - flood_ended.as_millis()
+        );
+        assert_eq!(dispatcher.send(Completed).await.unwrap(), 1, "its outcome was published");
     }
 
     /// On tokio's paused clock: a silent vehicle's order is cancelled when its ACK window,

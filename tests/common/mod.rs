@@ -94,9 +94,10 @@ pub fn wait_for_port(port: u16, within: Duration) {
     }
 }
 
-/// The `gridweaver` binary built for this test run.
+/// The `gridweaver` binary built for this test run, or the command in `GRIDWEAVER_BIN`
+/// (a bench run under a profiler, e.g. a script that runs `heaptrack` on the binary).
 pub fn gridweaver() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gridweaver"))
+    Command::new(std::env::var_os("GRIDWEAVER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_gridweaver").into()))
 }
 
 /// A gateway process with its own config and event log.
