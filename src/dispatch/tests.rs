@@ -896,6 +896,9 @@ fn replaying_the_log_gives_the_live_state() {
         let mut now = T0;
         let mut pending: Vec<(Timestamp, VehicleId, Ack)> = Vec::new();
         let mut projection = DispatchProjection::new();
+        // The same log folded from its text, as the SQLite store reads it (the fast paths
+        // of `apply_text` included).
+        let mut from_text = DispatchProjection::new();
         let mut folded = 0u64;
         // Carries out the steps of one input (a timeout may settle several dispatches at
         // once), logs their events, folds them and compares.
@@ -906,9 +909,12 @@ fn replaying_the_log_gives_the_live_state() {
             }
             for row in log.read_from(folded + 1, usize::MAX).unwrap() {
                 projection.apply(&row).unwrap();
+                let text = row.payload.to_string();
+                from_text.apply_text(row.seq, row.ts_ms, &row.kind, row.correlation_id.as_deref(), &text).unwrap();
                 folded = row.seq;
             }
             same_state(e, projection.state(), t, seed);
+            same_state(e, from_text.state(), t, seed);
         };
         for k in 0..40 {
             now = now.plus_millis((rng.next() * 1_500.0) as i64);

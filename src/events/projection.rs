@@ -373,9 +373,50 @@ impl DispatchProjection {
                 }
             }
         }
+        if k == EventKind::OrderSent && self.orders_sent_text(seq, ts, correlation, payload) {
+            return Ok(());
+        }
         let decoded = super::payload::decode_str(kind, payload).map_err(error)?;
         self.apply_decoded(seq, ts, correlation, decoded);
         Ok(())
+    }
+
+    /// Folds an `OrderSent` of the current version read in place: its vehicle names are
+    /// borrowed from the text and resolved to the fleet's ids (one allocation per vehicle
+    /// for the whole log, not one per order). `false` when it is not that (an older
+    /// version, a vehicle the fleet does not know): the caller decodes it the general way.
+    fn orders_sent_text(&mut self, seq: u64, ts: Timestamp, correlation: Option<&str>, payload: &str) -> bool {
+        #[derive(Deserialize)]
+        struct Sent<'a> {
+            v: u32,
+            attempt: u32,
+            direction: crate::model::OrderDirection,
+            start: Timestamp,
+            until: Timestamp,
+            first: u32,
+            #[serde(borrow)]
+            orders: Vec<(std::borrow::Cow<'a, str>, f64)>,
+        }
+        let Ok(p) = serde_json::from_str::<Sent<'_>>(payload) else { return false };
+        if p.v != <OrdersSent as super::Payload>::VERSION {
+            return false;
+        }
+        let mut orders = Vec::with_capacity(p.orders.len());
+        for (name, kw) in &p.orders {
+            let Some(id) = self.state.vehicle(name) else { return false };
+            orders.push((id, *kw));
+        }
+        let sent = OrdersSent {
+            attempt: p.attempt,
+            direction: p.direction,
+            start: p.start,
+            until: p.until,
+            first: p.first,
+            orders,
+        };
+        (self.state.seq, self.state.ts) = (seq, Some(ts));
+        self.state.orders_sent(correlation.unwrap_or_default(), sent);
+        true
     }
 
     /// Folds one event already decoded.
@@ -404,9 +445,14 @@ impl DispatchProjection {
                 s.orders_sent(corr, sent);
             }
             Decoded::AcksReceived(acks) => {
+                // One lookup of the dispatch per event, not per order.
+                let mut flight = s.in_flight.get_mut(corr);
+                let mut committed = s.commitments.get_mut(corr);
                 for n in acks.accepted {
-                    s.answer(corr, (acks.attempt, n), OrderAnswer::Accepted);
-                    if let Some(o) = s.commitments.get_mut(corr).and_then(|c| c.orders.get_mut(&(acks.attempt, n))) {
+                    if let Some(o) = flight.as_mut().and_then(|d| d.orders.get_mut(&(acks.attempt, n))) {
+                        o.answer = OrderAnswer::Accepted;
+                    }
+                    if let Some(o) = committed.as_mut().and_then(|c| c.orders.get_mut(&(acks.attempt, n))) {
                         o.2 = true;
                     }
                 }

@@ -640,8 +640,9 @@ pub struct Query {
     pub limit: Option<usize>,
 }
 
-/// How much of a log a reader maps into memory.
-const READ_MMAP_BYTES: i64 = 256 << 20;
+/// How much of a log a reader maps into memory: 1 GiB on a 64-bit gateway, 256 MiB on a
+/// 32-bit one (its address space is 3 GiB); SQLite reads the rest with `pread`.
+const READ_MMAP_BYTES: i64 = if cfg!(target_pointer_width = "64") { 1 << 30 } else { 256 << 20 };
 
 /// A read-only view of an event log.
 pub struct Reader {
@@ -803,22 +804,112 @@ fn fold(
         "SELECT seq, ts_ms, kind, correlation_id, payload FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
     )?;
     let mut rows = stmt.query([after, through])?;
-    while let Some(r) = rows.next()? {
-        let ts_ms: i64 = r.get(1)?;
-        if to.is_some_and(|to| ts_ms > to.as_millis()) {
-            break;
-        }
-        let seq = u64::try_from(r.get::<_, i64>(0)?)?;
-        let kind = r.get_ref(2)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
-        let correlation = r.get_ref(3)?.as_str_or_null().map_err(|e| StoreError::Sql(e.into()))?;
-        let payload = r.get_ref(4)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
-        match projection.apply_text(seq, ts_ms, kind, correlation, payload) {
-            Ok(()) => {}
-            Err(error) if strict => return Err(StoreError::Unreadable { path: path.to_owned(), error }),
-            Err(e) => tracing::error!(error = %e, "an event could not be read back; skipped"),
-        }
+    // Two stages on two threads: this one reads rows into chunks, a folder thread decodes
+    // and folds them. At most FOLD_CHUNKS chunks are in flight (their buffers come back
+    // to be filled again), so memory stays bounded whatever the log's length.
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Chunk>(FOLD_CHUNKS);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Chunk>();
+        let folder = scope.spawn(move || {
+            for chunk in full_rx {
+                for row in &chunk.rows {
+                    let (kind, correlation, payload) = chunk.columns(row);
+                    match projection.apply_text(row.seq, row.ts_ms, kind, correlation, payload) {
+                        Ok(()) => {}
+                        Err(error) if strict => return Err(StoreError::Unreadable { path: path.to_owned(), error }),
+                        Err(e) => tracing::error!(error = %e, "an event could not be read back; skipped"),
+                    }
+                }
+                let _ = empty_tx.send(chunk);
+            }
+            Ok(projection)
+        });
+        let mut chunk = Chunk::default();
+        let read = (|| -> Result<(), StoreError> {
+            while let Some(r) = rows.next()? {
+                let ts_ms: i64 = r.get(1)?;
+                if to.is_some_and(|to| ts_ms > to.as_millis()) {
+                    break;
+                }
+                let seq = u64::try_from(r.get::<_, i64>(0)?)?;
+                let kind = r.get_ref(2)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
+                let correlation = r.get_ref(3)?.as_str_or_null().map_err(|e| StoreError::Sql(e.into()))?;
+                let payload = r.get_ref(4)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
+                chunk.push(seq, ts_ms, kind, correlation, payload);
+                if chunk.is_full() {
+                    let next = empty_rx.try_recv().map(Chunk::cleared).unwrap_or_default();
+                    if full_tx.send(std::mem::replace(&mut chunk, next)).is_err() {
+                        // The folder stopped (an unreadable row, strict): its error is the answer.
+                        return Ok(());
+                    }
+                }
+            }
+            if !chunk.rows.is_empty() {
+                let _ = full_tx.send(chunk);
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let folded = folder.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        read?;
+        folded
+    })
+}
+
+/// Chunks of rows between the reader and the folder of [`fold`], at most.
+const FOLD_CHUNKS: usize = 4;
+
+/// Rows read and not yet folded: their text columns in one buffer.
+#[derive(Default)]
+struct Chunk {
+    text: String,
+    rows: Vec<ChunkRow>,
+}
+
+struct ChunkRow {
+    seq: u64,
+    ts_ms: i64,
+    /// Where the row's text starts in `text`, and where its kind, correlation id (if any)
+    /// and payload end.
+    start: usize,
+    kind_end: usize,
+    correlation_end: Option<usize>,
+    payload_end: usize,
+}
+
+impl Chunk {
+    /// Rows or text in a chunk, at most (whichever comes first).
+    const ROWS: usize = 2_048;
+    const TEXT: usize = 1 << 20;
+
+    fn push(&mut self, seq: u64, ts_ms: i64, kind: &str, correlation: Option<&str>, payload: &str) {
+        let start = self.text.len();
+        self.text.push_str(kind);
+        let kind_end = self.text.len();
+        let correlation_end = correlation.map(|c| {
+            self.text.push_str(c);
+            self.text.len()
+        });
+        self.text.push_str(payload);
+        self.rows.push(ChunkRow { seq, ts_ms, start, kind_end, correlation_end, payload_end: self.text.len() });
     }
-    Ok(projection)
+
+    fn is_full(&self) -> bool {
+        self.rows.len() >= Self::ROWS || self.text.len() >= Self::TEXT
+    }
+
+    fn cleared(mut self) -> Self {
+        self.text.clear();
+        self.rows.clear();
+        self
+    }
+
+    /// Kind, correlation id and payload of `row`.
+    fn columns(&self, row: &ChunkRow) -> (&str, Option<&str>, &str) {
+        let payload_start = row.correlation_end.unwrap_or(row.kind_end);
+        let correlation = row.correlation_end.map(|end| &self.text[row.kind_end..end]);
+        (&self.text[row.start..row.kind_end], correlation, &self.text[payload_start..row.payload_end])
+    }
 }
 
 /// What `gridweaver compact` did.
