@@ -128,12 +128,33 @@ pub struct LpDispatcher {
     /// Solver settings.
     pub settings: LpSettings,
     buf: Buffers,
+    warm: Option<Warm>,
+}
+
+/// The last solver set up, kept for a problem of the same shape: a stream of setpoints to
+/// one fleet under the same limits builds the same sparsity pattern each time, and then only
+/// the numbers change (clarabel's data update), which saves the fill-reducing ordering and
+/// the symbolic factorisation. The result is the same as a fresh solver's, to the bit
+/// (tested): the ordering depends on the pattern alone and every solve starts afresh.
+struct Warm {
+    settings: LpSettings,
+    m: usize,
+    n: usize,
+    colptr: Vec<usize>,
+    rowval: Vec<usize>,
+    solver: DefaultSolver<f64>,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warm").field("m", &self.m).field("n", &self.n).finish_non_exhaustive()
+    }
 }
 
 impl LpDispatcher {
     /// An LP dispatcher scoring like `scoring`.
     pub fn new(scoring: SmartDispatcher, settings: LpSettings) -> Self {
-        Self { scoring, settings, buf: Buffers::default() }
+        Self { scoring, settings, buf: Buffers::default(), warm: None }
     }
 
     /// Solves for `req` with the given per-candidate `scores`.
@@ -185,25 +206,8 @@ impl LpDispatcher {
         };
         report.variables = vars;
         report.constraints = m;
-        let b = std::mem::take(&mut self.buf);
-        let a = CscMatrix { m, n: vars, colptr: b.colptr, rowval: b.rowval, nzval: b.nzval };
-        let p = CscMatrix::zeros((vars, vars));
-        let cones = [SupportedConeT::NonnegativeConeT(m)];
-        let s = &self.settings;
-        let settings = DefaultSettings {
-            verbose: false,
-            max_iter: s.max_iter,
-            time_limit: s.time_limit_s,
-            tol_gap_abs: s.tol_gap,
-            tol_gap_rel: s.tol_gap,
-            tol_feas: s.tol_feas,
-            equilibrate_enable: s.equilibrate,
-            iterative_refinement_enable: s.iterative_refinement,
-            ..DefaultSettings::default()
-        };
-        let mut solver = DefaultSolver::new(&p, &b.q, &a, &b.b, &cones, settings);
+        let solver = self.solver(m, vars);
         solver.solve();
-        self.buf = Buffers { colptr: a.colptr, rowval: a.rowval, nzval: a.nzval, q: b.q, b: b.b };
         let sol = &solver.solution;
         report.status = format!("{:?}", sol.status);
         report.iterations = sol.iterations;
@@ -218,6 +222,60 @@ impl LpDispatcher {
         crate::allocation::repair::polish(&mut power, &caps, target, limits, scores);
         report.objective = objective(scores, &power, target);
         Ok((power, report))
+    }
+
+    /// A solver for the problem in the buffers (`m` rows, `vars` variables): the warm one
+    /// with its numbers updated when the shape and the settings are the same, else a new one
+    /// (kept for the next solve).
+    fn solver(&mut self, m: usize, vars: usize) -> &mut DefaultSolver<f64> {
+        let b = &self.buf;
+        let same = self.warm.as_ref().is_some_and(|w| {
+            w.m == m && w.n == vars && w.settings == self.settings && w.colptr == b.colptr && w.rowval == b.rowval
+        });
+        if same {
+            if let Some(w) = self.warm.as_mut() {
+                // Same pattern: only the values change (presolve is off, so updates are allowed).
+                let updated = w
+                    .solver
+                    .update_A(&b.nzval)
+                    .and_then(|()| w.solver.update_q(&b.q))
+                    .and_then(|()| w.solver.update_b(&b.b));
+                if updated.is_err() {
+                    self.warm = None;
+                }
+            }
+        } else {
+            self.warm = None;
+        }
+        let settings = &self.settings;
+        let warm = self.warm.get_or_insert_with(|| {
+            let a =
+                CscMatrix { m, n: vars, colptr: b.colptr.clone(), rowval: b.rowval.clone(), nzval: b.nzval.clone() };
+            let p = CscMatrix::zeros((vars, vars));
+            let cones = [SupportedConeT::NonnegativeConeT(m)];
+            let clarabel = DefaultSettings {
+                verbose: false,
+                max_iter: settings.max_iter,
+                time_limit: settings.time_limit_s,
+                tol_gap_abs: settings.tol_gap,
+                tol_gap_rel: settings.tol_gap,
+                tol_feas: settings.tol_feas,
+                equilibrate_enable: settings.equilibrate,
+                iterative_refinement_enable: settings.iterative_refinement,
+                // Our rows are all finite: nothing to presolve, and data updates need it off.
+                presolve_enable: false,
+                ..DefaultSettings::default()
+            };
+            Warm {
+                settings: settings.clone(),
+                m,
+                n: vars,
+                colptr: a.colptr.clone(),
+                rowval: a.rowval.clone(),
+                solver: DefaultSolver::new(&p, &b.q, &a, &b.b, &cones, clarabel),
+            }
+        });
+        &mut warm.solver
     }
 
     /// The class form (see [`Classes`]): variables `T_k` (power of class k) and `v_k` (its
@@ -328,34 +386,23 @@ pub struct Classes {
 }
 
 impl Classes {
-    /// The classes of `limits`' candidates, members sorted by `value`.
+    /// The classes of `limits`' candidates, members sorted by `value`. Classes come in the
+    /// order of their row coefficients, members by descending value (then index).
     pub fn of(limits: &LimitSet, value: &[f64]) -> Self {
-        // Sort by (row coefficients, value desc): classes are then runs, members in order.
-        let same = |a: &[(usize, f64)], b: &[(usize, f64)]| {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.to_bits() == y.1.to_bits())
-        };
-        let key_cmp = |a: &[(usize, f64)], b: &[(usize, f64)]| {
-            a.iter().map(|(r, c)| (*r, c.to_bits())).cmp(b.iter().map(|(r, c)| (*r, c.to_bits())))
-        };
-        let mut order: Vec<usize> = (0..limits.members.len()).collect();
-        order.sort_unstable_by(|&a, &b| {
-            key_cmp(&limits.members[a], &limits.members[b])
-                .then(value[b].partial_cmp(&value[a]).unwrap_or(std::cmp::Ordering::Equal))
-                .then(a.cmp(&b))
-        });
-        let mut classes = Classes { members: Vec::new(), rows: Vec::new() };
-        for i in order {
-            match classes.rows.last() {
-                Some(last) if same(last, &limits.members[i]) => {
-                    if let Some(m) = classes.members.last_mut() {
-                        m.push(i);
-                    }
-                }
-                _ => {
-                    classes.rows.push(limits.members[i].clone());
-                    classes.members.push(vec![i]);
-                }
-            }
+        // Group by the exact coefficients first (few classes), then sort each class alone:
+        // far fewer comparisons of coefficient lists than one sort of every vehicle.
+        let mut by_rows: std::collections::BTreeMap<Vec<(usize, u64)>, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, members) in limits.members.iter().enumerate() {
+            by_rows.entry(members.iter().map(|(r, c)| (*r, c.to_bits())).collect()).or_default().push(i);
+        }
+        let mut classes =
+            Classes { members: Vec::with_capacity(by_rows.len()), rows: Vec::with_capacity(by_rows.len()) };
+        for mut members in by_rows.into_values() {
+            members.sort_unstable_by(|&a, &b| {
+                value[b].partial_cmp(&value[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+            });
+            classes.rows.push(limits.members[members[0]].clone());
+            classes.members.push(members);
         }
         classes
     }
@@ -379,13 +426,19 @@ impl Classes {
 /// shared row and the target row scaled down where tolerances left it a hair over.
 pub fn clamp_onto_constraints(x: &[f64], caps: &[f64], target: f64, limits: &LimitSet) -> Vec<f64> {
     let mut p: Vec<f64> = x.iter().zip(caps).map(|(x, c)| x.clamp(0.0, *c)).collect();
-    for (r, load) in limits.loads(&p).into_iter().enumerate() {
-        let cap = limits.rows[r].cap_kw;
-        if load > cap {
-            let f = cap / load;
-            for (i, members) in limits.members.iter().enumerate() {
-                if members.iter().any(|(row, _)| *row == r) {
-                    p[i] *= f;
+    // Each row over its cap scales its members down by cap / load (loads as clamped); a
+    // vehicle on several such rows takes each factor, in row order. One pass over the members.
+    let over: Vec<Option<f64>> = limits
+        .loads(&p)
+        .into_iter()
+        .zip(&limits.rows)
+        .map(|(load, row)| (load > row.cap_kw).then(|| row.cap_kw / load))
+        .collect();
+    if over.iter().any(Option::is_some) {
+        for (x, members) in p.iter_mut().zip(&limits.members) {
+            for (r, _) in members {
+                if let Some(f) = over[*r] {
+                    *x *= f;
                 }
             }
         }
@@ -633,6 +686,37 @@ mod tests {
                 // its penalised value.
                 let crumb = crate::allocation::shortfall_penalty(&scores) * crate::allocation::MIN_ORDER_KW;
                 prop_assert!((oa - ob).abs() <= 1e-6 * oa.abs().max(1.0) + crumb, "per vehicle {oa} vs by class {ob}");
+                Ok(())
+            })?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The warm solver (same shape: only the numbers updated) answers every problem to
+        /// the bit as a fresh solver does: the same target, another target, other scores,
+        /// in turn, so that `audit` re-runs a plan with the result the gateway had.
+        #[test]
+        fn a_warm_solver_answers_to_the_bit_as_a_fresh_one(d in depot(true), scale in 0.2f64..1.0) {
+            with_request(&d, |req| {
+                let scores = SmartDispatcher::default().scores(req);
+                let other_scores: Vec<f64> = scores.iter().map(|s| s * 1.1 + 0.01).collect();
+                let less = AllocationRequest {
+                    signal: req.signal,
+                    now: req.now,
+                    target_kw: req.target_kw * scale,
+                    candidates: req.candidates,
+                    limits: req.limits,
+                };
+                let bits = |r: Result<(Vec<f64>, SolverReport), LpError>| {
+                    r.ok().map(|(x, rep)| (x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), rep.iterations))
+                };
+                let mut warm = LpDispatcher::default();
+                for (r, sc) in [(req, &scores), (&less, &scores), (req, &other_scores), (req, &scores), (&less, &other_scores)] {
+                    let fresh = bits(LpDispatcher::default().solve(r, sc));
+                    prop_assert_eq!(bits(warm.solve(r, sc)), fresh);
+                }
                 Ok(())
             })?;
         }
