@@ -102,9 +102,12 @@ struct StoreOutage {
     probe: SpawnHandle,
 }
 
+/// The store's answer to an append.
+type Durable = tokio::sync::oneshot::Receiver<Result<Appended, String>>;
+
 /// A step whose events are with the store: what it publishes once they are durable.
 struct Unpublished {
-    durable: tokio::sync::oneshot::Receiver<Result<Appended, String>>,
+    durable: Durable,
     cancels: Vec<OrderCancel>,
     orders: Vec<Order>,
     outcomes: Vec<DispatchOutcome>,
@@ -127,20 +130,15 @@ impl ActorFuture<DispatcherActor> for Pump {
         ctx: &mut Context<DispatcherActor>,
         task: &mut std::task::Context<'_>,
     ) -> Poll<()> {
-        loop {
-            let Some(head) = act.unpublished.front_mut() else {
-                act.pump = None;
-                return Poll::Ready(());
-            };
-            let result = match std::future::Future::poll(Pin::new(&mut head.durable), task) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(result)) => result,
-                Poll::Ready(Err(_)) => Err("the store thread is gone".into()),
-            };
-            if let Some(step) = act.unpublished.pop_front() {
-                act.publish_step(step, result, ctx);
-            }
+        act.publish_durable(ctx, |durable| match std::future::Future::poll(Pin::new(durable), task) {
+            Poll::Pending => None,
+            Poll::Ready(result) => Some(result.unwrap_or_else(|_| Err("the store thread is gone".into()))),
+        });
+        if act.unpublished.is_empty() {
+            act.pump = None;
+            return Poll::Ready(());
         }
+        Poll::Pending
     }
 }
 
@@ -277,19 +275,13 @@ impl DispatcherActor {
     /// without this, decided orders would wait behind the flood (and their replies pile up
     /// in memory) and no ACK deadline would expire.
     fn service(&mut self, ctx: &mut Context<Self>) {
-        let mut published = false;
-        while let Some(head) = self.unpublished.front_mut() {
-            let result = match head.durable.try_recv() {
-                Ok(result) => result,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err("the store thread is gone".into()),
-            };
-            if let Some(step) = self.unpublished.pop_front() {
-                self.publish_step(step, result, ctx);
-                published = true;
-            }
-        }
-        if published {
+        // Taken without polling: the pump's waker stays the one registered.
+        let durable = |rx: &mut Durable| match rx.try_recv() {
+            Ok(result) => Some(result),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Some(Err("the store thread is gone".into())),
+        };
+        if self.publish_durable(ctx, durable) {
             // The pump waited on a step taken here: a new one waits on the new head.
             if let Some(pump) = self.pump.take() {
                 ctx.cancel_future(pump);
@@ -312,6 +304,24 @@ impl DispatcherActor {
                 self.record_acks(ctx);
             }
         }
+    }
+
+    /// Publishes the steps at the head of `unpublished` whose store answer `take` gives, in
+    /// order, up to the first it does not. Whether any was published.
+    fn publish_durable(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut take: impl FnMut(&mut Durable) -> Option<Result<Appended, String>>,
+    ) -> bool {
+        let mut published = false;
+        while let Some(head) = self.unpublished.front_mut() {
+            let Some(result) = take(&mut head.durable) else { break };
+            if let Some(step) = self.unpublished.pop_front() {
+                self.publish_step(step, result, ctx);
+                published = true;
+            }
+        }
+        published
     }
 
     /// Hands durable rows to the live tail through its pipeline (de-duplicated by seq,
@@ -871,19 +881,19 @@ mod tests {
         out
     }
 
-    /// actix runs an actor's timers and futures only once its mailbox is empty. Under a
-    /// stream of messages that never lets it empty (a flood), a decided order still goes
-    /// out and its ACK deadline still expires: the silent vehicle's order is cancelled and
-    /// the dispatch completed while the flood goes on, not after it.
-    #[actix_rt::test]
-    async fn deadlines_expire_and_steps_are_published_while_a_flood_keeps_the_mailbox_full() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("log.db");
+    /// A dispatcher logging to `dir/log.db`, with an ACK timeout of `ack_timeout_ms`, no
+    /// fallback, one vehicle ("mute") that nobody answers for and the bridge's subscription
+    /// acknowledged (the start-up hold ends once its time has passed).
+    async fn with_a_silent_vehicle(
+        dir: &std::path::Path,
+        ack_timeout_ms: i64,
+    ) -> (std::path::PathBuf, StoreHandle, Addr<DispatcherActor>) {
+        let db = dir.join("log.db");
         let (store, _join) = StoreHandle::start(store::open_writer(&db, false).unwrap()).unwrap();
         let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 9), 10_000);
         let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
-        let rebuild: EngineFactory = Box::new(|| {
-            let cfg = EngineConfig { ack_timeout_ms: 100, fallback: FallbackKind::Noop, ..EngineConfig::default() };
+        let rebuild: EngineFactory = Box::new(move || {
+            let cfg = EngineConfig { ack_timeout_ms, fallback: FallbackKind::Noop, ..EngineConfig::default() };
             let planner = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()));
             (Engine::new(planner), Step::default())
         });
@@ -891,10 +901,21 @@ mod tests {
         let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
         dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
         dispatcher.send(Subscribed).await.unwrap();
+        (db, store, dispatcher)
+    }
+
+    /// actix runs an actor's timers and futures only once its mailbox is empty. Under a
+    /// stream of messages that never lets it empty (a flood), a decided order still goes
+    /// out and its ACK deadline still expires: the silent vehicle's order is cancelled and
+    /// the dispatch completed while the flood goes on, not after it.
+    #[actix_rt::test]
+    async fn deadlines_expire_and_steps_are_published_while_a_flood_keeps_the_mailbox_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, store, dispatcher) = with_a_silent_vehicle(dir.path(), 100).await;
         tokio::time::sleep(FLEET_SETTLE_MIN + FLEET_QUIET * 3).await;
 
         let signal = Signal::new("s", SignalType::Afrr, Direction::Up, 5.0, now());
-        dispatcher.do_send(SignalIn { signal, at: now() });
+        dispatcher.send(SignalIn { signal, at: now() }).await.unwrap();
         // From another thread, faster than the dispatcher takes them, for 1.5 s: another
         // vehicle's changing state (do_send: past the mailbox's bound, so it never empties).
         let addr = dispatcher.clone();
@@ -934,20 +955,8 @@ mod tests {
     async fn an_unanswered_order_is_cancelled_when_its_window_passes_on_virtual_time() {
         tokio::time::pause();
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("log.db");
-        let (store, _join) = StoreHandle::start(store::open_writer(&db, false).unwrap()).unwrap();
-        let (client, _eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 9), 10_000);
-        let publisher = Publisher::new(client, Arc::new(Topics::new("t")));
-        let rebuild: EngineFactory = Box::new(|| {
-            let cfg = EngineConfig { ack_timeout_ms: 30_000, fallback: FallbackKind::Noop, ..EngineConfig::default() };
-            let planner = Planner::new(cfg, Box::new(SimpleVehicleFilter), Box::new(SmartDispatcher::default()));
-            (Engine::new(planner), Step::default())
-        });
-        let dispatcher = DispatcherActor::new(rebuild, store.clone(), publisher).start();
-        let v = Vehicle::new("mute", 0.8, 60.0, 11.0);
-        dispatcher.send(FleetUpdate { id: v.id.clone(), state: Some(v) }).await.unwrap();
-        // The bridge's subscription is acknowledged; the start-up hold ends (virtual time).
-        dispatcher.send(Subscribed).await.unwrap();
+        let (db, store, dispatcher) = with_a_silent_vehicle(dir.path(), 30_000).await;
+        // The start-up hold ends (virtual time).
         tokio::time::sleep(FLEET_SETTLE_MAX).await;
         let signal = Signal::new("s", SignalType::Afrr, Direction::Up, 5.0, now());
         dispatcher.send(SignalIn { signal, at: now() }).await.unwrap();

@@ -138,8 +138,8 @@ pub struct LpDispatcher {
 /// (tested): the ordering depends on the pattern alone and every solve starts afresh.
 struct Warm {
     settings: LpSettings,
+    /// Rows (the variables are `colptr.len() - 1`).
     m: usize,
-    n: usize,
     colptr: Vec<usize>,
     rowval: Vec<usize>,
     solver: DefaultSolver<f64>,
@@ -147,7 +147,7 @@ struct Warm {
 
 impl std::fmt::Debug for Warm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Warm").field("m", &self.m).field("n", &self.n).finish_non_exhaustive()
+        f.debug_struct("Warm").field("m", &self.m).field("n", &(self.colptr.len() - 1)).finish_non_exhaustive()
     }
 }
 
@@ -229,22 +229,18 @@ impl LpDispatcher {
     /// (kept for the next solve).
     fn solver(&mut self, m: usize, vars: usize) -> &mut DefaultSolver<f64> {
         let b = &self.buf;
-        let same = self.warm.as_ref().is_some_and(|w| {
-            w.m == m && w.n == vars && w.settings == self.settings && w.colptr == b.colptr && w.rowval == b.rowval
-        });
-        if same {
-            if let Some(w) = self.warm.as_mut() {
+        let reused = match self.warm.as_mut() {
+            Some(w) if w.m == m && w.settings == self.settings && w.colptr == b.colptr && w.rowval == b.rowval => {
                 // Same pattern: only the values change (presolve is off, so updates are allowed).
-                let updated = w
-                    .solver
+                w.solver
                     .update_A(&b.nzval)
                     .and_then(|()| w.solver.update_q(&b.q))
-                    .and_then(|()| w.solver.update_b(&b.b));
-                if updated.is_err() {
-                    self.warm = None;
-                }
+                    .and_then(|()| w.solver.update_b(&b.b))
+                    .is_ok()
             }
-        } else {
+            _ => false,
+        };
+        if !reused {
             self.warm = None;
         }
         let settings = &self.settings;
@@ -266,14 +262,8 @@ impl LpDispatcher {
                 presolve_enable: false,
                 ..DefaultSettings::default()
             };
-            Warm {
-                settings: settings.clone(),
-                m,
-                n: vars,
-                colptr: a.colptr.clone(),
-                rowval: a.rowval.clone(),
-                solver: DefaultSolver::new(&p, &b.q, &a, &b.b, &cones, clarabel),
-            }
+            let solver = DefaultSolver::new(&p, &b.q, &a, &b.b, &cones, clarabel);
+            Warm { settings: settings.clone(), m, colptr: a.colptr, rowval: a.rowval, solver }
         });
         &mut warm.solver
     }
