@@ -154,9 +154,12 @@ fn limited(c: &mut Criterion) {
             LpDispatcher::new(SmartDispatcher::default(), reference_settings).solve(&req, &scores).expect("reference");
         let smart_obj = objective(&scores, &smart.allocate(&req).power_kw, req.target_kw);
         eprintln!(
-            "n={n}: lp {} in {} iterations, objective {:.6} (reference {:.6}, relative gap {:.1e}); smart objective {:.6}; \
+            "n={n}: lp {} ({}, {} variables, {} rows) in {} iterations, objective {:.6} (reference {:.6}, relative gap {:.1e}); smart objective {:.6}; \
              lp delivers {:.1} of {:.1} kW",
             report.status,
+            report.formulation,
+            report.variables,
+            report.constraints,
             report.iterations,
             report.objective,
             reference.objective,

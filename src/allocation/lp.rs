@@ -269,9 +269,10 @@ impl LpDispatcher {
     }
 
     /// The class form (see [`Classes`]): variables `T_k` (power of class k) and `v_k` (its
-    /// value); rows: the target, the shared rows over `T`, `0 <= T_k <= U_k`, and one row
-    /// per vehicle, `v_k - c_j T_k <= sum_{i<j} (c_i - c_j) u_i`: the pieces of the class's
-    /// concave value function. Returns (variables, rows).
+    /// value); rows: the target, the shared rows over `T`, `0 <= T_k <= U_k` (the class's
+    /// capacity, or less where one row alone allows less), and one row per member that can be
+    /// reached below `U_k`, `v_k - c_j T_k <= sum_{i<j} (c_i - c_j) u_i`: the pieces of the
+    /// class's concave value function. Returns (variables, rows).
     fn build_by_class(
         &mut self,
         target: f64,
@@ -286,20 +287,44 @@ impl LpDispatcher {
         let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
         b.push(target.max(0.0));
         b.extend(limits.rows.iter().map(|row| row.cap_kw));
-        let totals: Vec<f64> = classes.members.iter().map(|m| m.iter().map(|&i| caps[i]).sum()).collect();
-        b.extend_from_slice(&totals);
+        // A class can carry no more than its capacity, nor more than any of its rows allows
+        // with the rest of the fleet at zero. Pieces that start beyond that bound can never be
+        // the active one, so they are left out: the value function is unchanged on [0, U_k].
+        // (The target is not part of the bound, so a stream of setpoints keeps the pattern.)
+        let bounds: Vec<(f64, usize)> = classes
+            .members
+            .iter()
+            .zip(&classes.rows)
+            .map(|(members, rows)| {
+                let by_rows = rows
+                    .iter()
+                    .filter(|(_, coef)| *coef > 0.0)
+                    .map(|(row, coef)| limits.rows[*row].cap_kw.max(0.0) / coef)
+                    .fold(f64::INFINITY, f64::min);
+                let (mut total, mut pieces) = (0.0, 0);
+                for &i in members {
+                    if pieces > 0 && total >= by_rows {
+                        break;
+                    }
+                    total += caps[i];
+                    pieces += 1;
+                }
+                (total.min(by_rows), pieces)
+            })
+            .collect();
+        b.extend(bounds.iter().map(|(bound, _)| *bound));
         b.extend(std::iter::repeat_n(0.0, k));
         let mut piece_base = Vec::with_capacity(k);
-        for members in &classes.members {
+        for (members, (_, pieces)) in classes.members.iter().zip(&bounds) {
             piece_base.push(b.len());
             let (mut u_before, mut f_before) = (0.0, 0.0);
-            for &j in members {
+            for &j in &members[..*pieces] {
                 b.push(f_before - value[j] * u_before);
                 u_before += caps[j];
                 f_before += value[j] * caps[j];
             }
         }
-        for (c, members) in classes.members.iter().enumerate() {
+        for (c, (members, (_, pieces))) in classes.members.iter().zip(&bounds).enumerate() {
             colptr.push(rowval.len());
             rowval.push(0);
             nzval.push(1.0);
@@ -311,15 +336,15 @@ impl LpDispatcher {
             nzval.push(1.0);
             rowval.push(1 + r + k + c);
             nzval.push(-1.0);
-            for (j, &i) in members.iter().enumerate() {
+            for (j, &i) in members[..*pieces].iter().enumerate() {
                 rowval.push(piece_base[c] + j);
                 nzval.push(-value[i]);
             }
             q.push(0.0);
         }
-        for (c, members) in classes.members.iter().enumerate() {
+        for (c, (_, pieces)) in bounds.iter().enumerate() {
             colptr.push(rowval.len());
-            for j in 0..members.len() {
+            for j in 0..*pieces {
                 rowval.push(piece_base[c] + j);
                 nzval.push(1.0);
             }
