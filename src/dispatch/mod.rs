@@ -266,6 +266,17 @@ impl Engine {
         &self.ledger
     }
 
+    /// Plans from now on against `ledger` instead (the auditor keeps the log's commitments
+    /// as it folds it and lends them to each re-run; [`Engine::take_ledger`] gives them back).
+    pub fn set_ledger(&mut self, ledger: Ledger) {
+        self.ledger = ledger;
+    }
+
+    /// The commitments, taken out (the engine holds none after).
+    pub fn take_ledger(&mut self) -> Ledger {
+        std::mem::take(&mut self.ledger)
+    }
+
     /// The dispatches in flight.
     pub fn book(&self) -> &DispatchBook {
         &self.book
@@ -489,6 +500,9 @@ impl Engine {
     /// ACKs taken and not yet recorded are recorded before it for that reason).
     fn reallocate(&mut self, now: Timestamp, step: &mut Step) {
         let Some(mut req) = step.fallback.take() else { return };
+        // Windows over by now commit nothing any more (an ACK can settle an attempt long
+        // after the last plan or deadline expired the ledger).
+        self.ledger.expire(now);
         // Other dispatches' ACKs taken and not yet recorded changed the ledger: recorded
         // first, like before a plan.
         step.merge(self.record_acks());

@@ -92,6 +92,12 @@ pub struct Auditor {
     /// Orders a re-run fallback decided, by dispatch (compared with its next `OrderSent`).
     fallback_orders: BTreeMap<String, Vec<(VehicleId, f64)>>,
     lp: LpDispatcher,
+    /// The commitments the projection holds, kept as rows are folded and lent to each re-run
+    /// (rebuilding them for every decision made the audit quadratic in what is in force).
+    ledger: Ledger,
+    /// The latest time `ledger` was expired at: a decision stamped earlier (a clock step)
+    /// rebuilds it from the projection.
+    expired_at: Option<Timestamp>,
     window: (Option<Timestamp>, Option<Timestamp>),
     report: AuditReport,
 }
@@ -109,6 +115,8 @@ impl Auditor {
             plans: BTreeMap::new(),
             fallback_orders: BTreeMap::new(),
             lp: LpDispatcher::default(),
+            ledger: Ledger::new(),
+            expired_at: None,
             window: (from, to),
             report: AuditReport::default(),
         }
@@ -121,6 +129,7 @@ impl Auditor {
         auditor.config = state.config.as_ref().and_then(|c| c.config().ok());
         auditor.projection = DispatchProjection::resume(state);
         auditor.restart();
+        auditor.sync_all();
         auditor
     }
 
@@ -130,6 +139,33 @@ impl Auditor {
         let state = self.projection.state();
         self.tuner = self.config.as_ref().and_then(|cfg| build::tuner(cfg, state)).and_then(Result::ok);
         self.prediction = self.config.as_ref().and_then(|cfg| build::prediction(cfg, state));
+    }
+
+    /// The ledger again from every commitment the projection holds.
+    fn sync_all(&mut self) {
+        self.ledger = ledger_of(self.projection.state(), None);
+        self.expired_at = None;
+    }
+
+    /// The ledger's commitments of `dispatch_id` again from the projection's.
+    fn sync_dispatch(&mut self, dispatch_id: &str) {
+        for id in self.ledger.orders_of(dispatch_id) {
+            self.ledger.release(&id);
+        }
+        for (order, accepted) in self.projection.state().committed_orders(dispatch_id) {
+            let mut c = Commitment::of(&order);
+            c.accepted = accepted;
+            self.ledger.commit(c);
+        }
+    }
+
+    /// The ledger without the windows over at `ts`: what the projection holds in force then.
+    fn expire_at(&mut self, ts: Timestamp) {
+        if self.expired_at.is_some_and(|at| ts < at) {
+            self.sync_all();
+        }
+        self.ledger.expire(ts);
+        self.expired_at = Some(ts);
     }
 
     /// The report so far.
@@ -194,7 +230,27 @@ impl Auditor {
             }
             _ => {}
         }
+        // What the fold changes in the commitments, the ledger follows.
+        let touched: Vec<String> = match &decoded {
+            Decoded::OrdersSent(_)
+            | Decoded::AcksReceived(_)
+            | Decoded::AcksTimedOut(_)
+            | Decoded::OrdersCancelled(_) => corr.map(str::to_owned).into_iter().collect(),
+            Decoded::VehicleLost(lost) => {
+                let ids: BTreeSet<&str> = lost.released_orders.iter().filter_map(|id| id.dispatch()).collect();
+                ids.into_iter().map(str::to_owned).collect()
+            }
+            _ => Vec::new(),
+        };
+        let settled = matches!(decoded, Decoded::DispatchCompleted(_));
         self.projection.apply_decoded(row.seq, ts, corr, decoded);
+        for dispatch_id in &touched {
+            self.sync_dispatch(dispatch_id);
+        }
+        if settled {
+            // The projection dropped the windows over (see `ProjectedState::prune`).
+            self.expire_at(ts);
+        }
         Ok(())
     }
 
@@ -204,11 +260,25 @@ impl Auditor {
             return;
         };
         self.report.plans += 1;
-        let state = self.projection.state();
-        let mut engine = engine_at(cfg, state, ts, self.prediction.clone());
+        let mut engine = Engine::new(build::planner_with(cfg, self.projection.state(), self.prediction.clone()));
+        self.expire_at(ts);
+        debug_assert_eq!(
+            self.ledger.iter().collect::<Vec<_>>(),
+            ledger_of(self.projection.state(), Some(ts)).iter().collect::<Vec<_>>(),
+            "the audit's ledger is the projection's commitments at seq {seq}"
+        );
+        engine.set_ledger(std::mem::take(&mut self.ledger));
         // A replacement's withdrawal is already in the log before its signal.
         let signal = Signal { replaces: None, ..signal.clone() };
-        let step = match engine.on_signal(ts, signal) {
+        let planned = engine.on_signal(ts, signal);
+        // Back to what the log holds: today's plan committed its own orders.
+        self.ledger = engine.take_ledger();
+        let today: BTreeSet<DispatchId> =
+            planned.iter().flat_map(|step| step.orders.iter().map(|o| o.dispatch_id.clone())).collect();
+        for dispatch_id in &today {
+            self.sync_dispatch(dispatch_id);
+        }
+        let step = match planned {
             Ok(step) => step,
             Err(refused) => {
                 return self.finding(
@@ -291,6 +361,7 @@ impl Auditor {
     }
 
     fn rerun_fallback(&mut self, seq: u64, ts: Timestamp, dispatch_id: &str, recorded: &FallbackApplied) {
+        self.expire_at(ts);
         let state = self.projection.state();
         let (Some(_), Some(d)) = (&self.config, state.in_flight.get(dispatch_id)) else {
             self.report.not_checked += 1;
@@ -302,10 +373,11 @@ impl Auditor {
         };
         self.report.fallbacks += 1;
         let limits = self.config.as_ref().map(|c| c.dispatch.limits.clone()).unwrap_or_default();
-        let ledger = ledger_of(state, ts);
+        let ledger = &self.ledger;
+        debug_assert_eq!(ledger.iter().collect::<Vec<_>>(), ledger_of(state, Some(ts)).iter().collect::<Vec<_>>());
         let ids: Vec<VehicleId> = recorded.candidates.iter().map(|(id, _, _)| id.clone()).collect();
         let (candidates, limits) =
-            fallback_room(&limits, (&state.fleet, &state.fleet_at), &ledger, &signal, d.planned_at, &ids);
+            fallback_room(&limits, (&state.fleet, &state.fleet_at), ledger, &signal, d.planned_at, &ids);
         let mut diffs = Vec::new();
         let free_of: BTreeMap<&VehicleId, f64> = candidates.iter().map(|(v, free)| (&v.id, *free)).collect();
         for (id, remaining, _) in &recorded.candidates {
@@ -373,20 +445,10 @@ impl Auditor {
     }
 }
 
-/// The engine the gateway had at `ts`, as the log holds it: planner, prediction and every
-/// commitment in force.
-fn engine_at(cfg: &Config, state: &ProjectedState, ts: Timestamp, prediction: Option<PredictionEngine>) -> Engine {
-    let mut engine = Engine::new(build::planner_with(cfg, state, prediction));
-    for (signal_id, order, accepted) in state.commitments_at(ts) {
-        engine.restore(&signal_id, &order, accepted);
-    }
-    engine
-}
-
-/// The commitments of `state` as a ledger (windows ending after `after`).
-fn ledger_of(state: &ProjectedState, after: Timestamp) -> Ledger {
+/// The commitments of `state` as a ledger (windows ending after `after`, or all).
+fn ledger_of(state: &ProjectedState, after: Option<Timestamp>) -> Ledger {
     let mut ledger = Ledger::new();
-    for (_, order, accepted) in state.commitments_at(after) {
+    for (_, order, accepted) in state.commitments_at(after.unwrap_or(Timestamp::from_millis(i64::MIN))) {
         let mut c = Commitment::of(&order);
         c.accepted = accepted;
         ledger.commit(c);

@@ -113,6 +113,25 @@ pub struct ProjectedCommitments {
     pub orders: CommittedOrders,
 }
 
+impl ProjectedCommitments {
+    /// Its orders, with whether each was accepted, in `[attempt, n]` order.
+    fn orders<'a>(&'a self, dispatch_id: &'a DispatchId) -> impl Iterator<Item = (Order, bool)> + 'a {
+        self.orders.iter().map(move |((attempt, n), (vehicle, kw, accepted))| {
+            let order = Order {
+                order_id: OrderId::new(dispatch_id, *attempt, *n),
+                dispatch_id: dispatch_id.clone(),
+                vehicle_id: vehicle.clone(),
+                direction: self.direction,
+                power_kw: *kw,
+                start: self.start,
+                until: self.until,
+                attempt: *attempt,
+            };
+            (order, *accepted)
+        })
+    }
+}
+
 /// The committed orders of a dispatch: `[attempt, n]` -> vehicle, kW, accepted?
 pub type CommittedOrders = BTreeMap<(u32, u32), (VehicleId, f64, bool)>;
 
@@ -241,22 +260,16 @@ impl ProjectedState {
     pub fn commitments_at(&self, now: Timestamp) -> Vec<(String, Order, bool)> {
         let mut out = Vec::new();
         for (dispatch_id, c) in self.commitments.iter().filter(|(_, c)| c.until > now) {
-            for ((attempt, n), (vehicle, kw, accepted)) in &c.orders {
-                let order = Order {
-                    order_id: OrderId::new(dispatch_id, *attempt, *n),
-                    dispatch_id: dispatch_id.clone(),
-                    vehicle_id: vehicle.clone(),
-                    direction: c.direction,
-                    power_kw: *kw,
-                    start: c.start,
-                    until: c.until,
-                    attempt: *attempt,
-                };
-                out.push((c.signal_id.clone(), order, *accepted));
-            }
+            out.extend(c.orders(dispatch_id).map(|(order, accepted)| (c.signal_id.clone(), order, accepted)));
         }
         out.sort_by_key(|(_, o, _)| sent_order(o));
         out
+    }
+
+    /// The orders `dispatch_id` still has committed (whatever their window), with whether
+    /// each was accepted.
+    pub fn committed_orders(&self, dispatch_id: &str) -> Vec<(Order, bool)> {
+        self.commitments.get_key_value(dispatch_id).map(|(id, c)| c.orders(id).collect()).unwrap_or_default()
     }
 
     /// Releases order `[attempt, n]` of `dispatch_id`.
