@@ -8,6 +8,13 @@
 //! so a vehicle with little history stays near the prior. The 3x3 normal equations are
 //! solved with nalgebra's Cholesky. The prediction is clamped to `floor..=1`.
 //!
+//! The weighted sums are kept per vehicle as of its latest observation and decayed to the
+//! time asked (every weight shares the factor `0.5^((at - latest) / half_life)`), so a
+//! prediction costs the same with 1 or 512 observations: planning 1,000 vehicles with full
+//! histories does not read half a million observations. The sums are rebuilt from the
+//! history when observations leave it (at most once per `history` of them), and a prediction
+//! for a time before the latest observation (a clock step) is computed from the history.
+//!
 //! It feeds the Smart scores and the probabilistic fallback for vehicles whose state does
 //! not state an `availability` (see `Planner`).
 
@@ -44,7 +51,43 @@ impl Default for PredictionConfig {
 #[derive(Clone, Debug, Default)]
 pub struct PredictionEngine {
     cfg: PredictionConfig,
-    history: HashMap<VehicleId, VecDeque<(Timestamp, bool)>>,
+    history: HashMap<VehicleId, History>,
+}
+
+/// One vehicle's observations and their weighted sums as of the latest.
+#[derive(Clone, Debug, Default)]
+struct History {
+    seen: VecDeque<(Timestamp, bool)>,
+    /// Time of the latest observation: the sums weigh each one `0.5^((latest - t) / half_life)`.
+    latest: Option<Timestamp>,
+    /// `sum(w x x')` and `sum(w y x)`.
+    xtwx: Matrix3<f64>,
+    xtwy: Vector3<f64>,
+    /// Observations that left the history since the sums were last rebuilt.
+    dropped: usize,
+}
+
+impl History {
+    /// The sums again from every observation held, as of the latest.
+    fn rebuild(&mut self, half_life_ms: f64) {
+        self.latest = self.seen.iter().map(|(t, _)| *t).max();
+        let (mut xtwx, mut xtwy) = (Matrix3::zeros(), Vector3::zeros());
+        if let Some(latest) = self.latest {
+            for (t, delivered) in &self.seen {
+                let w = weight(latest, *t, half_life_ms);
+                let x = features(*t);
+                xtwx += x * x.transpose() * w;
+                xtwy += x * (w * if *delivered { 1.0 } else { 0.0 });
+            }
+        }
+        (self.xtwx, self.xtwy, self.dropped) = (xtwx, xtwy, 0);
+    }
+}
+
+/// The weight at `at` of an observation at `t`: 1 when fresh, half after `half_life_ms`.
+fn weight(at: Timestamp, t: Timestamp, half_life_ms: f64) -> f64 {
+    let age = (at.as_millis() - t.as_millis()).max(0) as f64;
+    0.5f64.powf(age / half_life_ms)
 }
 
 fn features(t: Timestamp) -> Vector3<f64> {
@@ -61,11 +104,38 @@ impl PredictionEngine {
 
     /// Records whether `vehicle` delivered an order sent at `at`.
     pub fn observe(&mut self, vehicle: &VehicleId, at: Timestamp, delivered: bool) {
+        let (keep, half_life_ms) = (self.cfg.history.max(1), self.half_life_ms());
         let h = self.history.entry(vehicle.clone()).or_default();
-        h.push_back((at, delivered));
-        while h.len() > self.cfg.history.max(1) {
-            h.pop_front();
+        h.seen.push_back((at, delivered));
+        let Some(latest) = h.latest.filter(|latest| at >= *latest) else {
+            // The first observation, or one out of time order: the sums from scratch.
+            while h.seen.len() > keep {
+                h.seen.pop_front();
+            }
+            return h.rebuild(half_life_ms);
+        };
+        // Decayed to `at`, the new observation added, any that leave the history taken out.
+        let decay = weight(at, latest, half_life_ms);
+        let x = features(at);
+        h.xtwx = h.xtwx * decay + x * x.transpose();
+        h.xtwy = h.xtwy * decay + x * if delivered { 1.0 } else { 0.0 };
+        h.latest = Some(at);
+        while h.seen.len() > keep {
+            let Some((t, delivered)) = h.seen.pop_front() else { break };
+            let w = weight(at, t, half_life_ms);
+            let x = features(t);
+            h.xtwx -= x * x.transpose() * w;
+            h.xtwy -= x * (w * if delivered { 1.0 } else { 0.0 });
+            h.dropped += 1;
         }
+        // Subtractions round: the sums are rebuilt once per `history` observations dropped.
+        if h.dropped >= keep {
+            h.rebuild(half_life_ms);
+        }
+    }
+
+    fn half_life_ms(&self) -> f64 {
+        (self.cfg.half_life_days * 86_400_000.0).max(1.0)
     }
 
     /// Records the answers of a settled dispatch (vehicle, when, delivered?), then forgets
@@ -84,7 +154,7 @@ impl PredictionEngine {
     /// Forgets every vehicle whose latest observation is before `before` (vehicles long
     /// gone), so the histories do not grow with every vehicle ever seen.
     pub fn prune(&mut self, before: Timestamp) {
-        self.history.retain(|_, h| h.back().is_some_and(|(at, _)| *at >= before));
+        self.history.retain(|_, h| h.seen.back().is_some_and(|(at, _)| *at >= before));
     }
 
     /// Forgets a vehicle.
@@ -94,23 +164,32 @@ impl PredictionEngine {
 
     /// Observations held for a vehicle.
     pub fn observations(&self, vehicle: &VehicleId) -> usize {
-        self.history.get(vehicle).map_or(0, VecDeque::len)
+        self.history.get(vehicle).map_or(0, |h| h.seen.len())
     }
 
     /// The predicted availability of `vehicle` at `at`; `None` without history.
     pub fn predict(&self, vehicle: &VehicleId, at: Timestamp) -> Option<f64> {
-        let h = self.history.get(vehicle).filter(|h| !h.is_empty())?;
+        let h = self.history.get(vehicle).filter(|h| !h.seen.is_empty())?;
         let c = &self.cfg;
-        let half_life_ms = (c.half_life_days * 86_400_000.0).max(1.0);
+        let half_life_ms = self.half_life_ms();
         let lambda = c.prior_weight.max(1e-6);
         let mut xtwx = Matrix3::identity() * lambda;
         let mut xtwy = Vector3::new(c.prior_mean, 0.0, 0.0) * lambda;
-        for (t, delivered) in h {
-            let age = (at.as_millis() - t.as_millis()).max(0) as f64;
-            let w = 0.5f64.powf(age / half_life_ms);
-            let x = features(*t);
-            xtwx += x * x.transpose() * w;
-            xtwy += x * (w * if *delivered { 1.0 } else { 0.0 });
+        match h.latest {
+            Some(latest) if at >= latest => {
+                let decay = weight(at, latest, half_life_ms);
+                xtwx += h.xtwx * decay;
+                xtwy += h.xtwy * decay;
+            }
+            // Asked about a time before the latest observation: newer ones weigh 1.
+            _ => {
+                for (t, delivered) in &h.seen {
+                    let w = weight(at, *t, half_life_ms);
+                    let x = features(*t);
+                    xtwx += x * x.transpose() * w;
+                    xtwy += x * (w * if *delivered { 1.0 } else { 0.0 });
+                }
+            }
         }
         let beta = xtwx.cholesky()?.solve(&xtwy);
         let p = beta.dot(&features(at));
@@ -185,5 +264,48 @@ mod tests {
         assert_eq!(e.observations(&id()), 10);
         e.forget(&id());
         assert_eq!(e.observations(&id()), 0);
+    }
+
+    /// The prediction from every observation held, weighed one by one.
+    fn from_scratch(cfg: &PredictionConfig, seen: &VecDeque<(Timestamp, bool)>, at: Timestamp) -> f64 {
+        let half_life_ms = (cfg.half_life_days * 86_400_000.0).max(1.0);
+        let lambda = cfg.prior_weight.max(1e-6);
+        let mut xtwx = Matrix3::identity() * lambda;
+        let mut xtwy = Vector3::new(cfg.prior_mean, 0.0, 0.0) * lambda;
+        for (t, delivered) in seen {
+            let w = weight(at, *t, half_life_ms);
+            let x = features(*t);
+            xtwx += x * x.transpose() * w;
+            xtwy += x * (w * if *delivered { 1.0 } else { 0.0 });
+        }
+        xtwx.cholesky().unwrap().solve(&xtwy).dot(&features(at)).clamp(cfg.floor, 1.0)
+    }
+
+    proptest::proptest! {
+        /// The kept sums (decayed, added to, with observations taken out as they leave the
+        /// history, rebuilt now and then) predict what the whole history weighed one by one
+        /// does, also for times before the latest observation and after steps back.
+        #[test]
+        fn the_kept_sums_predict_what_the_whole_history_does(
+            steps in proptest::collection::vec((-2 * HOUR..3 * DAY, proptest::bool::ANY, -DAY..5 * DAY), 1..300),
+            keep in 1usize..40,
+            half_life_days in 0.5f64..30.0,
+        ) {
+            let cfg = PredictionConfig { history: keep, half_life_days, ..PredictionConfig::default() };
+            let mut e = PredictionEngine::new(cfg.clone());
+            let mut seen = VecDeque::new();
+            let mut t = 1_795_000_000_000i64;
+            for (dt, delivered, ask) in steps {
+                t += dt;
+                e.observe(&id(), Timestamp::from_millis(t), delivered);
+                seen.push_back((Timestamp::from_millis(t), delivered));
+                while seen.len() > keep {
+                    seen.pop_front();
+                }
+                let at = Timestamp::from_millis(t + ask);
+                let (kept, whole) = (e.predict(&id(), at).unwrap(), from_scratch(&cfg, &seen, at));
+                proptest::prop_assert!((kept - whole).abs() <= 1e-9, "kept {} whole {}", kept, whole);
+            }
+        }
     }
 }
