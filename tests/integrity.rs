@@ -151,6 +151,39 @@ fn a_stream_of_twenty_setpoints_never_stacks() {
 }
 
 #[test]
+fn a_stream_whose_last_setpoint_got_nothing_goes_on_after_a_restart() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "stream-restart", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let sim = fleet_of(&broker, &g.prefix, vec![vehicle("ev0", 0.9, 100.0, Behaviour::Prompt)]);
+    await_fleet(&mut op, 1);
+    let topic = format!("{}/signals", g.prefix);
+    // A takes the whole vehicle, so setpoint sp1 of the stream gets nothing.
+    op.publish(&topic, signal("a", "afrr", 100.0, 900));
+    op.wait_json(WAIT, "", "signal_id", "a").expect("A's outcome");
+    op.publish(&topic, signal("sp1", "fcr", 40.0, 900));
+    let sp1 = op.wait_json(WAIT, "", "signal_id", "sp1").expect("sp1's outcome");
+    assert!(num(&sp1, "allocated_kw") < 1e-9, "nothing left for sp1: {sp1}");
+
+    g.kill();
+    g.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    op.seen.clear();
+    let sp2 =
+        json!({"id": "sp2", "type": "fcr", "direction": "up", "power_kw": 30, "duration_s": 900, "replaces": "sp1"});
+    op.publish(&topic, sp2.to_string());
+    let out = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/errors") || v["signal_id"] == "sp2").then_some((t.to_owned(), v))
+        })
+        .expect("an answer to sp2");
+    assert!(out.0.contains("/dispatches/"), "the stream goes on after the restart: {out:?}");
+    assert!(g.terminate().success());
+    sim.stop();
+}
+
+#[test]
 fn an_order_left_unanswered_is_cancelled_before_the_fallback_orders_go_out() {
     let broker = Mosquitto::start();
     let mut g = Gateway::start(&broker, "cancel", "ack_timeout_seconds: 1, strategy: equal");
@@ -182,6 +215,10 @@ fn an_order_left_unanswered_is_cancelled_before_the_fallback_orders_go_out() {
     op.wait_for(WAIT, |t, _| t.ends_with("/errors").then_some(())).expect("the late ACK is answered");
     assert!(g.terminate().success());
     assert_eq!(sim.stop().cancels, 1);
+    // In the log, the ignored ACK sits with its dispatch's rows.
+    let ignored = g.events(Some("InputRejected"));
+    let late_row = ignored.iter().find(|e| e["actor"] == "vehicle/mute").expect("the late ACK recorded");
+    assert_eq!(late_row["correlation_id"], out["dispatch_id"], "{late_row}");
 }
 
 #[test]

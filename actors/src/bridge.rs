@@ -98,7 +98,18 @@ fn reject(
     actor: String,
     at: gridweaver_core::time::Timestamp,
 ) {
-    crate::publish::reject(&routes.store, &routes.publisher, &routes.region, kind, actor, topic, why, payload, at);
+    crate::publish::reject(
+        &routes.store,
+        &routes.publisher,
+        &routes.region,
+        kind,
+        actor,
+        topic,
+        why,
+        payload,
+        at,
+        None,
+    );
 }
 
 /// The connection actor.

@@ -90,6 +90,7 @@ pub fn build_engine(cfg: &Config, recovery: &ProjectedState, t: Timestamp) -> (E
         })
         .collect();
     let step = engine.recover(t, &unfinished, &recovery.commitments_at(t));
+    engine.restore_streams(t, &recovery.streams);
     if !unfinished.is_empty() {
         tracing::warn!(count = unfinished.len(), "dispatches interrupted by the last stop are recorded");
     }

@@ -19,7 +19,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::dispatch::{Capacity, Engine, Step};
+use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, Step};
 use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
@@ -502,7 +502,29 @@ impl DispatcherActor {
 
     fn refuse(&self, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String, at: Timestamp) {
         tracing::info!(%topic, reason = %why, "input refused");
-        reject(&self.store, &self.publisher, &self.region(), kind, actor, topic, why, payload, at);
+        reject(&self.store, &self.publisher, &self.region(), kind, actor, topic, why, payload, at, None);
+    }
+
+    /// Refuses an ACK the engine ignored: recorded as `InputRejected`, correlated with its
+    /// dispatch when the order is known to be the sender's (late, answered twice).
+    fn refuse_ack(&self, msg: &AckIn, ignored: &AckIgnored) {
+        let topic = self.publisher.topics().vehicle_ack(&msg.vehicle);
+        let raw = serde_json::to_vec(&msg.ack).unwrap_or_default();
+        let (why, actor) = (ignored.to_string(), format!("vehicle/{}", msg.vehicle));
+        tracing::info!(%topic, reason = %why, "ACK ignored");
+        let (store, publisher, region) = (&self.store, &self.publisher, self.region());
+        reject(
+            store,
+            publisher,
+            &region,
+            EventKind::InputRejected,
+            actor,
+            &topic,
+            &why,
+            &raw,
+            msg.at,
+            ignored.dispatch(),
+        );
     }
 
     /// Refuses `signal`, received at `at`, for `why`: answered on `errors`, recorded as
@@ -723,12 +745,7 @@ impl Handler<AckIn> for DispatcherActor {
                 self.carry_out(step, ctx);
                 self.record_acks_soon(ctx);
             }
-            Some(Err(ignored)) => {
-                let topic = self.publisher.topics().vehicle_ack(&msg.vehicle);
-                let raw = serde_json::to_vec(&msg.ack).unwrap_or_default();
-                let actor = format!("vehicle/{}", msg.vehicle);
-                self.refuse(&topic, &ignored.to_string(), &raw, EventKind::InputRejected, actor, msg.at);
-            }
+            Some(Err(ignored)) => self.refuse_ack(&msg, &ignored),
             None => ctx.stop(),
         }
     }

@@ -33,8 +33,12 @@ pub fn reject(
     why: &str,
     payload: &[u8],
     received_at: Timestamp,
+    correlation: Option<&str>,
 ) {
-    let event = gridweaver_core::wire::rejection_event(received_at, kind, actor, region, topic, why, payload);
+    let mut event = gridweaver_core::wire::rejection_event(received_at, kind, actor, region, topic, why, payload);
+    if let Some(id) = correlation {
+        event = event.correlation(id);
+    }
     store.record(vec![event]);
     publisher.error(topic, why, received_at);
 }

@@ -93,6 +93,7 @@ impl Handler<VehicleStateIn> for Supervisor {
                     &why,
                     b"",
                     msg.at,
+                    None,
                 );
             }
             (Some(state), None) => {

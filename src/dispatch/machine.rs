@@ -116,6 +116,22 @@ pub enum AckIgnored {
     AlreadyAnswered(String),
 }
 
+impl AckIgnored {
+    /// The dispatch the ignored ACK is about, when it is one the gateway knows (the order
+    /// is late, answered twice, or of a dispatch that has settled): its `InputRejected` is
+    /// correlated with that dispatch in the log, so the dispatch's rows show it with the
+    /// rest. The answer on `errors` says no more than before. Unknown orders and other
+    /// vehicles' orders are not correlated.
+    pub fn dispatch(&self) -> Option<&str> {
+        match self {
+            AckIgnored::Late(order_id) | AckIgnored::AlreadyAnswered(order_id) | AckIgnored::Settled(order_id) => {
+                crate::model::order_dispatch(order_id)
+            }
+            AckIgnored::UnknownOrder(_) | AckIgnored::WrongVehicle { .. } => None,
+        }
+    }
+}
+
 /// One dispatch in flight.
 #[derive(Debug)]
 pub struct Dispatch {

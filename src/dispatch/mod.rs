@@ -47,7 +47,7 @@ use ledger::{Commitment, Ledger};
 
 /// Streams of setpoints remembered at most while their windows are open (beyond it only
 /// those with a dispatch in flight or commitments in force are kept).
-const MAX_STREAMS: usize = 4_096;
+pub const MAX_STREAMS: usize = 4_096;
 
 /// Settings of the planner and its dispatches.
 #[derive(Clone, Debug)]
@@ -325,6 +325,21 @@ impl Engine {
         }
         step.events.extend(machine::cancel_events(now, "supervisor", &region, &step.cancels));
         step
+    }
+
+    /// Restores the setpoint streams the log says are open at `now` (signal id -> its
+    /// dispatch and window end), so a `replaces` after a restart finds its predecessor even
+    /// when that one got nothing.
+    pub fn restore_streams<'a>(
+        &mut self,
+        now: Timestamp,
+        streams: impl IntoIterator<Item = (&'a String, &'a (DispatchId, Timestamp))>,
+    ) {
+        for (signal_id, (dispatch_id, until)) in streams {
+            if now < *until {
+                self.streams.entry(signal_id.clone()).or_insert_with(|| (dispatch_id.clone(), *until));
+            }
+        }
     }
 
     /// Restores a commitment the log says is in force (an accepted order whose window has

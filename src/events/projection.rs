@@ -203,6 +203,11 @@ pub struct ProjectedState {
     pub participation: VecDeque<Vec<VehicleId>>,
     /// Inbound messages refused.
     pub rejected: u64,
+    /// Signals dispatched whose window is still open, with their dispatch: what a
+    /// `replaces` can name. A setpoint stream goes on after a restart even when its last
+    /// setpoint got nothing (no order, so no commitment to find it by).
+    #[serde(default)]
+    pub streams: BTreeMap<String, (DispatchId, Timestamp)>,
     /// The last signal received, until its plan claims it.
     #[serde(default, rename = "pending_signal", skip_serializing_if = "Option::is_none")]
     pub(crate) last_signal: Option<Signal>,
@@ -628,6 +633,17 @@ impl ProjectedState {
             self.participation.pop_front();
         }
         let signal = self.last_signal.take().filter(|g| g.id == signal_id);
+        if let Some(g) = &signal {
+            // A replacement takes its predecessor's place in the stream.
+            if let Some(old) = &g.replaces {
+                self.streams.remove(old);
+            }
+            self.streams.insert(signal_id.clone(), (dispatch_id.clone(), g.end()));
+            if self.streams.len() > crate::dispatch::MAX_STREAMS {
+                let (live, committed) = (&self.in_flight, &self.commitments);
+                self.streams.retain(|_, (d, _)| live.contains_key(d) || committed.contains_key(d));
+            }
+        }
         let strategy = Some(strategy);
         let d = ProjectedDispatch { signal_id, signal, planned_at: ts, strategy, attempts: 0, orders: BTreeMap::new() };
         self.in_flight.insert(dispatch_id, d);
@@ -643,6 +659,7 @@ impl ProjectedState {
     /// older than [`ANSWER_DAYS`] or beyond [`REMEMBERED_ANSWERS`].
     fn prune(&mut self, now: Timestamp) {
         self.commitments.retain(|_, c| c.until > now);
+        self.streams.retain(|_, (_, until)| *until > now);
         let since = now.as_millis().saturating_sub(ANSWER_DAYS * 86_400_000);
         while self.answers.front().is_some_and(|(_, at, _)| at.as_millis() < since)
             || self.answers.len() > REMEMBERED_ANSWERS
