@@ -269,7 +269,8 @@ impl LpDispatcher {
     }
 
     /// The class form (see [`Classes`]): variables `T_k` (power of class k) and `v_k` (its
-    /// value); rows: the target, the shared rows over `T`, `0 <= T_k <= U_k` (the class's
+    /// value); rows: the target (with any row that is its twin: the site's), the other
+    /// shared rows over `T`, `0 <= T_k <= U_k` (the class's
     /// capacity, or less where one row alone allows less), and one row per member that can be
     /// reached below `U_k`, `v_k - c_j T_k <= sum_{i<j} (c_i - c_j) u_i`: the pieces of the
     /// class's concave value function. Returns (variables, rows).
@@ -282,11 +283,23 @@ impl LpDispatcher {
         classes: &Classes,
     ) -> (usize, usize) {
         let k = classes.members.len();
-        let r = limits.rows.len();
+        // A row every class counts against with coefficient 1 (the site's) reads
+        // `sum(T) <= cap`, as the target's row does: one row with the lesser bound says both,
+        // and a dense row less is a cheaper factorisation. The others are numbered on.
+        let twin: Vec<bool> = (0..limits.rows.len())
+            .map(|row| classes.rows.iter().all(|rows| rows.iter().any(|&(r, coef)| r == row && coef == 1.0)))
+            .collect();
+        let mut index = Vec::with_capacity(twin.len());
+        let mut r = 0;
+        for t in &twin {
+            index.push(r);
+            r += usize::from(!t);
+        }
         self.buf.clear();
         let Buffers { colptr, rowval, nzval, q, b } = &mut self.buf;
-        b.push(target.max(0.0));
-        b.extend(limits.rows.iter().map(|row| row.cap_kw));
+        let sum_cap = limits.rows.iter().zip(&twin).filter(|(_, t)| **t).map(|(row, _)| row.cap_kw.max(0.0));
+        b.push(sum_cap.fold(target.max(0.0), f64::min));
+        b.extend(limits.rows.iter().zip(&twin).filter(|(_, t)| !**t).map(|(row, _)| row.cap_kw));
         // A class can carry no more than its capacity, nor more than any of its rows allows
         // with the rest of the fleet at zero. Pieces that start beyond that bound can never be
         // the active one, so they are left out: the value function is unchanged on [0, U_k].
@@ -328,8 +341,8 @@ impl LpDispatcher {
             colptr.push(rowval.len());
             rowval.push(0);
             nzval.push(1.0);
-            for (row, coef) in &classes.rows[c] {
-                rowval.push(1 + row);
+            for (row, coef) in classes.rows[c].iter().filter(|(row, _)| !twin[*row]) {
+                rowval.push(1 + index[*row]);
                 nzval.push(*coef);
             }
             rowval.push(1 + r + c);
