@@ -11,8 +11,8 @@ use crate::events::payload::{
 };
 use crate::events::{Event, Payload};
 use crate::model::{
-    Ack, AckStatus, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, OrderId, Signal, StrategyKind,
-    Vehicle, VehicleCounts, VehicleId,
+    Ack, AckStatus, Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, OrderId, Signal,
+    StrategyKind, Vehicle, VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
 use serde::Serialize;
@@ -361,22 +361,15 @@ impl Dispatch {
         if self.state != State::AwaitingFallback {
             return Step::default();
         }
+        let (direction, start, until) = (self.signal.direction.order_direction(), self.signal.start, self.signal.end());
+        let next = Attempt { dispatch_id: &self.id, attempt: self.attempt + 1, direction, start, until };
         let mut orders = Vec::new();
         let mut rows = Vec::new();
         for (i, (v, remaining)) in request.candidates.iter().enumerate() {
             let power = realloc.power_kw.get(i).copied().unwrap_or(0.0).clamp(0.0, *remaining);
             rows.push((v.id.clone(), *remaining, power));
             if power >= MIN_ORDER_KW {
-                orders.push(Order {
-                    order_id: OrderId::new(&self.id, self.attempt + 1, orders.len() as u32 + 1),
-                    dispatch_id: self.id.clone(),
-                    vehicle_id: v.id.clone(),
-                    direction: self.signal.direction.order_direction(),
-                    power_kw: power,
-                    start: self.signal.start,
-                    until: self.signal.end(),
-                    attempt: self.attempt + 1,
-                });
+                orders.push(next.order(orders.len() as u32 + 1, v.id.clone(), power));
             }
         }
         let placed: f64 = orders.iter().map(|o| o.power_kw).sum();

@@ -17,7 +17,7 @@ use crate::events::payload::{
 use crate::events::projection::PARTICIPATION_DISPATCHES;
 use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
-use crate::model::{Direction, DispatchId, Order, OrderId, Signal, Vehicle, VehicleCounts, VehicleId};
+use crate::model::{Attempt, Direction, DispatchId, Signal, Vehicle, VehicleCounts, VehicleId};
 use crate::time::Timestamp;
 
 use super::ledger::Ledger;
@@ -396,6 +396,13 @@ impl Planner {
             )),
         ];
         let until = signal.end();
+        let first = Attempt {
+            dispatch_id: &dispatch_id,
+            attempt: 1,
+            direction: signal.direction.order_direction(),
+            start: signal.start,
+            until,
+        };
         let mut orders = Vec::new();
         let mut slots = HashMap::new();
         for (i, c) in candidates.iter().enumerate() {
@@ -403,16 +410,7 @@ impl Planner {
             if power < MIN_ORDER_KW {
                 continue;
             }
-            orders.push(Order {
-                order_id: OrderId::new(&dispatch_id, 1, orders.len() as u32 + 1),
-                dispatch_id: dispatch_id.clone(),
-                vehicle_id: c.vehicle.id.clone(),
-                direction: signal.direction.order_direction(),
-                power_kw: power,
-                start: signal.start,
-                until,
-                attempt: 1,
-            });
+            orders.push(first.order(orders.len() as u32 + 1, c.vehicle.id.clone(), power));
             slots.insert(c.vehicle.id.clone(), Slot { vehicle: c.vehicle.clone(), accepted_kw: 0.0 });
         }
         let allocated_kw: f64 = orders.iter().map(|o| o.power_kw).sum();

@@ -20,7 +20,8 @@ use crate::allocation::lp::SolverReport;
 use crate::allocation::Weights;
 use crate::learning::tuning::WeightsChange;
 use crate::model::{
-    DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, OrderId, Signal, StrategyKind, Vehicle, VehicleId,
+    Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, OrderId, Signal, StrategyKind, Vehicle,
+    VehicleId,
 };
 use crate::time::Timestamp;
 
@@ -213,19 +214,9 @@ impl OrdersSent {
 
     /// The orders, as they were published.
     pub fn to_orders(&self, dispatch_id: &DispatchId) -> Vec<Order> {
-        (self.first..)
-            .zip(&self.orders)
-            .map(|(n, (vehicle, kw))| Order {
-                order_id: OrderId::new(dispatch_id, self.attempt, n),
-                dispatch_id: dispatch_id.clone(),
-                vehicle_id: vehicle.clone(),
-                direction: self.direction,
-                power_kw: *kw,
-                start: self.start,
-                until: self.until,
-                attempt: self.attempt,
-            })
-            .collect()
+        let (direction, start, until) = (self.direction, self.start, self.until);
+        let attempt = Attempt { dispatch_id, attempt: self.attempt, direction, start, until };
+        (self.first..).zip(&self.orders).map(|(n, (vehicle, kw))| attempt.order(n, vehicle.clone(), *kw)).collect()
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
 use crate::model::{
-    DispatchId, DispatchOutcome, FallbackKind, Order, OrderId, Signal, SignalType, StrategyKind, Vehicle,
+    Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, Signal, SignalType, StrategyKind, Vehicle,
     VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
@@ -117,17 +117,9 @@ impl ProjectedCommitments {
     /// Its orders, with whether each was accepted, in `[attempt, n]` order.
     fn orders<'a>(&'a self, dispatch_id: &'a DispatchId) -> impl Iterator<Item = (Order, bool)> + 'a {
         self.orders.iter().map(move |((attempt, n), (vehicle, kw, accepted))| {
-            let order = Order {
-                order_id: OrderId::new(dispatch_id, *attempt, *n),
-                dispatch_id: dispatch_id.clone(),
-                vehicle_id: vehicle.clone(),
-                direction: self.direction,
-                power_kw: *kw,
-                start: self.start,
-                until: self.until,
-                attempt: *attempt,
-            };
-            (order, *accepted)
+            let (direction, start, until) = (self.direction, self.start, self.until);
+            let attempt = Attempt { dispatch_id, attempt: *attempt, direction, start, until };
+            (attempt.order(*n, vehicle.clone(), *kw), *accepted)
         })
     }
 }

@@ -514,6 +514,38 @@ pub struct Order {
     pub attempt: u32,
 }
 
+/// What the orders of one attempt of a dispatch share: the dispatch, the attempt, the
+/// direction and the window. [`Attempt::order`] makes its `n`-th order.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt<'a> {
+    /// The dispatch.
+    pub dispatch_id: &'a DispatchId,
+    /// 1 = first allocation, 2+ = fallback.
+    pub attempt: u32,
+    /// Charge or discharge.
+    pub direction: OrderDirection,
+    /// When to start.
+    pub start: Timestamp,
+    /// When to stop.
+    pub until: Timestamp,
+}
+
+impl Attempt<'_> {
+    /// Order number `n` of the attempt: `power_kw` for `vehicle_id`.
+    pub fn order(&self, n: u32, vehicle_id: VehicleId, power_kw: f64) -> Order {
+        Order {
+            order_id: OrderId::new(self.dispatch_id, self.attempt, n),
+            dispatch_id: self.dispatch_id.clone(),
+            vehicle_id,
+            direction: self.direction,
+            power_kw,
+            start: self.start,
+            until: self.until,
+            attempt: self.attempt,
+        }
+    }
+}
+
 /// Withdraws an order: the vehicle stops delivering it. Published on the vehicle's
 /// `order` topic; a vehicle tells it from an [`Order`] by the `cancel` field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
