@@ -20,7 +20,9 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
-use crate::dispatcher::{AckIn, DispatcherActor, Intake, Reconnected, SignalIn, Subscribed, SIGNALS_WAITING_MAX};
+use crate::dispatcher::{
+    AckIn, Disconnected, DispatcherActor, Intake, Reconnected, SignalIn, Subscribed, SIGNALS_WAITING_MAX,
+};
 use crate::publish::{now, Publisher};
 use crate::store::StoreHandle;
 use crate::supervisor::{Supervisor, VehicleStateIn};
@@ -167,6 +169,7 @@ impl Actor for MqttBridge {
                     Err(e) => {
                         if connected {
                             tracing::warn!(error = %e, "lost the MQTT broker; reconnecting");
+                            deliver(&routes.dispatcher, Disconnected).await;
                         } else {
                             tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the MQTT broker");
                         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, Step};
-use gridweaver_core::events::payload::LogRecovered;
+use gridweaver_core::events::payload::{BrokerReconnected, LogRecovered};
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
@@ -68,6 +68,9 @@ pub struct DispatcherActor {
     tail: UnifiedPipeline<String>,
     /// Connected to the broker (the bridge said so).
     online: bool,
+    /// Since when the broker connection is lost (the bridge said so): ACK deadlines wait,
+    /// and every attempt waiting gets its whole window again when the link is back.
+    link_lost: Option<Timestamp>,
     /// Shutting down: `status` is the bridge's to publish (offline).
     stopping: bool,
     /// Until the fleet is learnt after start-up: the signals held back meanwhile.
@@ -207,6 +210,7 @@ impl DispatcherActor {
             pump: None,
             tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
             online: false,
+            link_lost: None,
             stopping: false,
             warmup: Some(Warmup {
                 held: Vec::new(),
@@ -470,7 +474,8 @@ impl DispatcherActor {
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
-        let next = self.engine.next_deadline();
+        // Without the broker no order reaches a vehicle and no answer comes back: deadlines wait.
+        let next = if self.link_lost.is_some() { None } else { self.engine.next_deadline() };
         if self.timer.as_ref().map(|(t, _)| *t) == next {
             return;
         }
@@ -787,7 +792,23 @@ impl DispatcherActor {
     }
 }
 
-/// The broker connection came back: republish the retained capacity.
+/// The broker connection is lost: ACK deadlines wait until it is back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected;
+
+impl Handler<Disconnected> for DispatcherActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Disconnected, ctx: &mut Context<Self>) {
+        self.online = false;
+        self.link_lost.get_or_insert_with(now);
+        self.arm_timer(ctx);
+    }
+}
+
+/// The broker connection came back: ACK windows that waited meanwhile start again, and the
+/// retained capacity is republished.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Reconnected;
@@ -795,9 +816,24 @@ pub struct Reconnected;
 impl Handler<Reconnected> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, _: Reconnected, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: Reconnected, ctx: &mut Context<Self>) {
+        self.service(ctx);
         // The bridge has published `online`; the counters follow at the next interval.
         self.online = true;
+        if let Some(lost_at) = self.link_lost.take() {
+            // The orders queued meanwhile reach the broker now, and answers sent meanwhile
+            // were lost with it: the time without a broker does not count against a vehicle.
+            let at = now();
+            let windows_restarted = self.engine.restart_windows(at);
+            tracing::info!(
+                outage_ms = at.as_millis() - lost_at.as_millis(),
+                windows = windows_restarted.len(),
+                "broker back: the ACK windows in flight start again"
+            );
+            let back = BrokerReconnected { lost_at, windows_restarted };
+            self.store.record(vec![Event::of(at, "dispatcher", &back).region(Some(&self.region()))]);
+            self.arm_timer(ctx);
+        }
         self.last_capacity = None;
         self.capacity_dirty = true;
         self.publish_capacity();

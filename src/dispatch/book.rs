@@ -125,6 +125,17 @@ impl DispatchBook {
         }
     }
 
+    /// Every attempt waiting for ACKs gets its whole window from `now`; their ids.
+    pub fn restart_windows(&mut self, now: Timestamp) -> Vec<DispatchId> {
+        let waiting = self.live.values_mut().filter(|d| d.deadline().is_some());
+        waiting
+            .map(|d| {
+                d.published(now);
+                d.id().clone()
+            })
+            .collect()
+    }
+
     /// Settles one dispatch now, without fallback (it was replaced).
     pub fn interrupt(&mut self, now: Timestamp, dispatch_id: &str, why: &str) -> Option<Step> {
         let step = self.live.get_mut(dispatch_id)?.interrupt(now, why);

@@ -330,8 +330,11 @@ impl Dispatch {
 
     fn settle_recorded(&mut self, now: Timestamp) -> Step {
         let residual_kw = self.residual_kw();
-        let wants_fallback =
-            residual_kw >= MIN_ORDER_KW && self.attempt < self.max_attempts && self.fallback != FallbackKind::Noop;
+        // A window already over has nothing left to deliver: no fallback orders for it.
+        let wants_fallback = residual_kw >= MIN_ORDER_KW
+            && self.attempt < self.max_attempts
+            && self.fallback != FallbackKind::Noop
+            && now < self.signal.end();
         if wants_fallback {
             let mut candidates: Vec<(Vehicle, f64)> = self
                 .slots

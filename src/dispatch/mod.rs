@@ -506,6 +506,14 @@ impl Engine {
         self.book.published(dispatch_id, now);
     }
 
+    /// The broker was out of reach until `now`: every attempt waiting for ACKs gets its whole
+    /// ACK window from now (orders queued meanwhile reach the broker only now, and answers
+    /// sent meanwhile were lost with it), so a link outage never counts against a vehicle.
+    /// The runtime holds deadlines while the link is down. Returns the dispatches restarted.
+    pub fn restart_windows(&mut self, now: Timestamp) -> Vec<DispatchId> {
+        self.book.restart_windows(now)
+    }
+
     /// Runs the fallback an attempt that settled with a residual asks for, in the same
     /// step: the room is what each candidate still has free (its current state less
     /// everything committed on it) and the free room of the shared limits, read after the

@@ -115,6 +115,40 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
 }
 
 #[test]
+fn a_window_over_by_its_ack_deadline_gets_no_fallback() {
+    let mut p = with_fleet(planner_with(FallbackKind::Balanced, Box::new(EqualDispatcher)), &fleet(4));
+    let mut short = signal("s1", 24.0);
+    short.duration_s = 1;
+    let step = p.on_signal(T0, short).unwrap();
+    for o in &step.orders[..2] {
+        p.on_ack(T0.plus_millis(5), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
+    }
+    // The 2 s ACK deadline comes after the 1 s window: nothing is left to deliver.
+    let mut steps = p.on_timeout(T0.plus_millis(2_000));
+    let done = steps.remove(0);
+    assert!(done.orders.is_empty() && done.fallback.is_none(), "no fallback orders for a window that is over");
+    assert!(!kinds(&done).contains(&EventKind::FallbackApplied));
+    assert_eq!(done.cancels.len(), 2, "the silent orders are still withdrawn");
+    let out = done.outcomes.first().expect("it completes at once");
+    assert!((out.shortfall_kw - 12.0).abs() < 1e-9);
+}
+
+#[test]
+fn restarted_windows_run_their_whole_ack_timeout_again() {
+    let mut p = with_fleet(planner(FallbackKind::Balanced), &fleet(4));
+    let step = p.on_signal(T0, signal("s1", 24.0)).unwrap();
+    assert_eq!(p.next_deadline(), Some(T0.plus_millis(2_000)));
+    // The link came back 5 s later: the window counts from then.
+    let back = T0.plus_millis(5_000);
+    assert_eq!(p.restart_windows(back), vec![step.orders[0].dispatch_id.clone()]);
+    assert_eq!(p.next_deadline(), Some(back.plus_millis(2_000)));
+    assert!(p.on_timeout(back.plus_millis(1_999)).is_empty(), "nothing times out inside the new window");
+    let o = &step.orders[0];
+    let late_but_inside = p.on_ack(back.plus_millis(1_000), &o.vehicle_id, &ack(o, AckStatus::Accepted));
+    assert!(late_but_inside.is_ok(), "an ACK after the first window but inside the restarted one counts");
+}
+
+#[test]
 fn segments_without_fallback_are_never_asked_twice() {
     let mut fleet = fleet(3);
     fleet[0].segment = Some("buses".into());

@@ -92,6 +92,9 @@ event_kinds! {
     /// The event log could be written again after it failed (since when, why, how many
     /// signals were refused meanwhile).
     LogRecovered,
+    /// The MQTT broker could be reached again after the connection was lost (since when,
+    /// and the ACK windows restarted because of it).
+    BrokerReconnected,
     /// A known vehicle's state changed in a way that matters to a plan.
     VehicleStateChanged,
     /// The validated configuration in force (at start-up, and whenever it changes).
@@ -264,7 +267,7 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(*k));
         }
-        assert_eq!(EventKind::ALL.len(), 28);
+        assert_eq!(EventKind::ALL.len(), 29);
         assert_eq!(EventKind::parse("signalreceived"), None);
     }
 

@@ -414,6 +414,18 @@ pub struct LogRecovered {
 }
 payload!(LogRecovered, LogRecovered, 1);
 
+/// `BrokerReconnected`: the MQTT connection is back after it was lost. Time without the
+/// broker does not count against a vehicle: every attempt that was waiting for ACKs got its
+/// whole ACK window again from this event's time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BrokerReconnected {
+    /// When the connection was found lost.
+    pub lost_at: Timestamp,
+    /// The dispatches whose ACK window restarted.
+    pub windows_restarted: Vec<DispatchId>,
+}
+payload!(BrokerReconnected, BrokerReconnected, 1);
+
 /// `ConfigRecorded`: the validated configuration in force from now on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConfigRecorded {
@@ -507,6 +519,8 @@ pub enum Decoded {
     DispatchInterrupted(DispatchInterrupted),
     /// `LogRecovered`.
     LogRecovered(LogRecovered),
+    /// `BrokerReconnected`.
+    BrokerReconnected(BrokerReconnected),
     /// `ConfigRecorded`.
     ConfigRecorded(ConfigRecorded),
     /// `SnapshotImported`.
@@ -666,6 +680,7 @@ fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, Pa
         K::VehicleLost => Decoded::VehicleLost(read(kind, v, payload)?),
         K::DispatchInterrupted => Decoded::DispatchInterrupted(read(kind, v, payload)?),
         K::LogRecovered => Decoded::LogRecovered(read(kind, v, payload)?),
+        K::BrokerReconnected => Decoded::BrokerReconnected(read(kind, v, payload)?),
         K::ConfigRecorded => Decoded::ConfigRecorded(read(kind, v, payload)?),
         K::SnapshotImported => Decoded::SnapshotImported(read(kind, v, payload)?),
         K::LogCompacted => Decoded::LogCompacted(Box::new(read(kind, v, payload)?)),

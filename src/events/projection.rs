@@ -534,6 +534,7 @@ impl DispatchProjection {
             | Decoded::SnapshotImported(_)
             | Decoded::FallbackApplied(_)
             | Decoded::LogRecovered(_)
+            | Decoded::BrokerReconnected(_)
             | Decoded::Untyped(_) => {}
         }
     }
@@ -570,6 +571,7 @@ fn folds(kind: EventKind) -> bool {
         | K::TransferOrdered
         | K::LeaderElected
         | K::LogRecovered
+        | K::BrokerReconnected
         | K::SnapshotImported
         | K::LogCompacted => false,
     }

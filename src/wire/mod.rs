@@ -50,6 +50,11 @@ pub const MAX_VEHICLE_KWH: f64 = 10_000.0;
 /// Largest power a signal may request, kW (1 GW).
 pub const MAX_SIGNAL_KW: f64 = 1_000_000.0;
 
+/// Largest leader term a transfer may carry: 2^53 - 1, the largest whole number every JSON
+/// reader keeps exactly (an etcd revision takes centuries to get there). Terms only go up,
+/// so one message with a term near `u64::MAX` would otherwise lock out every later leader.
+pub const MAX_LEADER_TERM: u64 = (1 << 53) - 1;
+
 /// Largest energy price a vehicle may state, per kWh.
 pub const MAX_PRICE_PER_KWH: f64 = 1_000_000.0;
 
@@ -280,6 +285,12 @@ mod tests {
             ),
             (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":0}"#, "field `duration_s`"),
             (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":1.5}"#, "field `duration_s`"),
+            (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":-900}"#, "seconds > 0, got -900"),
+            (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"duration_s":0}"#, "seconds > 0, got 0"),
+            (
+                r#"{"id":"s","type":"transfer","direction":"up","power_kw":1,"leader_term":18446744073709551615}"#,
+                "field `leader_term` must be at most 9007199254740991",
+            ),
             (r#"{"id":"s","type":"fcr","direction":"up","power_kw":1,"start":"soon"}"#, "field `start`"),
             (r#"{"id":"s","type":"transfer","direction":"up","power_kw":1}"#, "field `leader_term` is required"),
             (r#"{"id":"","type":"fcr","direction":"up","power_kw":1}"#, "field `id` must not be empty"),

@@ -25,13 +25,22 @@ pub(super) fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputErro
     };
     let power_kw = within("power_kw", o.num("power_kw")?, MAX_SIGNAL_KW)?;
     let start = o.opt_time("start")?.unwrap_or(now);
-    let duration_s = match o.opt_uint("duration_s")? {
-        None => 900,
-        Some(0) => return Err(invalid("duration_s", "must be a whole number of seconds > 0, got 0")),
-        Some(d) => d,
+    // One message for every number that is not a whole positive count of seconds.
+    let not_seconds = |n: &Value| invalid("duration_s", format!("must be a whole number of seconds > 0, got {n}"));
+    let duration_s = match o.opt_uint("duration_s") {
+        Ok(None) => 900,
+        Ok(Some(0)) => return Err(not_seconds(&Value::from(0))),
+        Ok(Some(d)) => d,
+        Err(e) => match o.get("duration_s") {
+            Some(n @ Value::Number(_)) => return Err(not_seconds(n)),
+            _ => return Err(e),
+        },
     };
     let region = o.opt_id("region")?;
     let leader_term = o.opt_uint("leader_term")?;
+    if let Some(term) = leader_term.filter(|t| *t > MAX_LEADER_TERM) {
+        return Err(invalid("leader_term", format!("must be at most {MAX_LEADER_TERM}, got {term}")));
+    }
     if kind == SignalType::Transfer && leader_term.is_none() {
         return Err(InputError::Missing("leader_term"));
     }
