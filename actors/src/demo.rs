@@ -24,21 +24,22 @@ use crate::sim::{generate_fleet, FleetMix, SimConfig, Simulator};
 /// How long vehicles have to answer in the demo, seconds.
 const ACK_TIMEOUT_S: f64 = 1.5;
 
-/// The scripted signals: (type, direction, kW, duration s). Each window is short enough to
-/// end before the next signal, so every signal finds the fleet free; power the gateway has
+/// The scripted signals: (type, direction, kW, duration s). Each window outlasts the ACK
+/// deadline (a fallback runs only while its window is open) and the demo waits for it to end
+/// before the next signal, so every signal finds the fleet free; power the gateway has
 /// ordered stays committed until its window ends, and a signal overlapping it gets only
 /// what is left.
 const SCRIPT: &[(&str, &str, f64, u64)] = &[
-    ("fcr", "up", 80.0, 1),
-    ("fcr", "down", 60.0, 1),
-    ("afrr", "up", 150.0, 1),
-    ("afrr", "down", 120.0, 1),
-    ("mfrr", "up", 250.0, 1),
-    ("mfrr", "down", 200.0, 1),
-    ("dr", "up", 100.0, 1),
-    ("dr", "down", 90.0, 1),
-    ("afrr", "up", 3000.0, 1),
-    ("fcr", "up", 40.0, 1),
+    ("fcr", "up", 80.0, 2),
+    ("fcr", "down", 60.0, 2),
+    ("afrr", "up", 150.0, 2),
+    ("afrr", "down", 120.0, 2),
+    ("mfrr", "up", 250.0, 2),
+    ("mfrr", "down", 200.0, 2),
+    ("dr", "up", 100.0, 2),
+    ("dr", "down", 90.0, 2),
+    ("afrr", "up", 3000.0, 2),
+    ("fcr", "up", 40.0, 2),
 ];
 
 /// Runs the demo; `db` is replaced.
@@ -143,6 +144,7 @@ async fn script(cfg: Config, vehicles: usize, seed: u64) -> anyhow::Result<Strin
     for (i, (kind, direction, kw, duration)) in SCRIPT.iter().enumerate() {
         let id = format!("demo-{:02}-{kind}-{direction}", i + 1);
         let signal = json!({"id": id, "type": kind, "direction": direction, "power_kw": kw, "duration_s": duration});
+        let sent = Instant::now();
         publish(format!("{prefix}/signals"), signal).await?;
         let outcome = wait_for(&mut rx, &mut errors, Duration::from_secs(10), |topic, v| {
             (topic.contains("/dispatches/") && v["signal_id"] == id.as_str())
@@ -165,6 +167,8 @@ async fn script(cfg: Config, vehicles: usize, seed: u64) -> anyhow::Result<Strin
             outcome.vehicles.timed_out
         );
         outcomes.push(outcome);
+        // Its window ends before the next signal.
+        tokio::time::sleep(Duration::from_secs(*duration).saturating_sub(sent.elapsed())).await;
     }
 
     // Bad input is answered on <p>/errors and changes nothing.
