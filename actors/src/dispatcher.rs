@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, Step};
-use gridweaver_core::events::payload::{BrokerReconnected, LogRecovered};
+use gridweaver_core::events::payload::LogRecovered;
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
@@ -824,15 +824,9 @@ impl Handler<Reconnected> for DispatcherActor {
             // The orders queued meanwhile reach the broker now, and answers sent meanwhile
             // were lost with it: the time without a broker does not count against a vehicle.
             let at = now();
-            let windows_restarted = self.engine.restart_windows(at);
-            tracing::info!(
-                outage_ms = at.as_millis() - lost_at.as_millis(),
-                windows = windows_restarted.len(),
-                "broker back: the ACK windows in flight start again"
-            );
-            let back = BrokerReconnected { lost_at, windows_restarted };
-            self.store.record(vec![Event::of(at, "dispatcher", &back).region(Some(&self.region()))]);
-            self.arm_timer(ctx);
+            tracing::info!(outage_ms = at.as_millis() - lost_at.as_millis(), "broker back: ACK windows start again");
+            let step = self.engine.restart_windows(lost_at, at);
+            self.carry_out(step, ctx);
         }
         self.last_capacity = None;
         self.capacity_dirty = true;

@@ -36,7 +36,7 @@ use crate::allocation::limits::LimitSet;
 use crate::allocation::lp::LpDispatcher;
 use crate::allocation::{Candidate, MIN_ORDER_KW};
 use crate::config::Limits;
-use crate::events::payload::{DispatchInterrupted, VehicleLost};
+use crate::events::payload::{BrokerReconnected, DispatchInterrupted, VehicleLost};
 use crate::events::Event;
 use crate::learning::tuning::LearningTuner;
 use crate::model::{
@@ -506,12 +506,16 @@ impl Engine {
         self.book.published(dispatch_id, now);
     }
 
-    /// The broker was out of reach until `now`: every attempt waiting for ACKs gets its whole
-    /// ACK window from now (orders queued meanwhile reach the broker only now, and answers
-    /// sent meanwhile were lost with it), so a link outage never counts against a vehicle.
-    /// The runtime holds deadlines while the link is down. Returns the dispatches restarted.
-    pub fn restart_windows(&mut self, now: Timestamp) -> Vec<DispatchId> {
-        self.book.restart_windows(now)
+    /// The broker was out of reach from `lost_at` until `now`: every attempt waiting for ACKs
+    /// gets its whole ACK window from now (orders queued meanwhile reach the broker only now,
+    /// and answers sent meanwhile were lost with it), so a link outage never counts against a
+    /// vehicle. The runtime holds deadlines while the link is down. The step records it
+    /// (`BrokerReconnected`, naming the dispatches restarted).
+    pub fn restart_windows(&mut self, lost_at: Timestamp, now: Timestamp) -> Step {
+        let windows_restarted = self.book.restart_windows(now);
+        let back = BrokerReconnected { lost_at, windows_restarted };
+        let event = Event::of(now, "dispatcher", &back).region(Some(&self.planner.cfg.region));
+        Step { events: vec![event], ..Step::default() }
     }
 
     /// Runs the fallback an attempt that settled with a residual asks for, in the same

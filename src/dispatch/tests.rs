@@ -140,7 +140,10 @@ fn restarted_windows_run_their_whole_ack_timeout_again() {
     assert_eq!(p.next_deadline(), Some(T0.plus_millis(2_000)));
     // The link came back 5 s later: the window counts from then.
     let back = T0.plus_millis(5_000);
-    assert_eq!(p.restart_windows(back), vec![step.orders[0].dispatch_id.clone()]);
+    let restarted = p.restart_windows(T0.plus_millis(100), back);
+    assert_eq!(kinds(&restarted), [EventKind::BrokerReconnected]);
+    let named = &restarted.events[0].payload_value()["windows_restarted"];
+    assert_eq!(named, &serde_json::json!([step.orders[0].dispatch_id]));
     assert_eq!(p.next_deadline(), Some(back.plus_millis(2_000)));
     assert!(p.on_timeout(back.plus_millis(1_999)).is_empty(), "nothing times out inside the new window");
     let o = &step.orders[0];
