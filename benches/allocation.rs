@@ -10,6 +10,8 @@
 //! - `limited/smart+repair/N`: Smart through the configured policy, with the repair step
 //!   that tops a heuristic's shortfall up to the most the limits allow (the LP over Smart's
 //!   scores, run only when Smart falls short).
+//! - `phase_bound/lp/N`: the LP at N = 1,000 and 5,000 with only phase limits, binding hard
+//!   (the class form has to widen its first windows; rounds printed).
 //! - `plan/engine/N`: the whole plan of a signal by the dispatch engine at N vehicles with
 //!   binding limits, against a ledger that already holds an accepted dispatch of the same
 //!   fleet (candidates with their committed power, rows less the committed load, Smart with
@@ -24,7 +26,7 @@ use std::collections::BTreeMap;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use gridweaver_core::allocation::filter::SimpleVehicleFilter;
 use gridweaver_core::allocation::limits::LimitSet;
-use gridweaver_core::allocation::lp::{LpDispatcher, LpSettings};
+use gridweaver_core::allocation::lp::{Formulation, LpDispatcher, LpSettings};
 use gridweaver_core::allocation::policy::Strategies;
 use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
 use gridweaver_core::allocation::{
@@ -154,13 +156,14 @@ fn limited(c: &mut Criterion) {
             LpDispatcher::new(SmartDispatcher::default(), reference_settings).solve(&req, &scores).expect("reference");
         let smart_obj = objective(&scores, &smart.allocate(&req).power_kw, req.target_kw);
         eprintln!(
-            "n={n}: lp {} ({}, {} variables, {} rows) in {} iterations, objective {:.6} (reference {:.6}, relative gap {:.1e}); smart objective {:.6}; \
+            "n={n}: lp {} ({}, {} variables, {} rows) in {} iterations over {} rounds, objective {:.6} (reference {:.6}, relative gap {:.1e}); smart objective {:.6}; \
              lp delivers {:.1} of {:.1} kW",
             report.status,
             report.formulation,
             report.variables,
             report.constraints,
             report.iterations,
+            report.rounds,
             report.objective,
             reference.objective,
             (report.objective - reference.objective).abs() / reference.objective.abs().max(1.0),
@@ -192,6 +195,56 @@ fn limited(c: &mut Criterion) {
         );
         group.bench_with_input(BenchmarkId::new("smart+repair", n), &req, |b, req| {
             b.iter(|| policy.allocate(black_box(req)))
+        });
+    }
+    group.finish();
+}
+
+/// The LP where the phases bind hardest (each at 12 % of the fleet's capacity, no other
+/// row): the greedy fill that opens the class form's windows gives the phases to the
+/// best-scored single-phase vehicles, the optimum shares them with three-phase ones, so
+/// windows have to be widened (the rounds are printed).
+fn phase_bound(c: &mut Criterion) {
+    let mut group = c.benchmark_group("phase_bound");
+    let sig = signal();
+    for n in [1_000usize, 5_000] {
+        let vehicles = fleet(n, 20);
+        let cands = candidates(&vehicles);
+        let capacity: f64 = cands.iter().map(|c| c.capacity_kw).sum();
+        let limits = Limits { phase_kw: Some(0.12 * capacity), ..Limits::default() };
+        let limits = LimitSet::new(&limits, Direction::Up, &cands);
+        let req = AllocationRequest {
+            signal: &sig,
+            now: Timestamp::from_millis(0),
+            target_kw: 0.7 * capacity,
+            candidates: &cands,
+            limits: &limits,
+        };
+        let mut lp = LpDispatcher::default();
+        let scores = lp.scoring.scores(&req);
+        let (power, report) = lp.solve(&req, &scores).expect("the LP solves");
+        let per_vehicle = LpSettings { formulation: Formulation::PerVehicle, ..LpSettings::default() };
+        let (_, reference) =
+            LpDispatcher::new(SmartDispatcher::default(), per_vehicle).solve(&req, &scores).expect("reference");
+        eprintln!(
+            "n={n}, phases binding: lp {} ({}, {} rows) in {} iterations over {} rounds, objective {:.6} \
+             (per vehicle {:.6}, relative gap {:.1e}); delivers {:.1} of {:.1} kW",
+            report.status,
+            report.formulation,
+            report.constraints,
+            report.iterations,
+            report.rounds,
+            report.objective,
+            reference.objective,
+            (report.objective - reference.objective).abs() / reference.objective.abs().max(1.0),
+            power.iter().sum::<f64>(),
+            req.target_kw
+        );
+        group.bench_with_input(BenchmarkId::new("lp", n), &req, |b, req| {
+            b.iter(|| {
+                let scores = lp.scoring.scores(req);
+                lp.solve(black_box(req), &scores)
+            })
         });
     }
     group.finish();
@@ -241,5 +294,5 @@ fn segments() -> BTreeMap<String, Segment> {
     ])
 }
 
-criterion_group!(benches, unlimited, limited, plan);
+criterion_group!(benches, unlimited, limited, phase_bound, plan);
 criterion_main!(benches);

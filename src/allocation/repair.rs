@@ -132,8 +132,9 @@ pub fn polish(power: &mut [f64], caps: &[f64], target: f64, limits: &LimitSet, s
     }
     let mut order: Vec<usize> = (0..n).filter(|&i| caps[i] - power[i] > 1e-12).collect();
     let score = |i: usize| scores.get(i).copied().unwrap_or(0.0);
-    // Vehicles already ordered first (topping them up adds no order), then by score.
-    order.sort_by(|&a, &b| {
+    // Vehicles already ordered first (topping them up adds no order), then by score (the
+    // index breaks ties, so the order is total and an unstable sort is deterministic).
+    order.sort_unstable_by(|&a, &b| {
         (power[b] > 0.0)
             .cmp(&(power[a] > 0.0))
             .then(score(b).partial_cmp(&score(a)).unwrap_or(Ordering::Equal))
