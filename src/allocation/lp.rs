@@ -32,9 +32,10 @@ use crate::model::StrategyKind;
 /// The solver settings we choose (see the README's LP section for the measurements).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LpSettings {
-    /// Iteration cap (the LP converges in 10-15 iterations).
+    /// Iteration cap per solve (the LP converges in 10-15 iterations).
     pub max_iter: u32,
-    /// Wall-clock cap per solve, seconds (clarabel measures it).
+    /// Wall-clock cap per solve, seconds (clarabel measures it; the class form may solve up
+    /// to [`MAX_ROUNDS`] + 1 times for one allocation).
     pub time_limit_s: f64,
     /// Absolute and relative duality-gap tolerance.
     pub tol_gap: f64,
@@ -85,9 +86,9 @@ pub struct SolverReport {
     pub status: String,
     /// `per_vehicle` or `by_class` (see [`Classes`]).
     pub formulation: String,
-    /// Interior-point iterations.
+    /// Interior-point iterations, over all rounds.
     pub iterations: u32,
-    /// Solve time as clarabel measured it, ms.
+    /// Solve time as clarabel measured it, over all rounds, ms.
     pub solve_time_ms: f64,
     /// The dispatch objective of the (clamped) solution.
     pub objective: f64,
@@ -96,8 +97,8 @@ pub struct SolverReport {
     /// Constraint rows (of the last round).
     pub constraints: usize,
     /// Solves: the class form solves with a window of each class's pieces and widens the
-    /// windows where the answer lands outside them (see [`ValueFunctions`]); 0 in plans
-    /// recorded before there were rounds.
+    /// windows where the answer lands outside them (see [`ValueFunctions`]); 0 when nothing
+    /// was solved (no candidates) and in plans recorded before there were rounds.
     #[serde(default)]
     pub rounds: u32,
 }
@@ -141,10 +142,11 @@ pub struct LpDispatcher {
     warm: Vec<Warm>,
 }
 
-/// A solver set up before (the last [`WARM_SOLVERS`] shapes), kept for a problem of the same shape: a stream of setpoints to
-/// one fleet under the same limits builds the same sparsity pattern each time, and then only
-/// the numbers change (clarabel's data update), which saves the fill-reducing ordering and
-/// the symbolic factorisation. The result is the same as a fresh solver's, to the bit
+/// A solver set up before (one of the last [`WARM_SOLVERS`] shapes), kept for a problem of
+/// the same shape: a stream of setpoints to one fleet under the same limits builds the same
+/// sparsity pattern as long as no class's window changes length (its total stays clear of
+/// its first and last pieces), and then only the numbers change (clarabel's data update),
+/// which saves the fill-reducing ordering and the symbolic factorisation. The result is the same as a fresh solver's, to the bit
 /// (tested): the ordering depends on the pattern alone and every solve starts afresh.
 struct Warm {
     settings: LpSettings,
@@ -218,13 +220,11 @@ impl LpDispatcher {
                 report.rounds += 1;
                 let (vars, m) = self.build_by_class(target, limits, &classes, &f, &windows);
                 let sol = self.solve_built(m, vars, &mut report)?;
-                if report.rounds >= MAX_ROUNDS {
-                    if windows == f.all() {
-                        break sol;
-                    }
-                    windows = f.all();
-                } else if !f.widen(&mut windows, &sol[..k]) {
+                if windows == f.all() || !f.widen(&mut windows, &sol[..k]) {
                     break sol;
+                }
+                if report.rounds >= MAX_ROUNDS {
+                    windows = f.all();
                 }
             }
         } else {
@@ -459,24 +459,26 @@ impl Classes {
 /// Pieces kept on each side of the one in force when a class's window is opened or widened.
 const WINDOW_SIDE: usize = 2;
 
-/// Solvers kept warm: the shapes of the last solves (a problem that needs a second round
-/// has two).
+/// Solvers kept warm: the shapes of the last solves. An allocation solved in one round has
+/// one shape, one that needed a second round two; one of more rounds evicts them all and
+/// sets up a solver per round (still exact, only slower).
 const WARM_SOLVERS: usize = 3;
 
-/// Rounds after which every piece is kept (the result is then the full class form's).
+/// Rounds of widening after which every piece is kept (the next solve is the full class
+/// form's).
 const MAX_ROUNDS: u32 = 6;
 
-/// The concave piecewise-linear value function of each class. Piece j of a class is the line
-/// `slope_j T + intercept_j`: the value when its first j members (by value) are full and the
-/// j-th carries the rest; it is in force from `start_j` (the capacity of those before it).
+/// The concave piecewise-linear value function of each class. Piece j of a class (from 0) is
+/// the line `slope_j T + intercept_j`: the value when its members before j (by value) are
+/// full and member j carries the rest; it is in force from `start_j` (the capacity of those before it).
 /// The function is the least of its pieces on `[0, bound]`, and any subset of the pieces is
 /// an upper bound on it, which is what lets the LP be solved with a window of each class's
 /// pieces and widened only where the answer lands outside ([`ValueFunctions::widen`]).
 ///
 /// `bound` (U_k) is what the class can carry: its capacity, or less where one of its rows
 /// alone allows less with the rest of the fleet at zero. Pieces that start beyond it can never
-/// be in force and are not kept. (The target is not part of the bound, so a stream of
-/// setpoints keeps the problem's shape.)
+/// be in force and are not kept. (The target is not part of the bound; it moves only the
+/// windows.)
 #[derive(Debug, Default)]
 pub struct ValueFunctions {
     /// Per class, U_k.

@@ -135,10 +135,7 @@ pub fn polish(power: &mut [f64], caps: &[f64], target: f64, limits: &LimitSet, s
     // Vehicles already ordered first (topping them up adds no order), then by score (the
     // index breaks ties, so the order is total and an unstable sort is deterministic).
     order.sort_unstable_by(|&a, &b| {
-        (power[b] > 0.0)
-            .cmp(&(power[a] > 0.0))
-            .then(score(b).partial_cmp(&score(a)).unwrap_or(Ordering::Equal))
-            .then(a.cmp(&b))
+        (power[b] > 0.0).cmp(&(power[a] > 0.0)).then(score(b).total_cmp(&score(a))).then(a.cmp(&b))
     });
     for i in order {
         let give = room.allow(i, (caps[i] - power[i]).min(left)).max(0.0);
