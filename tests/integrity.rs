@@ -284,6 +284,55 @@ fn a_restart_keeps_the_fleet_and_the_power_already_committed_even_after_compacti
     sim.stop();
 }
 
+/// A vehicle that left while the gateway was down (its retained state cleared) is not in
+/// the fleet after the restart (a run learns its fleet from the retained states), and the
+/// power it had accepted is released: once the states are in, it is recorded lost.
+#[test]
+fn a_vehicle_gone_while_the_gateway_was_down_is_recorded_lost_at_start_up() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start(&broker, "vanished", "ack_timeout_seconds: 2");
+    let mut op = operator(&broker, &g.prefix);
+    let fleet = (0..2).map(|i| vehicle(&format!("ev{i}"), 0.9, 50.0, Behaviour::Prompt)).collect();
+    let sim = fleet_of(&broker, &g.prefix, fleet);
+    await_fleet(&mut op, 2);
+    let topic = format!("{}/signals", g.prefix);
+    op.publish(&topic, signal("a", "afrr", 60.0, 900));
+    let a = op.wait_json(WAIT, "", "signal_id", "a").expect("A's outcome");
+    assert!((num(&a, "acknowledged_kw") - 60.0).abs() < 1e-6, "accepted: {a}");
+    let ev0 = g.query("SELECT power_kw FROM orders WHERE vehicle_id = 'ev0'");
+    let ev0_kw = ev0.first().and_then(|o| o["power_kw"].as_f64()).unwrap_or(0.0);
+    assert!(g.terminate().success());
+    sim.stop();
+
+    // ev1 leaves while the gateway is down; ev0's state stays retained.
+    op.publish_retained(&format!("{}/vehicles/ev1/state", g.prefix), "");
+    op.drain(Duration::from_millis(300));
+    g.restart();
+    let capacity = op
+        .wait_for(WAIT, |t, p| {
+            let v: Value = serde_json::from_slice(p).ok()?;
+            (t.ends_with("/capacity") && v["vehicles"].as_u64() == Some(1)).then_some(v)
+        })
+        .expect("capacity with one vehicle");
+    // The event is durable shortly after the capacity goes out.
+    let mut lost = g.events(Some("VehicleLost"));
+    for _ in 0..50 {
+        if !lost.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        lost = g.events(Some("VehicleLost"));
+    }
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(lost[0]["payload"]["vehicle_id"], "ev1");
+    assert_eq!(lost[0]["payload"]["released_orders"].as_array().map(Vec::len), Some(1), "{lost:?}");
+    assert!(
+        (num(&capacity, "up_kw") - (50.0 - ev0_kw)).abs() < 1e-6,
+        "ev0 alone, with its {ev0_kw} kW still committed to A: {capacity}"
+    );
+    assert!(g.terminate().success());
+}
+
 /// The broker keeps a signal sent while the gateway was down and delivers it as soon as the
 /// session resumes, before the retained vehicle states: it is held until the fleet is
 /// learnt, then planned with it (not with an empty fleet, its id used up).

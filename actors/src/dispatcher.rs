@@ -83,7 +83,10 @@ pub struct DispatcherActor {
 /// which it does after the subscription is acknowledged; a signal the broker kept for the
 /// gateway's session arrives before them. Such signals are held back (in order, with the
 /// time received) until the states have come in: [`FLEET_QUIET`] without a new one after
-/// [`FLEET_SETTLE_MIN`], at most [`FLEET_SETTLE_MAX`] after the subscription.
+/// [`FLEET_SETTLE_MIN`], at most [`FLEET_SETTLE_MAX`] after the subscription. A vehicle with
+/// power committed (restored from the log) whose state the broker did not send by then has
+/// left while the gateway was down (its retained state was cleared): it is recorded lost,
+/// its commitments released ([`Engine::release_absent`]).
 struct Warmup {
     held: Vec<SignalIn>,
     subscribed: Option<tokio::time::Instant>,
@@ -238,13 +241,32 @@ impl DispatcherActor {
         if !settled {
             return;
         }
-        if let Some(w) = self.warmup.take() {
-            if let Some(check) = w.check {
+        if let Some(mut w) = self.warmup.take() {
+            if let Some(check) = w.check.take() {
                 ctx.cancel_future(check);
+            }
+            let engine = &mut self.engine;
+            let Some(gone) = guarded("releasing absent vehicles", || engine.release_absent(now())) else {
+                // The held signals wait for the restarted actor, whose start arms the check again.
+                self.warmup = Some(w);
+                ctx.stop();
+                return;
+            };
+            let (gone, lost): (Vec<VehicleId>, Vec<Event>) = gone.into_iter().unzip();
+            for id in &gone {
+                tracing::info!(vehicle = %id, "a vehicle with power committed sent no state after the restart: it left while the gateway was down; its commitments are released");
+            }
+            if !lost.is_empty() {
+                self.store.record(lost);
             }
             self.capacity_dirty = true;
             self.publish_capacity();
-            tracing::info!(vehicles = self.engine.planner().fleet().count(), held = w.held.len(), "fleet learnt");
+            tracing::info!(
+                vehicles = self.engine.planner().fleet().count(),
+                gone = gone.len(),
+                held = w.held.len(),
+                "fleet learnt"
+            );
             for signal in w.held {
                 self.signal_in(signal, ctx);
             }

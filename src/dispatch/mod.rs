@@ -449,10 +449,30 @@ impl Engine {
         if !lost || change != FleetChange::Lost {
             return (change, event);
         }
+        (change, Some(self.lost(now, id)))
+    }
+
+    /// Vehicles that hold commitments but are not in the fleet: after a restart, those
+    /// whose state the broker did not send again once the fleet was learnt (they left while
+    /// the gateway was down, their retained state cleared). Each one's commitments are
+    /// released and it is recorded lost, in id order.
+    pub fn release_absent(&mut self, now: Timestamp) -> Vec<(VehicleId, Event)> {
+        let absent: BTreeSet<VehicleId> = self
+            .ledger
+            .iter()
+            .map(|c| &c.vehicle_id)
+            .filter(|id| self.planner.vehicle(id).is_none())
+            .cloned()
+            .collect();
+        absent.into_iter().map(|id| (id.clone(), self.lost(now, id))).collect()
+    }
+
+    /// Releases what `id` had committed and records it lost.
+    fn lost(&mut self, now: Timestamp, id: VehicleId) -> Event {
         let released_orders = self.ledger.release_vehicle(&id).into_iter().map(|c| c.order_id).collect();
         let actor = format!("vehicle/{id}");
         let lost = VehicleLost { vehicle_id: id, released_orders };
-        (change, Some(Event::of(now, actor, &lost).region(Some(&self.planner.cfg.region))))
+        Event::of(now, actor, &lost).region(Some(&self.planner.cfg.region))
     }
 
     /// Takes an ACK from `from` (the vehicle whose topic it came on).
