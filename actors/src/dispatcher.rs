@@ -246,27 +246,20 @@ impl DispatcherActor {
                 ctx.cancel_future(check);
             }
             let engine = &mut self.engine;
-            let Some(gone) = guarded("releasing absent vehicles", || engine.release_absent(now())) else {
+            let Some(lost) = guarded("releasing absent vehicles", || engine.release_absent(now())) else {
                 // The held signals wait for the restarted actor, whose start arms the check again.
                 self.warmup = Some(w);
                 ctx.stop();
                 return;
             };
-            let (gone, lost): (Vec<VehicleId>, Vec<Event>) = gone.into_iter().unzip();
-            for id in &gone {
-                tracing::info!(vehicle = %id, "a vehicle with power committed sent no state after the restart: it left while the gateway was down; its commitments are released");
-            }
-            if !lost.is_empty() {
+            let gone = lost.len();
+            if gone > 0 {
+                tracing::info!(gone, "vehicles with power committed sent no state after the restart (they left while the gateway was down): recorded lost, their commitments released");
                 self.store.record(lost);
             }
             self.capacity_dirty = true;
             self.publish_capacity();
-            tracing::info!(
-                vehicles = self.engine.planner().fleet().count(),
-                gone = gone.len(),
-                held = w.held.len(),
-                "fleet learnt"
-            );
+            tracing::info!(vehicles = self.engine.planner().fleet().count(), gone, held = w.held.len(), "fleet learnt");
             for signal in w.held {
                 self.signal_in(signal, ctx);
             }

@@ -540,8 +540,9 @@ impl ValueFunctions {
         j.saturating_sub(WINDOW_SIDE)..(j + WINDOW_SIDE + 1).min(self.pieces(c))
     }
 
-    /// The first windows: around the class totals of a greedy fill (members by value, each
-    /// as far as its rows, its class's bound and the target allow). Where the rows do not
+    /// The first windows: around the class totals of [`crate::allocation::greedy_fill`]
+    /// (vehicles by value, each as far as its rows and the target allow, so no class goes
+    /// beyond its bound). Where the rows do not
     /// overlap that fill is the optimum; where they do, the optimum is usually near it.
     pub fn first_windows(
         &self,
@@ -551,35 +552,13 @@ impl ValueFunctions {
         limits: &LimitSet,
         target: f64,
     ) -> Vec<Range<usize>> {
-        let k = classes.members.len();
-        let mut order: Vec<(usize, usize)> = Vec::with_capacity(self.slope.len());
-        for (c, members) in classes.members.iter().enumerate() {
-            order.extend(members[..self.pieces(c)].iter().map(|&i| (c, i)));
-        }
-        order.sort_unstable_by(|a, b| value[b.1].total_cmp(&value[a.1]).then(a.1.cmp(&b.1)));
-        let mut room: Vec<f64> = limits.rows.iter().map(|r| r.cap_kw.max(0.0)).collect();
-        let mut left = target.max(0.0);
-        let mut total = vec![0.0; k];
-        for (c, i) in order {
-            let mut give = caps[i].min(left).min(self.bound[c] - total[c]);
-            for &(r, coef) in &classes.rows[c] {
-                if coef > 0.0 {
-                    give = give.min(room[r] / coef);
-                }
-            }
-            if give <= 0.0 {
-                continue;
-            }
-            total[c] += give;
-            left -= give;
-            for &(r, coef) in &classes.rows[c] {
-                room[r] -= give * coef;
-            }
-            if left <= 0.0 {
-                break;
-            }
-        }
-        (0..k).map(|c| self.window(c, total[c])).collect()
+        let fill = crate::allocation::greedy_fill(value, caps, target, limits);
+        classes
+            .members
+            .iter()
+            .enumerate()
+            .map(|(c, members)| self.window(c, members.iter().map(|&i| fill[i]).sum()))
+            .collect()
     }
 
     /// Widens the window of every class whose windowed value function at its total `t`

@@ -416,7 +416,7 @@ pub fn proportional_fill(
 /// The exact optimum of the dispatch objective when the shared rows do not overlap (each
 /// vehicle in at most one group, plus the site row; no phases): sort by score, fill each
 /// vehicle to the least of its capacity, its rows' room and what is left of the target.
-/// The LP's test oracle.
+/// The LP's test oracle, and where the LP's class form opens its windows.
 pub fn greedy_fill(scores: &[f64], caps: &[f64], target: f64, limits: &LimitSet) -> Vec<f64> {
     let mut order: Vec<usize> = (0..caps.len()).collect();
     order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap_or(Ordering::Equal).then(a.cmp(&b)));

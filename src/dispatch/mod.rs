@@ -455,8 +455,8 @@ impl Engine {
     /// Vehicles that hold commitments but are not in the fleet: after a restart, those
     /// whose state the broker did not send again once the fleet was learnt (they left while
     /// the gateway was down, their retained state cleared). Each one's commitments are
-    /// released and it is recorded lost, in id order.
-    pub fn release_absent(&mut self, now: Timestamp) -> Vec<(VehicleId, Event)> {
+    /// released and it is recorded lost (`VehicleLost`, in id order).
+    pub fn release_absent(&mut self, now: Timestamp) -> Vec<Event> {
         let absent: BTreeSet<VehicleId> = self
             .ledger
             .iter()
@@ -464,7 +464,7 @@ impl Engine {
             .filter(|id| self.planner.vehicle(id).is_none())
             .cloned()
             .collect();
-        absent.into_iter().map(|id| (id.clone(), self.lost(now, id))).collect()
+        absent.into_iter().map(|id| self.lost(now, id)).collect()
     }
 
     /// Releases what `id` had committed and records it lost.
