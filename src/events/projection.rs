@@ -391,39 +391,34 @@ impl DispatchProjection {
         Ok(())
     }
 
-    /// Folds an `OrderSent` of the current version read in place: its vehicle names are
-    /// borrowed from the text and resolved to the fleet's ids (one allocation per vehicle
-    /// for the whole log, not one per order). `false` when it is not that (an older
-    /// version, a vehicle the fleet does not know): the caller decodes it the general way.
+    /// Folds an `OrderSent` of the current version read in place ([`read_sent`]). `false`
+    /// when it is not that (an older version, an escaped name, a vehicle the fleet does not
+    /// know): the caller decodes it the general way.
     fn orders_sent_text(&mut self, seq: u64, ts: Timestamp, correlation: Option<&str>, payload: &str) -> bool {
-        #[derive(Deserialize)]
-        struct Sent<'a> {
-            v: u32,
-            attempt: u32,
-            direction: crate::model::OrderDirection,
-            start: Timestamp,
-            until: Timestamp,
-            first: u32,
-            #[serde(borrow)]
-            orders: Vec<(std::borrow::Cow<'a, str>, f64)>,
-        }
-        let Ok(p) = serde_json::from_str::<Sent<'_>>(payload) else { return false };
-        if p.v != <OrdersSent as super::Payload>::VERSION {
-            return false;
-        }
-        let mut orders = Vec::with_capacity(p.orders.len());
-        for (name, kw) in &p.orders {
+        read_sent(payload).is_some_and(|(header, orders)| self.apply_sent(seq, ts, correlation, header, orders))
+    }
+
+    /// Folds an `OrderSent` already read by [`read_sent`] (a replay reads them on another
+    /// thread than the one folding): its vehicle names are resolved to the fleet's ids, one
+    /// allocation per vehicle for the whole log, not one per order. `false`, and nothing
+    /// folded, when a vehicle is not in the fleet: the caller folds the row with
+    /// [`apply_text`](Self::apply_text).
+    pub fn apply_sent<'n>(
+        &mut self,
+        seq: u64,
+        ts: Timestamp,
+        correlation: Option<&str>,
+        header: SentHeader,
+        orders: impl IntoIterator<Item = (&'n str, f64)>,
+    ) -> bool {
+        let orders = orders.into_iter();
+        let mut resolved = Vec::with_capacity(orders.size_hint().0);
+        for (name, kw) in orders {
             let Some(id) = self.state.vehicle(name) else { return false };
-            orders.push((id, *kw));
+            resolved.push((id, kw));
         }
-        let sent = OrdersSent {
-            attempt: p.attempt,
-            direction: p.direction,
-            start: p.start,
-            until: p.until,
-            first: p.first,
-            orders,
-        };
+        let SentHeader { attempt, direction, start, until, first } = header;
+        let sent = OrdersSent { attempt, direction, start, until, first, orders: resolved };
         (self.state.seq, self.state.ts) = (seq, Some(ts));
         self.state.orders_sent(correlation.unwrap_or_default(), sent);
         true
@@ -541,8 +536,8 @@ impl DispatchProjection {
 }
 
 /// Whether events of `kind` change the projected state (the others are only counted as
-/// the last row folded).
-fn folds(kind: EventKind) -> bool {
+/// the last row folded, their payload not read).
+pub fn folds(kind: EventKind) -> bool {
     use EventKind as K;
     match kind {
         K::SignalReceived
@@ -575,6 +570,51 @@ fn folds(kind: EventKind) -> bool {
         | K::SnapshotImported
         | K::LogCompacted => false,
     }
+}
+
+/// An `OrderSent` of the current version but its orders.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SentHeader {
+    /// The attempt.
+    pub attempt: u32,
+    /// Discharge or charge.
+    pub direction: crate::model::OrderDirection,
+    /// Window start.
+    pub start: Timestamp,
+    /// Window end.
+    pub until: Timestamp,
+    /// Number of the first order.
+    pub first: u32,
+}
+
+/// Reads the payload of an `OrderSent` of the current version in place: its header and
+/// its `[vehicle, kW]` pairs, the names borrowed from `payload`. `None` for anything else
+/// (an older version, a name with an escape in it, not that shape at all), which
+/// [`DispatchProjection::apply_text`] decodes the general way.
+pub fn read_sent(payload: &str) -> Option<(SentHeader, Vec<(&str, f64)>)> {
+    #[derive(Deserialize)]
+    struct Sent<'a> {
+        v: u32,
+        attempt: u32,
+        direction: crate::model::OrderDirection,
+        start: Timestamp,
+        until: Timestamp,
+        first: u32,
+        // The numbers as written: the standard library reads them several times faster than
+        // serde_json's exact parser, to the same correctly rounded value (property-tested).
+        // What JSON cannot hold (beyond f64's range) is left to the general decode to refuse.
+        #[serde(borrow)]
+        orders: Vec<(&'a str, &'a serde_json::value::RawValue)>,
+    }
+    let p = serde_json::from_str::<Sent<'_>>(payload).ok()?;
+    if p.v != <OrdersSent as super::Payload>::VERSION {
+        return None;
+    }
+    let header =
+        SentHeader { attempt: p.attempt, direction: p.direction, start: p.start, until: p.until, first: p.first };
+    let orders =
+        p.orders.into_iter().map(|(name, kw)| Some((name, kw.get().parse::<f64>().ok().filter(|kw| kw.is_finite())?)));
+    Some((header, orders.collect::<Option<Vec<_>>>()?))
 }
 
 impl ProjectedState {
@@ -660,5 +700,74 @@ impl ProjectedState {
         {
             self.answers.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::payload::decode_str;
+    use crate::events::Event;
+    use crate::model::OrderDirection;
+    use proptest::prelude::*;
+
+    fn sent(orders: Vec<(VehicleId, f64)>) -> Event {
+        let t = Timestamp::from_millis(1_795_000_000_000);
+        let sent = OrdersSent {
+            attempt: 2,
+            direction: OrderDirection::Charge,
+            start: t,
+            until: t.plus_millis(90_000),
+            first: 4,
+            orders,
+        };
+        Event::of(t, "dispatcher", &sent)
+    }
+
+    proptest! {
+        /// What replay reads in place is what the general decode reads, to the bit.
+        #[test]
+        fn an_order_batch_read_in_place_is_the_decoded_one(
+            kws in proptest::collection::vec(prop_oneof![
+                any::<f64>().prop_filter("finite", |x| x.is_finite()),
+                (0u64..1_000_000_000_000).prop_map(|w| w as f64 / 1e6),
+                Just(0.0), Just(-0.0), Just(f64::MIN_POSITIVE), Just(5e-324), Just(f64::MAX),
+            ], 0..40),
+        ) {
+            let orders: Vec<(VehicleId, f64)> =
+                kws.iter().enumerate().map(|(i, kw)| (VehicleId::from(format!("ev{i}").as_str()), *kw)).collect();
+            let e = sent(orders);
+            let Ok(Decoded::OrdersSent(decoded)) = decode_str("OrderSent", &e.payload) else { panic!("decodes") };
+            let (header, read) = read_sent(&e.payload).expect("read in place");
+            prop_assert_eq!(
+                header,
+                SentHeader { attempt: 2, direction: OrderDirection::Charge, start: decoded.start, until: decoded.until, first: 4 }
+            );
+            prop_assert_eq!(read.len(), decoded.orders.len());
+            for ((name, kw), (id, want)) in read.iter().zip(&decoded.orders) {
+                prop_assert_eq!(*name, id.as_str());
+                prop_assert_eq!(kw.to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_read_in_place_is_left_to_the_general_decode() {
+        let e = sent(vec![(VehicleId::from("ev0"), 1.5)]);
+        let edit = |from: &str, to: &str| e.payload.replace(from, to);
+        // Beyond f64's range: the general decode refuses it, replay must not read infinity.
+        let huge = edit("1.5", "1e400");
+        assert!(read_sent(&huge).is_none() && decode_str("OrderSent", &huge).is_err());
+        // A name with an escape in it cannot be borrowed; it decodes the general way.
+        let escaped = edit("\"ev0\"", r#""ev\"0""#);
+        assert!(read_sent(&escaped).is_none());
+        assert!(
+            matches!(decode_str("OrderSent", &escaped), Ok(Decoded::OrdersSent(o)) if o.orders[0].0.as_str() == "ev\"0")
+        );
+        // A number written as a string, or missing: not an order batch at all.
+        assert!(read_sent(&edit("1.5", "\"1.5\"")).is_none());
+        assert!(read_sent(&edit("1.5", "null")).is_none());
+        // An older version.
+        assert!(read_sent(&edit("\"v\":2", "\"v\":1")).is_none());
     }
 }

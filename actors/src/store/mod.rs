@@ -20,6 +20,7 @@ use std::thread;
 
 use gridweaver_core::events::payload::{decode_str, LogCompacted};
 use gridweaver_core::events::pipeline::{Envelope, PipelineCounters, UnifiedPipeline};
+use gridweaver_core::events::projection::{self, SentHeader};
 use gridweaver_core::events::{Decoded, DispatchProjection, Event, EventKind, EventStore, ProjectedState, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -814,6 +815,13 @@ fn fold(
             for chunk in full_rx {
                 for row in &chunk.rows {
                     let (kind, correlation, payload) = chunk.columns(row);
+                    if let Some((header, orders)) = &row.sent {
+                        let ts = Timestamp::from_millis(row.ts_ms);
+                        if projection.apply_sent(row.seq, ts, correlation, *header, chunk.orders(orders.clone())) {
+                            continue;
+                        }
+                        // A vehicle the fleet does not know: the general way below.
+                    }
                     match projection.apply_text(row.seq, row.ts_ms, kind, correlation, payload) {
                         Ok(()) => {}
                         Err(error) if strict => return Err(StoreError::Unreadable { path: path.to_owned(), error }),
@@ -835,7 +843,18 @@ fn fold(
                 let kind = r.get_ref(2)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
                 let correlation = r.get_ref(3)?.as_str_or_null().map_err(|e| StoreError::Sql(e.into()))?;
                 let payload = r.get_ref(4)?.as_str().map_err(|e| StoreError::Sql(e.into()))?;
-                chunk.push(seq, ts_ms, kind, correlation, payload);
+                match EventKind::parse(kind) {
+                    // The fold does not read them: their text is not copied.
+                    Some(k) if !projection::folds(k) => chunk.push(seq, ts_ms, kind, correlation, ""),
+                    // The orders are parsed here, so the two threads share the work.
+                    Some(EventKind::OrderSent) => {
+                        chunk.push(seq, ts_ms, kind, correlation, payload);
+                        if let Some((header, orders)) = projection::read_sent(payload) {
+                            chunk.sent(header, orders);
+                        }
+                    }
+                    _ => chunk.push(seq, ts_ms, kind, correlation, payload),
+                }
                 if chunk.is_full() {
                     let next = empty_rx.try_recv().map(Chunk::cleared).unwrap_or_default();
                     if full_tx.send(std::mem::replace(&mut chunk, next)).is_err() {
@@ -859,11 +878,17 @@ fn fold(
 /// Chunks of rows between the reader and the folder of [`fold`], at most.
 const FOLD_CHUNKS: usize = 4;
 
-/// Rows read and not yet folded: their text columns in one buffer.
+/// Rows read and not yet folded: their text columns in one buffer, and the orders of
+/// `OrderSent` rows already parsed (vehicle names in a second buffer). Chunks are reused,
+/// so the reader allocates nothing per row that the folder frees.
 #[derive(Default)]
 struct Chunk {
     text: String,
     rows: Vec<ChunkRow>,
+    names: String,
+    /// Per order: where its vehicle's name ends in `names` (it starts where the one before
+    /// ends), and its kW.
+    orders: Vec<(usize, f64)>,
 }
 
 struct ChunkRow {
@@ -875,6 +900,8 @@ struct ChunkRow {
     kind_end: usize,
     correlation_end: Option<usize>,
     payload_end: usize,
+    /// An `OrderSent` read by the reader: its header and its orders' range in `orders`.
+    sent: Option<(SentHeader, std::ops::Range<usize>)>,
 }
 
 impl Chunk {
@@ -891,7 +918,26 @@ impl Chunk {
             self.text.len()
         });
         self.text.push_str(payload);
-        self.rows.push(ChunkRow { seq, ts_ms, start, kind_end, correlation_end, payload_end: self.text.len() });
+        let payload_end = self.text.len();
+        self.rows.push(ChunkRow { seq, ts_ms, start, kind_end, correlation_end, payload_end, sent: None });
+    }
+
+    /// The last row pushed is an `OrderSent` read as `header` and `orders`.
+    fn sent(&mut self, header: SentHeader, orders: Vec<(&str, f64)>) {
+        let first = self.orders.len();
+        for (name, kw) in orders {
+            self.names.push_str(name);
+            self.orders.push((self.names.len(), kw));
+        }
+        if let Some(row) = self.rows.last_mut() {
+            row.sent = Some((header, first..self.orders.len()));
+        }
+    }
+
+    /// The orders `range` of an `OrderSent` row, as (vehicle name, kW).
+    fn orders(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = (&str, f64)> {
+        let start = |i: usize| if i == 0 { 0 } else { self.orders[i - 1].0 };
+        range.map(move |i| (&self.names[start(i)..self.orders[i].0], self.orders[i].1))
     }
 
     fn is_full(&self) -> bool {
@@ -901,6 +947,8 @@ impl Chunk {
     fn cleared(mut self) -> Self {
         self.text.clear();
         self.rows.clear();
+        self.names.clear();
+        self.orders.clear();
         self
     }
 
@@ -1441,5 +1489,90 @@ mod event_store_tests {
         assert_eq!(sqlite.read_from(1, 100).unwrap().len(), 4);
         assert_eq!(sqlite.read_correlation("d1").unwrap(), memory.read_correlation("d1").unwrap());
         assert_eq!(schema::verify_chain(&sqlite.conn).unwrap(), Ok(4));
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    /// `project` reads rows on one thread and folds them on another, order batches parsed
+    /// by the reader: it must give what folding every row the general way gives, whole and
+    /// to a time, over chunks of many rows.
+    #[test]
+    fn replay_folds_a_run_as_its_rows_fold_one_by_one() {
+        use gridweaver_core::config::Config;
+        use gridweaver_core::dispatch::build;
+        use gridweaver_core::events::payload::ConfigRecorded;
+        use gridweaver_core::model::{Ack, AckStatus, Direction, Signal, SignalType, Vehicle};
+
+        let cfg = Config::from_yaml("site: t\nstore: { path: x.db }\ndispatch: { ack_timeout_seconds: 1 }\n").unwrap();
+        let mut engine = build::engine(&cfg, &ProjectedState::default()).unwrap();
+        let t0 = Timestamp::from_millis(1_795_000_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.db");
+        let mut conn = open_writer(&path, true).unwrap();
+        let mut fleet = Vec::new();
+        let mut events = vec![Event::of(t0, "gateway", &ConfigRecorded::of(&cfg))];
+        // One name that JSON escapes: its orders cannot be read in place.
+        for (i, name) in (0..30).map(|i| format!("ev{i}")).chain([r#"ev"q\"#.to_owned()]).enumerate() {
+            let v = Vehicle::new(name, 0.2 + 0.02 * i as f64, 60.0, 7.0 + i as f64 / 3.0);
+            events.extend(engine.on_state(t0, v.id.clone(), Some(v.clone())).1);
+            fleet.push(v);
+        }
+        append_direct(&mut conn, events).unwrap();
+        let mut middle = t0;
+        for k in 0..800u64 {
+            let now = t0.plus_millis(2_000 * (k as i64 + 1));
+            let mut batch = Vec::new();
+            if k % 50 == 25 {
+                // A vehicle leaves with orders in force (they are released), and comes back.
+                let v = &fleet[(k as usize / 50) % fleet.len()];
+                batch.extend(engine.on_state(now, v.id.clone(), None).1);
+                batch.extend(engine.on_state(now, v.id.clone(), Some(v.clone())).1);
+            }
+            let direction = if k % 3 == 0 { Direction::Down } else { Direction::Up };
+            let signal = Signal::new(format!("s{k}"), SignalType::ALL[(k % 5) as usize], direction, 40.0, now);
+            let step = engine.on_signal(now, Signal { duration_s: 1 + k % 5, ..signal }).unwrap();
+            batch.extend(step.events);
+            // The last dispatch is left in flight.
+            for (j, o) in step.orders.iter().enumerate().filter(|_| k < 799) {
+                let status = if (j as u64 + k).is_multiple_of(7) { AckStatus::Rejected } else { AckStatus::Accepted };
+                let ack = Ack { order_id: o.order_id.to_string(), status, reason: None };
+                let Ok(mut answered) = engine.on_ack(now.plus_millis(20), &o.vehicle_id, &ack) else { continue };
+                batch.append(&mut answered.events);
+                for o in std::mem::take(&mut answered.orders) {
+                    let ack = Ack { order_id: o.order_id.to_string(), status: AckStatus::Accepted, reason: None };
+                    batch.extend(
+                        engine.on_ack(now.plus_millis(40), &o.vehicle_id, &ack).map(|s| s.events).unwrap_or_default(),
+                    );
+                }
+            }
+            append_direct(&mut conn, batch).unwrap();
+            if k == 400 {
+                middle = now.plus_millis(30);
+            }
+        }
+        drop(conn);
+        let mut rows = Vec::new();
+        Reader::open(&path)
+            .unwrap()
+            .for_each(&Query::default(), |row| {
+                rows.push(row);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        assert!(rows.len() > 3 * Chunk::ROWS, "{} rows: several chunks", rows.len());
+        let fold = |to: Option<Timestamp>| {
+            let mut p = DispatchProjection::new();
+            for row in rows.iter().filter(|r| to.is_none_or(|to| r.ts_ms <= to.as_millis())) {
+                p.apply(row).unwrap();
+            }
+            p.into_state()
+        };
+        let whole = project(&path, None, true).unwrap().into_state();
+        assert!(!whole.in_flight.is_empty() && !whole.commitments.is_empty() && whole.settled == 799);
+        assert_eq!(whole, fold(None));
+        assert_eq!(project(&path, Some(middle), true).unwrap().into_state(), fold(Some(middle)));
     }
 }
