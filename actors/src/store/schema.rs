@@ -69,8 +69,13 @@ CREATE TRIGGER event_chain_no_delete BEFORE DELETE ON event_chain
 ";
 
 /// Views for the common questions, made anew at every open (they hold no data). Each reads
-/// both the batched rows of today (`v` 2) and the one-row-per-order rows of version 1.
+/// both the batched rows of today (`v` 2) and the one-row-per-order rows of version 1, from
+/// `kept_events`: the rows no retention step removed (a compaction cut off while deleting
+/// leaves some of those behind until the next one).
 const VIEWS: &str = "
+DROP VIEW IF EXISTS kept_events;
+CREATE VIEW kept_events AS
+  SELECT * FROM events WHERE seq > (SELECT COALESCE(MAX(through_seq), 0) FROM retention);
 DROP VIEW IF EXISTS orders;
 CREATE VIEW orders AS
   SELECT e.seq AS sent_seq, e.ts_ms AS sent_ms, e.correlation_id AS dispatch_id,
@@ -82,32 +87,32 @@ CREATE VIEW orders AS
          json_extract(e.payload, '$.direction') AS direction,
          json_extract(e.payload, '$.start') AS start,
          json_extract(e.payload, '$.until') AS until
-  FROM events e, json_each(e.payload, '$.orders') o
+  FROM kept_events e, json_each(e.payload, '$.orders') o
   WHERE e.kind = 'OrderSent' AND json_extract(e.payload, '$.v') >= 2
   UNION ALL
   SELECT seq, ts_ms, correlation_id, json_extract(payload, '$.order_id'), json_extract(payload, '$.attempt'),
          json_extract(payload, '$.vehicle_id'), json_extract(payload, '$.power_kw'),
          json_extract(payload, '$.direction'), json_extract(payload, '$.start'), json_extract(payload, '$.until')
-  FROM events WHERE kind = 'OrderSent' AND json_extract(payload, '$.v') IS NULL;
+  FROM kept_events WHERE kind = 'OrderSent' AND json_extract(payload, '$.v') IS NULL;
 
 DROP VIEW IF EXISTS answers;
 CREATE VIEW answers AS
   SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-' || a.value AS order_id,
          'accepted' AS answer, NULL AS reason
-  FROM events e, json_each(e.payload, '$.accepted') a WHERE e.kind = 'AckReceived'
+  FROM kept_events e, json_each(e.payload, '$.accepted') a WHERE e.kind = 'AckReceived'
   UNION ALL
   SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-'
            || json_extract(r.value, '$[0]'), 'rejected', json_extract(r.value, '$[1]')
-  FROM events e, json_each(e.payload, '$.rejected') r WHERE e.kind = 'AckReceived'
+  FROM kept_events e, json_each(e.payload, '$.rejected') r WHERE e.kind = 'AckReceived'
   UNION ALL
   SELECT e.seq, e.ts_ms, e.correlation_id || '-' || json_extract(e.payload, '$.attempt') || '-' || t.value,
          'timed_out', NULL
-  FROM events e, json_each(e.payload, '$.orders') t WHERE e.kind = 'AckTimedOut'
+  FROM kept_events e, json_each(e.payload, '$.orders') t WHERE e.kind = 'AckTimedOut'
   UNION ALL
   SELECT seq, ts_ms, json_extract(payload, '$.order_id'),
          CASE kind WHEN 'AckTimedOut' THEN 'timed_out' ELSE json_extract(payload, '$.status') END,
          json_extract(payload, '$.reason')
-  FROM events WHERE kind IN ('AckReceived', 'AckTimedOut') AND json_extract(payload, '$.v') IS NULL;
+  FROM kept_events WHERE kind IN ('AckReceived', 'AckTimedOut') AND json_extract(payload, '$.v') IS NULL;
 
 DROP VIEW IF EXISTS order_answers;
 CREATE VIEW order_answers AS
@@ -119,11 +124,11 @@ CREATE VIEW cancellations AS
   SELECT e.seq, e.ts_ms, e.correlation_id AS dispatch_id,
          e.correlation_id || '-' || json_extract(c.value, '$[0]') || '-' || json_extract(c.value, '$[1]') AS order_id,
          json_extract(e.payload, '$.reason') AS reason
-  FROM events e, json_each(e.payload, '$.orders') c
+  FROM kept_events e, json_each(e.payload, '$.orders') c
   WHERE e.kind = 'OrderCancelled' AND json_extract(e.payload, '$.v') >= 2
   UNION ALL
   SELECT seq, ts_ms, correlation_id, json_extract(payload, '$.order_id'), json_extract(payload, '$.reason')
-  FROM events WHERE kind = 'OrderCancelled' AND json_extract(payload, '$.v') IS NULL;
+  FROM kept_events WHERE kind = 'OrderCancelled' AND json_extract(payload, '$.v') IS NULL;
 
 DROP VIEW IF EXISTS dispatches;
 CREATE VIEW dispatches AS
@@ -136,7 +141,7 @@ CREATE VIEW dispatches AS
          json_extract(payload, '$.strategy') AS strategy, json_extract(payload, '$.fallback') AS fallback,
          json_extract(payload, '$.attempts') AS attempts, json_extract(payload, '$.interrupted') AS interrupted,
          ts_ms AS completed_ms, seq
-  FROM events WHERE kind = 'DispatchCompleted'
+  FROM kept_events WHERE kind = 'DispatchCompleted'
   UNION ALL
   SELECT correlation_id, json_extract(payload, '$.signal_id'),
          json_extract(payload, '$.outcome.type'), json_extract(payload, '$.outcome.direction'),
@@ -144,7 +149,7 @@ CREATE VIEW dispatches AS
          json_extract(payload, '$.outcome.acknowledged_kw'), json_extract(payload, '$.outcome.shortfall_kw'),
          json_extract(payload, '$.outcome.strategy'), json_extract(payload, '$.outcome.fallback'),
          NULL, json_extract(payload, '$.reason'), ts_ms, seq
-  FROM events WHERE kind = 'DispatchInterrupted';
+  FROM kept_events WHERE kind = 'DispatchInterrupted';
 ";
 
 /// Brings the schema at `conn` to [`VERSION`], in one transaction. A log written by a newer
