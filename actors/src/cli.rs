@@ -466,7 +466,7 @@ fn summary(e: &StoredEvent) -> String {
             p.fleet.map_or("?".to_owned(), |f| f.vehicles.to_string())
         ),
         Ok(Decoded::ConstraintApplied(c)) => {
-            format!("{} eligible, {} excluded, capacity {} kW", c.eligible, c.excluded.len(), kw(c.capacity_kw))
+            format!("{} eligible, {} excluded, capacity {} kW", c.eligible, c.excluded_count(), kw(c.capacity_kw))
         }
         Ok(Decoded::OrdersSent(o)) => {
             let total: f64 = o.orders.iter().map(|(_, p)| p).sum();

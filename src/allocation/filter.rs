@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Direction, Signal, Vehicle};
 
 /// Why a vehicle was left out of a dispatch (recorded in `ConstraintApplied`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Exclusion {
     /// Not connected to a charger.

@@ -11,8 +11,7 @@ use crate::allocation::limits::LimitSet;
 use crate::allocation::{AllocationRequest, Candidate, Dispatcher, MIN_ORDER_KW};
 use crate::bounded::BoundedSet;
 use crate::events::payload::{
-    fleet_fingerprint, ConstraintApplied, Excluded, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost,
-    VehicleState,
+    fleet_fingerprint, ConstraintApplied, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost, VehicleState,
 };
 use crate::events::projection::PARTICIPATION_DISPATCHES;
 use crate::events::Event;
@@ -384,10 +383,10 @@ impl Planner {
                 "dispatcher",
                 &ConstraintApplied {
                     eligible: candidates.len(),
-                    excluded: excluded
-                        .iter()
-                        .map(|(id, why)| Excluded { vehicle_id: (*id).clone(), reason: *why })
-                        .collect(),
+                    excluded: excluded.iter().fold(BTreeMap::new(), |mut by, (id, why)| {
+                        by.entry(*why).or_insert_with(Vec::new).push((*id).clone());
+                        by
+                    }),
                     capacity_kw,
                     target_kw,
                     target_capped_to_capacity: capacity_kw < target_kw,

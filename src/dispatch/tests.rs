@@ -249,7 +249,7 @@ fn a_signal_no_vehicle_can_serve_completes_at_once_with_a_full_shortfall() {
     assert_eq!(out.shortfall_kw, 50.0);
     assert_eq!(*kinds(&step).last().unwrap(), EventKind::DispatchCompleted);
     let constraint = &step.events[1].payload_value();
-    assert_eq!(constraint["excluded"][0]["reason"], "not_plugged_in");
+    assert_eq!(constraint["excluded"], serde_json::json!({ "not_plugged_in": ["flat"] }));
 }
 
 /// The tuner learns from dispatches that ran their course: silence cut short by a
