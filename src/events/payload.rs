@@ -106,8 +106,9 @@ pub struct ConstraintApplied {
     /// Candidates left after the filter.
     pub eligible: usize,
     /// Vehicles left out, by why (each list in fleet order). Version 1 wrote one
-    /// `{"vehicle_id", "reason"}` object per vehicle: 50 bytes a vehicle where this takes
-    /// 10, which a depot whose vehicles are all committed pays on every dispatch.
+    /// `{"vehicle_id", "reason"}` object per vehicle: 55 bytes a vehicle named like
+    /// `ev00001` where this takes 10, on every dispatch of a depot whose vehicles are all
+    /// committed the other way.
     pub excluded: BTreeMap<Exclusion, Vec<VehicleId>>,
     /// Their free capacity, kW.
     pub capacity_kw: f64,
