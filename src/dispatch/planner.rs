@@ -383,10 +383,7 @@ impl Planner {
                 "dispatcher",
                 &ConstraintApplied {
                     eligible: candidates.len(),
-                    excluded: excluded.iter().fold(BTreeMap::new(), |mut by, (id, why)| {
-                        by.entry(*why).or_insert_with(Vec::new).push((*id).clone());
-                        by
-                    }),
+                    excluded: ConstraintApplied::by_reason(excluded.iter().map(|(id, why)| ((*id).clone(), *why))),
                     capacity_kw,
                     target_kw,
                     target_capped_to_capacity: capacity_kw < target_kw,

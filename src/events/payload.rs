@@ -121,6 +121,17 @@ pub struct ConstraintApplied {
 }
 
 impl ConstraintApplied {
+    /// The vehicles left out, grouped by why, each group in the order given.
+    pub fn by_reason(
+        excluded: impl IntoIterator<Item = (VehicleId, Exclusion)>,
+    ) -> BTreeMap<Exclusion, Vec<VehicleId>> {
+        let mut by = BTreeMap::<Exclusion, Vec<VehicleId>>::new();
+        for (id, why) in excluded {
+            by.entry(why).or_default().push(id);
+        }
+        by
+    }
+
     /// How many vehicles were left out.
     pub fn excluded_count(&self) -> usize {
         self.excluded.values().map(Vec::len).sum()
@@ -627,13 +638,9 @@ fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, Pa
         }
         K::ConstraintApplied if v == 1 => {
             let c = payload.read::<v1::Constraint>().map_err(shape)?;
-            let mut excluded: BTreeMap<Exclusion, Vec<VehicleId>> = BTreeMap::new();
-            for e in c.excluded {
-                excluded.entry(e.reason).or_default().push(e.vehicle_id);
-            }
             Decoded::ConstraintApplied(ConstraintApplied {
                 eligible: c.eligible,
-                excluded,
+                excluded: ConstraintApplied::by_reason(c.excluded.into_iter().map(|e| (e.vehicle_id, e.reason))),
                 capacity_kw: c.capacity_kw,
                 target_kw: c.target_kw,
                 target_capped_to_capacity: c.target_capped_to_capacity,
