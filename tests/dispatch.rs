@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{await_fleet, fleet_of, operator, vehicle, Gateway, Mosquitto};
+use common::{await_fleet, fleet_of, operator, vehicle, Gateway, Mosquitto, Operator};
 use gridweaver_actors::sim::{Behaviour, SimVehicle};
 use serde_json::json;
 
@@ -120,5 +120,41 @@ fn duplicate_signals_are_dispatched_once_and_answered_as_duplicates() {
     op.publish(&topic, signal("same", 5.0));
     assert!(op.wait_json(Duration::from_secs(3), "", "signal_id", "same").is_none(), "dispatched again after restart");
     assert!(g.terminate().success());
+    sim.stop();
+}
+
+/// SIGTERM while a dispatch waits for a silent vehicle: the dispatch's outcome is published
+/// with `interrupted`, then `offline` once, and the gateway leaves the broker with a clean
+/// DISCONNECT (so the broker never sends its last will, a second `offline`).
+#[test]
+fn a_stop_publishes_the_open_dispatch_interrupted_then_offline_once_and_disconnects_cleanly() {
+    let broker = Mosquitto::start();
+    let mut g = Gateway::start_with(&broker, "stop", "client_id: gw-stop", "ack_timeout_seconds: 30");
+    let p = g.prefix.clone();
+    let subs = ["dispatches/+", "status", "capacity", "vehicles/+/order"].map(|t| format!("{p}/{t}"));
+    let mut op = Operator::connect(&broker, "stop-op", &subs);
+    let sim = fleet_of(&broker, &p, vec![vehicle("mute", 0.8, 11.0, Behaviour::Silent)]);
+    await_fleet(&mut op, 1);
+    op.publish(&format!("{p}/signals"), signal("s-stop", 5.0));
+    op.wait_json(WAIT, "/vehicles/mute/order", "vehicle_id", "mute").expect("the order");
+    op.drain(Duration::from_millis(300));
+    op.seen.clear();
+
+    let status = g.terminate();
+    assert!(status.success(), "{status:?}\n{}", g.log());
+    let out = op.wait_json(Duration::from_secs(5), "", "signal_id", "s-stop").expect("the interrupted outcome");
+    assert!(out["interrupted"].as_str().is_some_and(|why| !why.is_empty()), "{out}");
+    assert_eq!(out["vehicles"]["timed_out"], 1, "{out}");
+    op.drain(Duration::from_secs(2));
+    let offline = op
+        .seen
+        .iter()
+        .filter(|(t, body)| t.ends_with("/status") && String::from_utf8_lossy(body).contains("offline"))
+        .count();
+    assert_eq!(offline, 1, "`offline` once: {:?}", op.seen);
+    let said = broker.log();
+    let gateway: Vec<&str> = said.lines().filter(|l| l.contains("gw-stop")).collect();
+    assert!(gateway.iter().any(|l| l.ends_with("disconnected.")), "a clean DISCONNECT:\n{said}");
+    assert!(!gateway.iter().any(|l| l.contains("out of memory") || l.contains("closed its connection")), "{said}");
     sim.stop();
 }

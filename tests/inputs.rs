@@ -20,30 +20,32 @@ fn malformed_payloads_on_every_inbound_topic_are_answered_recorded_and_change_no
     std::thread::sleep(Duration::from_millis(500));
 
     let big = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(70 * 1024));
-    let cases: Vec<(String, String, &str)> = vec![
-        (format!("{p}/signals"), "not json".into(), "not valid JSON"),
-        (format!("{p}/signals"), "[1]".into(), "one JSON object"),
-        (format!("{p}/signals"), big, "65536"),
-        (format!("{p}/signals"), r#"{"type":"fcr","direction":"up","power_kw":1}"#.into(), "field `id` is required"),
-        (format!("{p}/signals"), r#"{"id":"x1","type":"fcr","direction":"up","power_kw":-1}"#.into(), "field `power_kw`"),
-        (format!("{p}/signals"), r#"{"id":"x2","type":"fcr","direction":"up","power_kw":"1"}"#.into(), "field `power_kw`"),
-        (format!("{p}/signals"), r#"{"id":"x3","type":"ffr","direction":"up","power_kw":1}"#.into(), "field `type`"),
-        (format!("{p}/signals"), r#"{"id":"x4","type":1,"direction":"left","power_kw":1}"#.into(), "field `direction`"),
-        (format!("{p}/signals"), r#"{"id":"x5","type":1,"direction":"up","power_kw":1,"duration_s":0}"#.into(), "field `duration_s`"),
-        (format!("{p}/signals"), r#"{"id":"x6","type":"afrr","direction":"up","power_kw":1,"start":"noon"}"#.into(), "field `start`"),
-        (format!("{p}/signals"), r#"{"id":"x7","type":"transfer","direction":"up","power_kw":1}"#.into(), "field `leader_term`"),
-        (format!("{p}/signals"), r#"{"id":"x8","type":"afrr","direction":"up","power_kw":1,"region":"elsewhere"}"#.into(), "field `region`"),
-        (format!("{p}/vehicles/v1/state"), r#"{"soc":1.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11,"plugged_in":true}"#.into(), "field `soc`"),
-        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11}"#.into(), "field `plugged_in`"),
-        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":7,"max_discharge_kw":7,"plugged_in":true,"phases":1}"#.into(), "field `phase`"),
-        (format!("{p}/vehicles/v1/state"), "{".into(), "not valid JSON"),
-        (format!("{p}/vehicles/good/ack"), r#"{"status":"accepted"}"#.into(), "field `order_id`"),
-        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"o","status":"maybe"}"#.into(), "field `status`"),
-        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"nope","status":"accepted"}"#.into(), "names no order"),
-        (format!("{p}/bids"), r#"{"request_id":"b","participant":"p","program":"w","price_per_mw":-1,"min_mw":1,"max_mw":2,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","reliability":0.5}"#.into(), "field `price_per_mw`"),
-        (format!("{p}/bids"), r#"{"request_id":"b"}"#.into(), "field `participant`"),
+    let cases: Vec<(String, String, &str, Option<&str>)> = vec![
+        (format!("{p}/signals"), "not json".into(), "not valid JSON", None),
+        (format!("{p}/signals"), "[1]".into(), "one JSON object", None),
+        (format!("{p}/signals"), big, "65536", None),
+        (format!("{p}/signals"), r#"{"type":"fcr","direction":"up","power_kw":1}"#.into(), "field `id` is required", None),
+        (format!("{p}/signals"), r#"{"id":"x1","type":"fcr","direction":"up","power_kw":-1}"#.into(), "field `power_kw`", Some("x1")),
+        (format!("{p}/signals"), r#"{"id":"x2","type":"fcr","direction":"up","power_kw":"1"}"#.into(), "field `power_kw`", Some("x2")),
+        (format!("{p}/signals"), r#"{"id":"x3","type":"ffr","direction":"up","power_kw":1}"#.into(), "field `type`", Some("x3")),
+        (format!("{p}/signals"), r#"{"id":"x4","type":1,"direction":"left","power_kw":1}"#.into(), "field `direction`", Some("x4")),
+        (format!("{p}/signals"), r#"{"id":"x5","type":1,"direction":"up","power_kw":1,"duration_s":0}"#.into(), "field `duration_s`", Some("x5")),
+        (format!("{p}/signals"), r#"{"id":"x6","type":"afrr","direction":"up","power_kw":1,"start":"noon"}"#.into(), "field `start`", Some("x6")),
+        (format!("{p}/signals"), r#"{"id":"x7","type":"transfer","direction":"up","power_kw":1}"#.into(), "field `leader_term`", Some("x7")),
+        (format!("{p}/signals"), r#"{"id":"x8","type":"afrr","direction":"up","power_kw":1,"region":"elsewhere"}"#.into(), "field `region`", Some("x8")),
+        (format!("{p}/signals"), r#"{"id":"x#9","type":"afrr","direction":"up","power_kw":1}"#.into(), "field `id`", Some("x#9")),
+        (format!("{p}/signals"), r#"{"id":"x10","type":"fcr","mode":"droop","power_kw":1}"#.into(), "field `mode`", Some("x10")),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":1.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11,"plugged_in":true}"#.into(), "field `soc`", None),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":11,"max_discharge_kw":11}"#.into(), "field `plugged_in`", None),
+        (format!("{p}/vehicles/v1/state"), r#"{"soc":0.5,"capacity_kwh":60,"max_charge_kw":7,"max_discharge_kw":7,"plugged_in":true,"phases":1}"#.into(), "field `phase`", None),
+        (format!("{p}/vehicles/v1/state"), "{".into(), "not valid JSON", None),
+        (format!("{p}/vehicles/good/ack"), r#"{"status":"accepted"}"#.into(), "field `order_id`", None),
+        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"o","status":"maybe"}"#.into(), "field `status`", Some("o")),
+        (format!("{p}/vehicles/good/ack"), r#"{"order_id":"nope","status":"accepted"}"#.into(), "names no order", Some("nope")),
+        (format!("{p}/bids"), r#"{"request_id":"b","participant":"p","program":"w","price_per_mw":-1,"min_mw":1,"max_mw":2,"start":"2030-01-01T00:00:00Z","end":"2030-01-01T01:00:00Z","reliability":0.5}"#.into(), "field `price_per_mw`", Some("b")),
+        (format!("{p}/bids"), r#"{"request_id":"b"}"#.into(), "field `participant`", Some("b")),
     ];
-    for (topic, payload, want) in &cases {
+    for (topic, payload, want, reference) in &cases {
         op.publish(topic, payload.as_bytes().to_vec());
         let err: Value = op
             .wait_for(Duration::from_secs(10), |t, body| {
@@ -54,6 +56,7 @@ fn malformed_payloads_on_every_inbound_topic_are_answered_recorded_and_change_no
         let text = err["error"].as_str().unwrap_or_default();
         assert!(text.contains(want), "{topic}: `{text}` should mention `{want}`");
         assert!(err["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{err}");
+        assert_eq!(err["ref"].as_str(), *reference, "{topic} {:.80}: the answer's `ref`", payload);
     }
     // Nothing was dispatched, no order went out, v1 never joined the fleet.
     assert!(op.wait_for(Duration::from_millis(500), |t, _| (!t.ends_with("/errors")).then_some(())).is_none());
@@ -63,9 +66,15 @@ fn malformed_payloads_on_every_inbound_topic_are_answered_recorded_and_change_no
     let rejected = g.events(Some("SignalRejected")).len() + g.events(Some("InputRejected")).len();
     assert_eq!(rejected, cases.len());
     // Still alive and well: a good signal is dispatched.
-    op.publish(&format!("{p}/signals"), r#"{"id":"fine","type":"afrr","direction":"up","power_kw":2}"#);
+    // A field the contract does not know is ignored, but never unseen: a warning in the
+    // gateway's log, and listed in the signal's SignalReceived.
+    op.publish(&format!("{p}/signals"), r#"{"id":"fine","type":"afrr","direction":"up","power_kw":2,"duraton_s":60}"#);
     assert!(op.wait_json(Duration::from_secs(10), "", "signal_id", "fine").is_some(), "{}", g.log());
+    let received = g.events(Some("SignalReceived"));
+    assert_eq!(received[0]["payload"]["unknown_fields"], serde_json::json!(["duraton_s"]));
+    assert_eq!(received[0]["payload"]["duration_s"], 900);
     assert!(g.terminate().success());
+    assert!(g.log().contains("duraton_s"), "the unknown field is named in the gateway's log:\n{}", g.log());
 }
 
 /// The live tail (`<p>/events`) carries every row the log gets while one listens: a

@@ -182,7 +182,14 @@ fn init_tracing(flag: Option<&str>, default_level: &str) {
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default_level)),
     }
     .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_target(false).try_init();
+    // Colours only for a person at a terminal: a file or the journal gets plain text.
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 fn run(command: Command) -> Result<(), Failure> {
@@ -194,6 +201,14 @@ fn run(command: Command) -> Result<(), Failure> {
             check_environment(&config, &cfg)?;
             // One gateway per log, for the whole process: the OS releases the lock at any exit.
             let _lock = LogLock::acquire(Path::new(&cfg.store.path)).map_err(|e| Failure::Runtime(e.into()))?;
+            tracing::info!(
+                broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port),
+                prefix = %cfg.mqtt.prefix,
+                log = %cfg.store.path,
+                site = %cfg.site,
+                version = env!("CARGO_PKG_VERSION"),
+                "gridweaver starting"
+            );
             let system = actix::System::new();
             system.block_on(controller::run_until(&cfg, shutdown_signal())).map_err(|e| Failure::Runtime(e.into()))?;
             Ok(())

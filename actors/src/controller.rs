@@ -177,8 +177,8 @@ impl Controller {
         tracing::info!(settled, "in-flight dispatches settled");
         self.publisher.status(false);
         let _ = tokio::time::timeout(Duration::from_secs(3), self.publisher.flush()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.bridge.send(Disconnect)).await;
-        // Give the event loop a moment to write what is queued and the DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.bridge.send(Disconnect)).await;
+        // The bridge stops once the broker has closed the connection after our DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             while self.bridge.connected() {
                 tokio::time::sleep(Duration::from_millis(20)).await;

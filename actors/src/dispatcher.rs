@@ -27,7 +27,7 @@ use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, V
 use gridweaver_core::time::Timestamp;
 
 use crate::guard::guarded;
-use crate::publish::{now, reject, Publisher};
+use crate::publish::{now, reject, Publisher, Refusal};
 use crate::store::{Appended, StoreHandle};
 
 /// How often the retained `<p>/capacity` is refreshed when it changed, at most.
@@ -457,7 +457,7 @@ impl DispatcherActor {
                         "signal `{}` was not dispatched: the event log cannot be written ({why}); nothing was ordered",
                         outcome.signal_id
                     );
-                    self.publisher.error(&topic, &msg, t);
+                    self.publisher.error(&topic, &msg, t, Some(&outcome.signal_id));
                 }
                 // Its orders never went out: nothing to withdraw on the wire. The events are
                 // kept for the log, which takes them once it works again.
@@ -520,31 +520,24 @@ impl DispatcherActor {
         }
     }
 
-    fn refuse(&self, topic: &str, why: &str, payload: &[u8], kind: EventKind, actor: String, at: Timestamp) {
-        tracing::info!(%topic, reason = %why, "input refused");
-        reject(&self.store, &self.publisher, &self.region(), kind, actor, topic, why, payload, at, None);
-    }
-
     /// Refuses an ACK the engine ignored: recorded as `InputRejected`, correlated with its
     /// dispatch when the order is known to be the sender's (late, answered twice).
     fn refuse_ack(&self, msg: &AckIn, ignored: &AckIgnored) {
         let topic = self.publisher.topics().vehicle_ack(&msg.vehicle);
         let raw = serde_json::to_vec(&msg.ack).unwrap_or_default();
-        let (why, actor) = (ignored.to_string(), format!("vehicle/{}", msg.vehicle));
+        let why = ignored.to_string();
         tracing::info!(%topic, reason = %why, "ACK ignored");
-        let (store, publisher, region) = (&self.store, &self.publisher, self.region());
-        reject(
-            store,
-            publisher,
-            &region,
-            EventKind::InputRejected,
-            actor,
-            &topic,
-            &why,
-            &raw,
-            msg.at,
-            ignored.dispatch(),
-        );
+        let refusal = Refusal {
+            kind: EventKind::InputRejected,
+            actor: format!("vehicle/{}", msg.vehicle),
+            topic: &topic,
+            why: &why,
+            payload: &raw,
+            received_at: msg.at,
+            reference: Some(&msg.ack.order_id),
+            correlation: ignored.dispatch(),
+        };
+        reject(&self.store, &self.publisher, &self.region(), refusal);
     }
 
     /// Refuses `signal`, received at `at`, for `why`: answered on `errors`, recorded as
@@ -552,7 +545,18 @@ impl DispatcherActor {
     fn refuse_signal(&self, signal: &Signal, at: Timestamp, why: &str) {
         let topic = self.publisher.topics().signals();
         let raw = serde_json::to_vec(signal).unwrap_or_default();
-        self.refuse(&topic, why, &raw, EventKind::SignalRejected, "dispatcher".to_owned(), at);
+        tracing::info!(%topic, reason = %why, "signal refused");
+        let refusal = Refusal {
+            kind: EventKind::SignalRejected,
+            actor: "dispatcher".to_owned(),
+            topic: &topic,
+            why,
+            payload: &raw,
+            received_at: at,
+            reference: Some(&signal.id),
+            correlation: None,
+        };
+        reject(&self.store, &self.publisher, &self.region(), refusal);
     }
 }
 
@@ -703,7 +707,7 @@ impl DispatcherActor {
         if let Some(outage) = &mut self.store_failing {
             outage.refused += 1;
             let why = format!("the event log cannot be written ({}); signals are refused until it can", outage.error);
-            self.publisher.error(&topic, &why, msg.at);
+            self.publisher.error(&topic, &why, msg.at, Some(&msg.signal.id));
             return;
         }
         if let Some(queued) = self.publisher.busy() {

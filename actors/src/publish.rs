@@ -19,28 +19,38 @@ use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Refuses an inbound message the contract's way: records a `SignalRejected` or
-/// `InputRejected` event (`kind`) naming `actor`, and answers on `<p>/errors`. Nothing else
-/// changes.
-#[allow(clippy::too_many_arguments)]
-pub fn reject(
-    store: &crate::store::StoreHandle,
-    publisher: &Publisher,
-    region: &str,
-    kind: gridweaver_core::events::EventKind,
-    actor: String,
-    topic: &str,
-    why: &str,
-    payload: &[u8],
-    received_at: Timestamp,
-    correlation: Option<&str>,
-) {
-    let mut event = gridweaver_core::wire::rejection_event(received_at, kind, actor, region, topic, why, payload);
-    if let Some(id) = correlation {
+/// An inbound message refused: what its `SignalRejected` / `InputRejected` event and its
+/// answer on `<p>/errors` say.
+pub struct Refusal<'a> {
+    /// `SignalRejected` or `InputRejected`.
+    pub kind: gridweaver_core::events::EventKind,
+    /// Who refused it, or whose input it was (`dispatcher`, `vehicle/<id>`, `mqtt`).
+    pub actor: String,
+    /// The topic it came on.
+    pub topic: &'a str,
+    /// Why, as a sentence naming the field.
+    pub why: &'a str,
+    /// The message as received (or as the gateway read it).
+    pub payload: &'a [u8],
+    /// When the bridge received it.
+    pub received_at: Timestamp,
+    /// The message's `id`, `order_id` or `request_id`, where it could be read (the Error's
+    /// `ref`).
+    pub reference: Option<&'a str>,
+    /// The dispatch it is about, where the gateway knows it (the event's correlation).
+    pub correlation: Option<&'a str>,
+}
+
+/// Refuses an inbound message the contract's way: records the refusal's event and answers
+/// on `<p>/errors`. Nothing else changes.
+pub fn reject(store: &crate::store::StoreHandle, publisher: &Publisher, region: &str, r: Refusal<'_>) {
+    let mut event =
+        gridweaver_core::wire::rejection_event(r.received_at, r.kind, r.actor, region, r.topic, r.why, r.payload);
+    if let Some(id) = r.correlation {
         event = event.correlation(id);
     }
     store.record(vec![event]);
-    publisher.error(topic, why, received_at);
+    publisher.error(r.topic, r.why, r.received_at, r.reference);
 }
 
 /// Largest MQTT packet the gateway sends or accepts.
@@ -239,9 +249,15 @@ impl Publisher {
         self.json(Class::Answer, self.topics.capacity(), QoS::AtLeastOnce, true, capacity);
     }
 
-    /// `<p>/errors`, QoS 1: one per rejected inbound message.
-    pub fn error(&self, topic: &str, error: &str, received_at: Timestamp) {
-        let report = ErrorReport { topic: topic.to_owned(), error: error.to_owned(), received_at };
+    /// `<p>/errors`, QoS 1: one per rejected inbound message; `reference` is its `id`,
+    /// `order_id` or `request_id` where it could be read.
+    pub fn error(&self, topic: &str, error: &str, received_at: Timestamp, reference: Option<&str>) {
+        let report = ErrorReport {
+            topic: topic.to_owned(),
+            error: error.to_owned(),
+            received_at,
+            reference: reference.map(str::to_owned),
+        };
         self.json(Class::Answer, self.topics.errors(), QoS::AtLeastOnce, false, &report);
     }
 

@@ -15,7 +15,7 @@ use gridweaver_core::model::{Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
 use crate::dispatcher::{DispatcherActor, FleetUpdate, Resync};
-use crate::publish::{reject, Publisher};
+use crate::publish::{reject, Publisher, Refusal};
 use crate::store::StoreHandle;
 use crate::vehicle::{NewState, Report, VehicleActor};
 
@@ -83,18 +83,17 @@ impl Handler<VehicleStateIn> for Supervisor {
                 let topic = self.publisher.topics().vehicle_state(&msg.id);
                 let why = format!("this gateway already follows {MAX_VEHICLES} vehicles, its most; state not taken");
                 let actor = format!("vehicle/{}", msg.id);
-                reject(
-                    &self.store,
-                    &self.publisher,
-                    &self.region,
-                    EventKind::InputRejected,
+                let refusal = Refusal {
+                    kind: EventKind::InputRejected,
                     actor,
-                    &topic,
-                    &why,
-                    b"",
-                    msg.at,
-                    None,
-                );
+                    topic: &topic,
+                    why: &why,
+                    payload: b"",
+                    received_at: msg.at,
+                    reference: None,
+                    correlation: None,
+                };
+                reject(&self.store, &self.publisher, &self.region, refusal);
             }
             (Some(state), None) => {
                 let dispatcher = self.dispatcher.clone();

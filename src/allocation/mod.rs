@@ -455,6 +455,7 @@ mod tests {
             leader_term: None,
             replaces: None,
             program: None,
+            unknown_fields: Vec::new(),
         }
     }
 

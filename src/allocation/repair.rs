@@ -11,6 +11,8 @@
 //! - [`polish`]: amounts below [`MIN_ORDER_KW`] (which would be dropped, not ordered) are
 //!   moved to vehicles with room, and power left a hair under a bound is topped up to it, so
 //!   what is ordered is what was allocated.
+//! - [`to_watts`]: orders are whole watts (an order of `31.700000000000003` kW is `31.7`),
+//!   without exceeding a capacity, a row or the total placed.
 
 use std::cmp::Ordering;
 
@@ -151,6 +153,63 @@ pub fn polish(power: &mut [f64], caps: &[f64], target: f64, limits: &LimitSet, s
     }
 }
 
+/// The smallest step of power an order carries, kW: one watt.
+pub const WATT_KW: f64 = 0.001;
+
+/// Makes every amount of `power` a whole number of watts without exceeding its capacity,
+/// a row of `limits` or the total placed: each is floored to the watt (amounts below the
+/// minimum order become 0), then the watts the floors took from the total ordered (itself
+/// floored to the watt) go back, one each, to the ordered amounts that lost the most
+/// (ties by index) where the capacity and every row they load leave a watt. What it
+/// returns is what no amount could take back (0 unless rows bind).
+pub fn to_watts(power: &mut [f64], caps: &[f64], limits: &LimitSet) -> f64 {
+    // A hair above a whole watt is that watt (float noise of sums and solvers).
+    const NOISE: f64 = 1e-6;
+    let ordered = power.iter().filter(|p| **p >= MIN_ORDER_KW).sum::<f64>();
+    let total = (ordered * 1_000.0 + NOISE).floor();
+    let mut lost = Vec::with_capacity(power.len());
+    let mut placed = 0.0;
+    for (i, p) in power.iter_mut().enumerate() {
+        let w = if *p < MIN_ORDER_KW { 0.0 } else { (*p * 1_000.0 + NOISE).floor() };
+        if w > 0.0 {
+            lost.push((*p * 1_000.0 - w, i));
+        }
+        *p = w / 1_000.0;
+        placed += w;
+    }
+    let mut missing = total - placed;
+    if missing < 1.0 {
+        return 0.0;
+    }
+    // Rows over these amounts (none when the set is not theirs, as a fallback's before the
+    // engine fills it in).
+    let none;
+    let limits = if limits.members.len() == power.len() {
+        limits
+    } else {
+        none = LimitSet::none(power.len());
+        &none
+    };
+    let mut room = Room::new(limits);
+    for (i, p) in power.iter().enumerate() {
+        room.take(i, *p);
+    }
+    lost.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in lost {
+        if missing < 1.0 {
+            break;
+        }
+        let more = power[i] + WATT_KW;
+        let fits_cap = caps.get(i).is_none_or(|c| more <= c + 1e-9);
+        if fits_cap && room.allow(i, WATT_KW) >= WATT_KW - 1e-12 {
+            power[i] = ((power[i] * 1_000.0).round() + 1.0) / 1_000.0;
+            room.take(i, WATT_KW);
+            missing -= 1.0;
+        }
+    }
+    missing.max(0.0) / 1_000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +223,36 @@ mod tests {
             .map(|v| Candidate { vehicle: v, capacity_kw: v.max_discharge_kw, participation: 0.0 })
             .collect();
         (fleet.iter().map(|v| v.max_discharge_kw).collect(), LimitSet::new(limits, Direction::Up, &cands))
+    }
+
+    #[test]
+    fn orders_become_whole_watts_without_exceeding_a_cap_a_row_or_the_total() {
+        let fleet: Vec<Vehicle> = (0..3).map(|i| Vehicle::new(format!("v{i}"), 0.9, 60.0, 100.0)).collect();
+        let (caps, none) = rows(&fleet, &Limits::default());
+        // 139 kW over three: the floors leave 138.999; the watt goes back to one of them.
+        let mut p = vec![139.0 / 3.0; 3];
+        assert_eq!(to_watts(&mut p, &caps, &none), 0.0);
+        assert_eq!(p, [46.334, 46.333, 46.333]);
+        assert_eq!(serde_json::to_string(&p).unwrap(), "[46.334,46.333,46.333]");
+        // Float noise is not a watt: 31.700000000000003 is 31.7; below the minimum is 0.
+        let mut p = vec![31.700_000_000_000_003, 0.004, 20.0 - 1e-12];
+        to_watts(&mut p, &caps, &none);
+        assert_eq!(p, [31.7, 0.0, 20.0]);
+        // A total that is not whole watts is floored: never more than was placed.
+        let mut p = vec![10.000_4, 10.000_4];
+        to_watts(&mut p, &caps, &none);
+        assert_eq!(p, [10.0, 10.0]);
+        // A binding row: the watt cannot go back where the row has no room for it.
+        let limits = Limits { export_kw: Some(100.0), ..Limits::default() };
+        let (caps, site) = rows(&fleet, &limits);
+        let mut p = vec![100.0 / 3.0; 3];
+        let kept = to_watts(&mut p, &caps, &site);
+        assert!(p.iter().sum::<f64>() <= 100.0 + 1e-9 && kept <= 0.001 + 1e-12, "{p:?}");
+        assert!(p.iter().all(|x| ((x * 1_000.0).round() / 1_000.0 - x).abs() < 1e-12));
+        // Capacities hold.
+        let mut p = vec![7.000_9, 7.000_9];
+        to_watts(&mut p, &[7.000_9, 7.000_9], &LimitSet::none(2));
+        assert!(p.iter().all(|x| *x <= 7.000_9), "{p:?}");
     }
 
     #[test]

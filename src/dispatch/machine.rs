@@ -11,7 +11,7 @@ use crate::events::payload::{
 };
 use crate::events::{Event, Payload};
 use crate::model::{
-    Ack, AckStatus, Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, OrderId, Signal,
+    watts, Ack, AckStatus, Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, OrderCancel, OrderId, Signal,
     StrategyKind, Vehicle, VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
@@ -56,6 +56,7 @@ impl FallbackRequest {
         let caps: Vec<f64> = self.candidates.iter().map(|(_, c)| *c).collect();
         let scores: Vec<f64> = (0..n).map(|i| if r.skipped.contains(&i) { 0.0 } else { 1.0 }).collect();
         crate::allocation::repair::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
+        crate::allocation::repair::to_watts(&mut r.power_kw, &caps, &self.limits);
         r
     }
 }
@@ -88,13 +89,13 @@ pub(super) enum State {
 pub enum AckIgnored {
     /// No order in flight or recently settled has this id.
     #[error(
-        "field `order_id` names no order of this vehicle (`{0}`) still open: unknown, or its dispatch has settled"
+        "field `order_id` names no order this gateway sent (`{0}`), or one settled too long ago to remember; the ACK is ignored"
     )]
     UnknownOrder(String),
-    /// The order belongs to another vehicle (the answer says no more than for an unknown
-    /// order: a sender learns nothing about other vehicles).
+    /// The order belongs to another vehicle while its dispatch is open (the answer does not
+    /// say which vehicle: a sender learns nothing about other vehicles).
     #[error(
-        "field `order_id` names no order of this vehicle (`{order_id}`) still open: unknown, or its dispatch has settled"
+        "field `order_id` names an order of another vehicle (`{order_id}`): an ACK counts only on the ordered vehicle's own topic; ignored"
     )]
     WrongVehicle {
         /// The order.
@@ -103,16 +104,14 @@ pub enum AckIgnored {
         owner: VehicleId,
     },
     /// The order's deadline passed before the ACK arrived (its dispatch is still open).
-    #[error("order `{0}` was already settled: the ACK came after its deadline")]
+    #[error("order `{0}` was already settled: the ACK came after its deadline (the order was cancelled); ignored")]
     Late(String),
     /// The order's dispatch has settled: whether the order was this vehicle's is no longer
-    /// known, so the answer says no more than for an unknown order.
-    #[error(
-        "field `order_id` names no order of this vehicle (`{0}`) still open: unknown, or its dispatch has settled"
-    )]
+    /// known, so the answer is the same for any vehicle and any order number of it.
+    #[error("order `{0}` belongs to a dispatch that has already settled: the ACK came too late and is ignored")]
     Settled(String),
     /// The order was already answered.
-    #[error("order `{0}` was already answered")]
+    #[error("order `{0}` was already answered; this ACK is ignored")]
     AlreadyAnswered(String),
 }
 
@@ -421,24 +420,18 @@ impl Dispatch {
             signal_id: self.signal.id.clone(),
             kind: self.signal.kind,
             direction: self.signal.direction,
-            requested_kw: self.signal.power_kw,
-            allocated_kw: to_milliwatt(self.allocated_kw),
-            acknowledged_kw: to_milliwatt(self.acknowledged_kw),
-            shortfall_kw: (self.signal.power_kw - to_milliwatt(self.acknowledged_kw)).max(0.0),
+            requested_kw: watts(self.signal.power_kw),
+            allocated_kw: watts(self.allocated_kw),
+            acknowledged_kw: watts(self.acknowledged_kw),
+            shortfall_kw: watts((watts(self.signal.power_kw) - watts(self.acknowledged_kw)).max(0.0)),
             strategy: self.strategy,
             fallback: self.fallback,
             vehicles: self.counts,
             completed_at: now,
+            interrupted: self.interrupted.clone(),
         };
-        let event = self.event(
-            now,
-            "supervisor",
-            &DispatchCompleted {
-                outcome: outcome.clone(),
-                attempts: self.attempt,
-                interrupted: self.interrupted.clone(),
-            },
-        );
+        let event =
+            self.event(now, "supervisor", &DispatchCompleted { outcome: outcome.clone(), attempts: self.attempt });
         // An interrupted dispatch says nothing about the vehicles that had no time to answer.
         let answers = match self.interrupted {
             Some(_) => Vec::new(),
@@ -462,11 +455,4 @@ pub(super) fn cancel_events(now: Timestamp, actor: &str, region: &str, cancels: 
         events.push(Event::of(now, actor, &payload).correlation(&first.dispatch_id).region(Some(region)));
     }
     events
-}
-
-/// An outcome's sums to the milliwatt: what was delivered, not the float noise of adding
-/// up the orders (`20.000000000000004` delivered, so `3.55e-15` kW short; never `-0`). The
-/// shortfall is then exactly the request less the rounded delivery.
-fn to_milliwatt(kw: f64) -> f64 {
-    (kw * 1e6).round() / 1e6 + 0.0
 }

@@ -39,9 +39,12 @@ pub enum FleetChange {
 /// The site's flexibility now, published retained on `<p>/capacity`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Capacity {
-    /// Power the eligible fleet can deliver (discharge), kW, for a default-length signal.
+    /// Power the eligible fleet can deliver (discharge), kW, for a default-length signal
+    /// (to the watt on the wire).
+    #[serde(serialize_with = "crate::model::serialize_watts")]
     pub up_kw: f64,
     /// Power it can absorb (charge), kW.
+    #[serde(serialize_with = "crate::model::serialize_watts")]
     pub down_kw: f64,
     /// Vehicles plugged in and eligible in at least one direction.
     pub vehicles: usize,
@@ -273,6 +276,7 @@ impl Planner {
             leader_term: None,
             replaces: None,
             program: None,
+            unknown_fields: Vec::new(),
         };
         let mut cap = Capacity { up_kw: 0.0, down_kw: 0.0, vehicles: 0, at: now };
         let predicted = self.predicted(now);
@@ -374,7 +378,11 @@ impl Planner {
         let mut limits = LimitSet::new(&self.cfg.limits, signal.direction, &candidates);
         ledger.reduce(&mut limits, &self.fleet, signal.direction, signal.start, signal.end());
         let req = AllocationRequest { signal: &signal, now, target_kw, candidates: &candidates, limits: &limits };
-        let allocation = self.strategy.allocate(&req);
+        let mut allocation = self.strategy.allocate(&req);
+        // Orders are whole watts (the wire carries what the ledger commits).
+        allocation.power_kw.resize(candidates.len(), 0.0);
+        let caps: Vec<f64> = candidates.iter().map(|c| c.capacity_kw).collect();
+        crate::allocation::repair::to_watts(&mut allocation.power_kw, &caps, &limits);
 
         let mut events = vec![
             ev(Event::of(now, "dispatcher", &SignalReceived { signal: signal.clone() })),

@@ -220,7 +220,12 @@ fn acks_from_the_wrong_vehicle_unknown_late_or_repeated_are_ignored() {
     let wrong = book.on_ack(T0, &b.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap_err();
     assert!(matches!(wrong, AckIgnored::WrongVehicle { .. }));
     let unknown = Ack { order_id: "nope".into(), status: AckStatus::Accepted, reason: None };
-    assert!(matches!(book.on_ack(T0, &a.vehicle_id, &unknown), Err(AckIgnored::UnknownOrder(_))));
+    let unknown = book.on_ack(T0, &a.vehicle_id, &unknown).unwrap_err();
+    assert!(matches!(unknown, AckIgnored::UnknownOrder(_)));
+    // Each case says which it is, and never names the order's vehicle.
+    let (wrong_text, unknown_text) = (wrong.to_string(), unknown.to_string());
+    assert!(wrong_text.contains("another vehicle") && !wrong_text.contains(a.vehicle_id.as_str()), "{wrong_text}");
+    assert!(unknown_text.contains("no order") && unknown_text != wrong_text, "{unknown_text}");
     book.on_ack(T0, &a.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap();
     let again = book.on_ack(T0, &a.vehicle_id, &ack(a, AckStatus::Accepted)).unwrap_err();
     assert!(matches!(again, AckIgnored::AlreadyAnswered(_)));

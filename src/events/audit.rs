@@ -42,6 +42,14 @@ pub fn agree(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-3)
 }
 
+/// Whether a recorded power and today's agree: [`agree`], or, for a figure recorded before
+/// orders became whole watts (one off the watt grid), within `watts` watts: today's is the
+/// same allocation made whole watts ([`crate::allocation::repair::to_watts`]).
+pub fn agree_kw(recorded: f64, today: f64, watts: usize) -> bool {
+    let off_grid = ((recorded * 1_000.0).round() - recorded * 1_000.0).abs() > 1e-6;
+    agree(recorded, today) || (off_grid && (recorded - today).abs() <= watts as f64 * 0.001 + 1e-9)
+}
+
 /// A recorded decision that today's code does not reproduce.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
@@ -204,7 +212,7 @@ impl Auditor {
             Decoded::OrdersSent(o) => self.compare_orders(row.seq, corr.unwrap_or_default(), o),
             Decoded::FallbackApplied(f) if audit => self.rerun_fallback(row.seq, ts, corr.unwrap_or_default(), f),
             Decoded::DispatchCompleted(done) => {
-                if done.interrupted.is_none() {
+                if done.outcome.interrupted.is_none() {
                     if let (Some(p), Some(d)) =
                         (self.prediction.as_mut(), self.projection.state().in_flight.get(&done.outcome.dispatch_id))
                     {
@@ -217,7 +225,7 @@ impl Auditor {
                     }
                 }
                 // The tuner learns from dispatches that ran their course, as the gateway's.
-                let tuned = done.interrupted.is_none().then_some(()).and(self.tuner.as_mut());
+                let tuned = done.outcome.interrupted.is_none().then_some(()).and(self.tuner.as_mut());
                 if let Some(change) = tuned.and_then(|t| t.observe(&done.outcome)) {
                     self.tunings.push_back((row.seq, change));
                 }
@@ -319,7 +327,8 @@ impl Auditor {
         if recorded.strategy != today.strategy {
             diffs.push(format!("strategy {:?} -> {:?}", recorded.strategy, today.strategy));
         }
-        if !agree(recorded.allocated_kw, today.allocated_kw) {
+        let orders = expected.orders.as_ref().map_or(0, |o| o.orders.len());
+        if !agree_kw(recorded.allocated_kw, today.allocated_kw, orders) {
             diffs.push(format!("allocated {} kW -> {} kW", recorded.allocated_kw, today.allocated_kw));
         }
         if !agree(recorded.target_kw, today.target_kw) {
@@ -406,7 +415,7 @@ impl Auditor {
         let mut orders = Vec::new();
         for (id, remaining, power) in &recorded.candidates {
             let today = today_of.get(id).copied().unwrap_or(0.0);
-            if !agree(*power, today) {
+            if !agree_kw(*power, today, 1) {
                 diffs.push(format!("{id}: {power} kW -> {today} kW (of {remaining} free)"));
             }
             if today >= MIN_ORDER_KW {
@@ -471,7 +480,7 @@ fn differ(recorded: &[(VehicleId, f64)], today: &[(VehicleId, f64)]) -> Option<S
         .into_iter()
         .filter_map(|v| {
             let (r, t) = (was.get(v).copied().unwrap_or(0.0), now.get(v).copied().unwrap_or(0.0));
-            (!agree(r, t)).then(|| format!("{v} {r} kW -> {t} kW"))
+            (!agree_kw(r, t, 1)).then(|| format!("{v} {r} kW -> {t} kW"))
         })
         .collect();
     if diffs.is_empty() {

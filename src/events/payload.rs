@@ -296,11 +296,8 @@ pub struct DispatchCompleted {
     /// The outcome.
     #[serde(flatten)]
     pub outcome: DispatchOutcome,
-    /// Attempts made.
+    /// Attempts made. (Why it ended early, if it did, is the outcome's `interrupted`.)
     pub attempts: u32,
-    /// Why it ended early (replaced, gateway shutdown), if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interrupted: Option<String>,
 }
 payload!(DispatchCompleted, DispatchCompleted, 1);
 
@@ -340,8 +337,9 @@ impl From<CompletedFields> for DispatchCompleted {
             fallback: f.fallback,
             vehicles: f.vehicles,
             completed_at: f.completed_at,
+            interrupted: f.interrupted,
         };
-        Self { outcome, attempts: f.attempts, interrupted: f.interrupted }
+        Self { outcome, attempts: f.attempts }
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::allocation::Weights;
 use crate::model::{
-    Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, Signal, SignalType, StrategyKind, Vehicle,
+    watts, Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, Signal, SignalType, StrategyKind, Vehicle,
     VehicleCounts, VehicleId,
 };
 use crate::time::Timestamp;
@@ -241,14 +241,15 @@ impl ProjectedState {
             signal_id: d.signal_id.clone(),
             kind: signal.kind,
             direction: signal.direction,
-            requested_kw: signal.power_kw,
-            allocated_kw,
-            acknowledged_kw,
-            shortfall_kw: (signal.power_kw - acknowledged_kw).max(0.0),
+            requested_kw: watts(signal.power_kw),
+            allocated_kw: watts(allocated_kw),
+            acknowledged_kw: watts(acknowledged_kw),
+            shortfall_kw: watts((watts(signal.power_kw) - watts(acknowledged_kw)).max(0.0)),
             strategy: d.strategy.unwrap_or(configured.0),
             fallback: configured.1,
             vehicles: counts,
             completed_at: now,
+            interrupted: Some("the gateway stopped before it settled".to_owned()),
         })
     }
 
@@ -479,7 +480,7 @@ impl DispatchProjection {
             }
             Decoded::DispatchCompleted(done) => {
                 if let Some(d) = s.in_flight.remove(corr) {
-                    if done.interrupted.is_none() {
+                    if done.outcome.interrupted.is_none() {
                         for o in d.orders.into_values() {
                             s.answers.push_back((o.vehicle_id, ts, o.answer == OrderAnswer::Accepted));
                         }

@@ -217,6 +217,7 @@ mod tests {
             fallback: FallbackKind::Balanced,
             vehicles: VehicleCounts { accepted, rejected, timed_out },
             completed_at: Timestamp::from_millis(0),
+            interrupted: None,
         }
     }
 

@@ -338,6 +338,10 @@ pub struct Signal {
     /// For `dr`: the demand-response program whose accepted bids this activates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub program: Option<String>,
+    /// Fields of the message that the contract does not know (ignored, but recorded in
+    /// `SignalReceived` so that a typo such as `duraton_s` is visible in the log).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown_fields: Vec<String>,
 }
 
 impl Signal {
@@ -355,6 +359,7 @@ impl Signal {
             leader_term: None,
             replaces: None,
             program: None,
+            unknown_fields: Vec::new(),
         }
     }
 
@@ -504,7 +509,9 @@ pub struct Order {
     pub vehicle_id: VehicleId,
     /// Charge or discharge.
     pub direction: OrderDirection,
-    /// Power to add in that direction, kW, > 0.
+    /// Power to add in that direction, kW, > 0. On the wire to the watt
+    /// ([`serialize_watts`]); the ledger keeps it exact.
+    #[serde(serialize_with = "serialize_watts")]
     pub power_kw: f64,
     /// When to start.
     pub start: Timestamp,
@@ -683,6 +690,20 @@ pub struct DispatchOutcome {
     pub vehicles: VehicleCounts,
     /// When it settled.
     pub completed_at: crate::time::Timestamp,
+    /// Why it ended early (replaced, gateway shutdown, interrupted by a stop), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
+}
+
+/// `kw` to the watt, and never a negative zero: how power figures go on the wire (an order
+/// of `31.700000000000003` kW is `31.7`).
+pub fn watts(kw: f64) -> f64 {
+    (kw * 1_000.0).round() / 1_000.0 + 0.0
+}
+
+/// Serializes a kW figure to the watt ([`watts`]).
+pub fn serialize_watts<S: serde::Serializer>(kw: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(watts(*kw))
 }
 
 #[cfg(test)]

@@ -24,6 +24,35 @@ impl Obj {
         self.0.get(f).filter(|v| !v.is_null())
     }
 
+    /// The names of fields not in `known`, in the object's order: at most
+    /// [`MAX_UNKNOWN_FIELDS`], each cut to [`MAX_UNKNOWN_NAME`] bytes (on a character
+    /// boundary), so that a message of a thousand made-up keys costs the log little.
+    pub(super) fn unknown(&self, known: &[&str]) -> Vec<String> {
+        self.0
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .take(MAX_UNKNOWN_FIELDS)
+            .map(|k| {
+                let mut end = k.len().min(MAX_UNKNOWN_NAME);
+                while !k.is_char_boundary(end) {
+                    end -= 1;
+                }
+                k[..end].to_owned()
+            })
+            .collect()
+    }
+
+    /// Field `f` when it can name the message in an answer: a string of 1 to
+    /// [`MAX_ID_LEN`] bytes without control characters.
+    pub(super) fn reference(&self, f: &'static str) -> Option<String> {
+        match self.get(f) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_ID_LEN && !s.chars().any(char::is_control) => {
+                Some(s.clone())
+            }
+            _ => None,
+        }
+    }
+
     /// A string of at most `max` bytes.
     pub(super) fn opt_str_max(&self, f: &'static str, max: usize) -> Result<Option<&str>, InputError> {
         match self.get(f) {

@@ -55,6 +55,13 @@ pub const MAX_SIGNAL_KW: f64 = 1_000_000.0;
 /// so one message with a term near `u64::MAX` would otherwise lock out every later leader.
 pub const MAX_LEADER_TERM: u64 = (1 << 53) - 1;
 
+/// Unknown fields of a signal listed in its `SignalReceived`, at most (the rest are
+/// ignored unlisted).
+pub const MAX_UNKNOWN_FIELDS: usize = 16;
+
+/// Longest unknown field name listed, bytes (a longer one is cut).
+pub const MAX_UNKNOWN_NAME: usize = 64;
+
 /// Largest energy price a vehicle may state, per kWh.
 pub const MAX_PRICE_PER_KWH: f64 = 1_000_000.0;
 
@@ -113,6 +120,9 @@ pub struct Rejection {
     pub topic: Option<InboundTopic>,
     /// Why.
     pub error: InputError,
+    /// The message's `id`, `order_id` or `request_id` (by topic), where it could be read:
+    /// the Error's `ref`.
+    pub reference: Option<String>,
 }
 
 impl Rejection {
@@ -131,6 +141,9 @@ pub struct ErrorReport {
     pub error: String,
     /// When it was received.
     pub received_at: Timestamp,
+    /// The refused message's `id`, `order_id` or `request_id`, where it could be read.
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// The event recording a rejected inbound message: `kind` is `SignalRejected` or
@@ -184,20 +197,29 @@ impl Rejection {
 pub fn decode(topics: &Topics, topic: &str, payload: &[u8], now: Timestamp) -> Option<Result<Inbound, Rejection>> {
     let kind = match topics.classify(topic)? {
         Ok(kind) => kind,
-        Err(error) => return Some(Err(Rejection { topic: None, error })),
+        Err(error) => return Some(Err(Rejection { topic: None, error, reference: None })),
     };
-    let result = match &kind {
-        InboundTopic::VehicleState(id) if payload.is_empty() => Ok(Inbound::VehicleState(id.clone(), None)),
-        _ => object(payload).and_then(|obj| match &kind {
-            InboundTopic::Signals => decode_signal(&obj, now).map(Inbound::Signal),
-            InboundTopic::VehicleState(id) => {
-                decode_vehicle(id.clone(), &obj).map(|v| Inbound::VehicleState(id.clone(), Some(Box::new(v))))
-            }
-            InboundTopic::VehicleAck(id) => decode_ack(&obj).map(|a| Inbound::Ack(id.clone(), a)),
-            InboundTopic::Bids => decode_bid(&obj, now).map(Inbound::Bid),
-        }),
+    if let InboundTopic::VehicleState(id) = &kind {
+        if payload.is_empty() {
+            return Some(Ok(Inbound::VehicleState(id.clone(), None)));
+        }
+    }
+    let obj = match object(payload) {
+        Ok(obj) => obj,
+        Err(error) => return Some(Err(Rejection { topic: Some(kind), error, reference: None })),
     };
-    Some(result.map_err(|error| Rejection { topic: Some(kind), error }))
+    let decoded = match &kind {
+        InboundTopic::Signals => decode_signal(&obj, now).map(Inbound::Signal),
+        InboundTopic::VehicleState(id) => {
+            decode_vehicle(id.clone(), &obj).map(|v| Inbound::VehicleState(id.clone(), Some(Box::new(v))))
+        }
+        InboundTopic::VehicleAck(id) => decode_ack(&obj).map(|a| Inbound::Ack(id.clone(), a)),
+        InboundTopic::Bids => decode_bid(&obj, now).map(Inbound::Bid),
+    };
+    Some(decoded.map_err(|error| {
+        let reference = kind.reference_field().and_then(|f| obj.reference(f));
+        Rejection { topic: Some(kind), error, reference }
+    }))
 }
 
 #[cfg(test)]
@@ -243,6 +265,48 @@ mod tests {
         assert_eq!(sig.duration_s, 300);
         assert_eq!(sig.start.to_string(), "2026-11-23T10:00:00Z");
         assert_eq!(sig.region.as_deref(), Some("north"));
+        assert_eq!(sig.unknown_fields, ["extra"]);
+    }
+
+    #[test]
+    fn unknown_signal_fields_are_listed_bounded_and_a_typo_does_not_pass_unseen() {
+        let Inbound::Signal(sig) =
+            dec("signals", r#"{"id":"s","type":"afrr","direction":"up","power_kw":1,"duraton_s":60}"#).unwrap()
+        else {
+            panic!("a signal")
+        };
+        assert_eq!((sig.duration_s, sig.unknown_fields), (900, vec!["duraton_s".to_owned()]));
+        let many: Vec<String> = (0..100).map(|i| format!(r#""{}{i}":1"#, "é".repeat(40))).collect();
+        let payload = format!(r#"{{"id":"s","type":"afrr","direction":"up","power_kw":1,{}}}"#, many.join(","));
+        let Inbound::Signal(sig) = dec("signals", &payload).unwrap() else { panic!("a signal") };
+        assert_eq!(sig.unknown_fields.len(), MAX_UNKNOWN_FIELDS);
+        assert!(sig.unknown_fields.iter().all(|f| f.len() <= MAX_UNKNOWN_NAME && f.starts_with('é')));
+        let Inbound::Signal(known) =
+            dec("signals", r#"{"id":"s","type":"afrr","direction":"up","power_kw":1,"mode":"setpoint"}"#).unwrap()
+        else {
+            panic!("a signal")
+        };
+        assert!(known.unknown_fields.is_empty());
+    }
+
+    #[test]
+    fn a_signal_id_with_a_hash_and_an_unsupported_mode_are_refused_by_name() {
+        assert!(err("signals", r#"{"id":"s#1","type":"fcr","direction":"up","power_kw":1}"#).contains("field `id`"));
+        let droop = err("signals", r#"{"id":"s","type":"fcr","mode":"droop","power_kw":1,"direction":"up"}"#);
+        assert!(droop.contains("field `mode`") && droop.contains("droop"), "{droop}");
+    }
+
+    #[test]
+    fn a_rejection_names_the_message_where_its_id_could_be_read() {
+        let reference = |topic: &str, payload: &str| dec(topic, payload).unwrap_err().reference;
+        assert_eq!(reference("signals", r#"{"id":"s9","type":"afrr","power_kw":-1}"#).as_deref(), Some("s9"));
+        assert_eq!(reference("vehicles/v1/ack", r#"{"order_id":"o1","status":"maybe"}"#).as_deref(), Some("o1"));
+        assert_eq!(reference("bids", r#"{"request_id":"r1"}"#).as_deref(), Some("r1"));
+        assert_eq!(reference("signals", r#"{"id":7,"type":"afrr"}"#), None);
+        assert_eq!(reference("signals", "not json"), None);
+        assert_eq!(reference("vehicles/v1/state", r#"{"soc":2}"#), None);
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        assert_eq!(reference("signals", &format!(r#"{{"id":"{long}"}}"#)), None);
     }
 
     #[test]

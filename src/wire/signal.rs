@@ -5,8 +5,37 @@ use super::*;
 use crate::model::{Direction, Signal, SignalType};
 use serde_json::Value;
 
+/// The fields of a Signal the contract names.
+const FIELDS: [&str; 11] = [
+    "id",
+    "type",
+    "direction",
+    "power_kw",
+    "start",
+    "duration_s",
+    "region",
+    "leader_term",
+    "replaces",
+    "program",
+    "mode",
+];
+
 pub(super) fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputError> {
     let id = o.id("id")?;
+    if id.contains('#') {
+        // `<signal id>#<n>` names the setpoints of an FCR droop commitment.
+        return Err(invalid("id", "must not contain `#` (it is kept for the setpoints of a signal, `<id>#<n>`)"));
+    }
+    match o.opt_str("mode")? {
+        None | Some("setpoint") => {}
+        Some(other) => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(invalid(
+                "mode",
+                format!("`{shown}` is not supported by this gateway (only `setpoint`; FCR droop from measured frequency is planned)"),
+            ));
+        }
+    }
     let kind = match o.get("type") {
         None => return Err(InputError::Missing("type")),
         Some(Value::String(s)) => SignalType::parse(s),
@@ -49,5 +78,18 @@ pub(super) fn decode_signal(o: &Obj, now: Timestamp) -> Result<Signal, InputErro
         return Err(invalid("replaces", "names the signal itself; it must name an earlier signal"));
     }
     let program = o.opt_id("program")?;
-    Ok(Signal { id, kind, direction, power_kw, start, duration_s, region, leader_term, replaces, program })
+    let unknown_fields = o.unknown(&FIELDS);
+    Ok(Signal {
+        id,
+        kind,
+        direction,
+        power_kw,
+        start,
+        duration_s,
+        region,
+        leader_term,
+        replaces,
+        program,
+        unknown_fields,
+    })
 }

@@ -21,6 +21,19 @@ pub enum InboundTopic {
     Bids,
 }
 
+impl InboundTopic {
+    /// The field that names a message of this topic in an Error's `ref`: a signal's `id`,
+    /// an ACK's `order_id`, a bid's `request_id` (a vehicle state has none).
+    pub fn reference_field(&self) -> Option<&'static str> {
+        match self {
+            InboundTopic::Signals => Some("id"),
+            InboundTopic::VehicleAck(_) => Some("order_id"),
+            InboundTopic::Bids => Some("request_id"),
+            InboundTopic::VehicleState(_) => None,
+        }
+    }
+}
+
 impl Topics {
     /// The layout under `prefix` (no trailing slash).
     pub fn new(prefix: impl Into<String>) -> Self {

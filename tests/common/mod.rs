@@ -44,7 +44,8 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
-                 max_inflight_messages 0\nmax_queued_messages 100000\nlog_dest none\n"
+                 max_inflight_messages 0\nmax_queued_messages 100000\nlog_dest stderr\n\
+                 log_type error\nlog_type warning\nlog_type notice\n"
             ),
         )
         .expect("write mosquitto.conf");
@@ -54,15 +55,25 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("broker log");
         let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&self.conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
         wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.conf.with_file_name("mosquitto.log")
+    }
+
+    /// What the broker logged so far (connections and disconnections: notices and up).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Kills the broker (as a crash would).
