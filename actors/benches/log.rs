@@ -104,10 +104,12 @@ fn bare_insert(path: &Path, steps: &[Vec<Event>]) -> Result<f64> {
 fn through_store(path: &Path, steps: Vec<Vec<Event>>) -> Result<f64> {
     let conn = store::open_writer(path, true)?;
     let (store, join) = StoreHandle::start(conn)?;
+    // The store never blocks a producer: a full queue is waited for asynchronously.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let start = Instant::now();
     let mut last = None;
     for step in steps {
-        last = Some(store.append(step));
+        last = Some(rt.block_on(store.append(step)));
     }
     if let Some(rx) = last {
         rx.blocking_recv().context("the store answered")?.map_err(anyhow::Error::msg)?;
@@ -237,12 +239,13 @@ fn main() -> Result<()> {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let (mut waits, mut failed) = (Vec::new(), 0usize);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             let last = Timestamp::from_millis(4_102_444_800_000); // 2100: after every row
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let probe = LogRecovered { error: "bench".into(), failed_since: last, signals_refused: 0 };
                 let e = Event::of(last, "gateway", &probe);
                 let t = Instant::now();
-                match writer.append(vec![e]).blocking_recv() {
+                match rt.block_on(writer.append(vec![e])).blocking_recv() {
                     Ok(Ok(_)) => waits.push(t.elapsed().as_secs_f64() * 1e3),
                     _ => failed += 1,
                 }

@@ -43,16 +43,31 @@ pub enum ControllerError {
 /// The rumqttc options for `cfg`: TCP_NODELAY, a request channel and inflight window
 /// sized for a whole dispatch, a persistent session and a last will (FACTS.md).
 pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, ControllerError> {
+    let mut opts = connection_options(cfg, &cfg.mqtt.client_id)?;
+    // This connection only subscribes: its requests are a SUBSCRIBE and a DISCONNECT.
+    opts.set_request_channel_capacity(16).set_last_will(LastWill::new(
+        topics.status(),
+        r#"{"state":"offline"}"#,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    Ok(opts)
+}
+
+/// The MQTT options of the outbound connection (`<client_id>-out`: everything the gateway
+/// publishes; no subscriptions, no last will).
+pub fn outbound_options(cfg: &Config) -> Result<MqttOptions, ControllerError> {
+    connection_options(cfg, &format!("{}-out", cfg.mqtt.client_id))
+}
+
+fn connection_options(cfg: &Config, client_id: &str) -> Result<MqttOptions, ControllerError> {
     let m = &cfg.mqtt;
-    let mut opts = MqttOptions::new(&m.client_id, &m.host, m.port);
+    let mut opts = MqttOptions::new(client_id, &m.host, m.port);
     opts.set_keep_alive(Duration::from_secs(m.keep_alive_s))
         .set_clean_session(false)
         .set_inflight(m.inflight)
-        .set_request_channel_capacity(usize::from(m.inflight) * 2)
-        .set_max_packet_size(crate::publish::MAX_PACKET_BYTES, crate::publish::MAX_PACKET_BYTES)
-        .set_last_will(LastWill::new(topics.status(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
+        .set_max_packet_size(crate::publish::MAX_PACKET_BYTES, crate::publish::MAX_PACKET_BYTES);
     if let Some(user) = &m.username {
-        // No password file: a user name alone (the CONNECT's password flag stays unset).
         let password = match &m.password_file {
             Some(file) => crate::environment::password(Path::new(file))?,
             None => String::new(),
@@ -62,8 +77,6 @@ pub fn mqtt_options(cfg: &Config, topics: &Topics) -> Result<MqttOptions, Contro
     Ok(opts)
 }
 
-/// The gateway's state as the log at `cfg.store.path` leaves it (rows it cannot read are
-/// skipped).
 fn read_state(cfg: &Config) -> Result<ProjectedState, StoreError> {
     Ok(store::project(Path::new(&cfg.store.path), None, false)?.into_state())
 }
@@ -104,7 +117,8 @@ pub struct Controller {
     publisher: Publisher,
     store: StoreHandle,
     store_thread: Option<std::thread::JoinHandle<()>>,
-    bridge_arbiter: Arbiter,
+    /// The inbound connection's thread and the outbound one's.
+    arbiters: [Arbiter; 2],
 }
 
 impl Controller {
@@ -119,13 +133,15 @@ impl Controller {
         let (store, store_thread) = StoreHandle::start(conn)?;
 
         let topics = Arc::new(Topics::new(cfg.mqtt.prefix.clone()));
-        let (client, eventloop) = AsyncClient::new(mqtt_options(cfg, &topics)?, usize::from(cfg.mqtt.inflight) * 2);
-        let mut eventloop = eventloop;
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg, &topics)?, 16);
         let mut net = eventloop.network_options();
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(5);
-        eventloop.set_network_options(net);
-        let publisher = Publisher::new(client, topics.clone());
+        eventloop.set_network_options(net.clone());
+        let reconnect_max = Duration::from_secs(cfg.mqtt.reconnect_max_s);
+        let publish_arbiter = Arbiter::new();
+        let publisher =
+            Publisher::connect(outbound_options(cfg)?, net, topics.clone(), reconnect_max, &publish_arbiter.handle());
 
         let first = std::cell::Cell::new(Some(recovery));
         let engine_cfg = cfg.clone();
@@ -156,12 +172,19 @@ impl Controller {
             region: cfg.site.clone(),
             intake,
         };
+        publisher.on_link(dispatcher.clone().recipient());
         let bridge_arbiter = Arbiter::new();
-        let reconnect_max = Duration::from_secs(cfg.mqtt.reconnect_max_s);
         let bridge = MqttBridge::start_in_arbiter(&bridge_arbiter.handle(), move |_| {
-            MqttBridge::new(eventloop, routes, topics, reconnect_max)
+            MqttBridge::new(client, eventloop, routes, topics, reconnect_max)
         });
-        Ok(Controller { dispatcher, bridge, publisher, store, store_thread: Some(store_thread), bridge_arbiter })
+        Ok(Controller {
+            dispatcher,
+            bridge,
+            publisher,
+            store,
+            store_thread: Some(store_thread),
+            arbiters: [bridge_arbiter, publish_arbiter],
+        })
     }
 
     /// The dispatcher, for tests and the demo.
@@ -176,8 +199,11 @@ impl Controller {
             self.dispatcher.send(Shutdown).await.map_err(|_| ControllerError::NotAnswering("the dispatcher"))?;
         tracing::info!(settled, "in-flight dispatches settled");
         self.publisher.status(false);
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.publisher.flush()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.bridge.send(Disconnect)).await;
+        // The outbound connection first, once the broker has acknowledged everything it
+        // published (`offline` included); then the inbound one, whose DISCONNECT keeps the
+        // broker from publishing its last will (a second `offline`).
+        self.publisher.disconnect(crate::publish::DISCONNECT_WAIT).await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.bridge.send(Disconnect)).await;
         // The bridge stops once the broker has closed the connection after our DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             while self.bridge.connected() {
@@ -185,7 +211,9 @@ impl Controller {
             }
         })
         .await;
-        self.bridge_arbiter.stop();
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
         let _ = self.store.checkpoint().await;
         drop(self.store);
         if let Some(join) = self.store_thread.take() {

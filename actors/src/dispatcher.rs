@@ -27,8 +27,8 @@ use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, V
 use gridweaver_core::time::Timestamp;
 
 use crate::guard::guarded;
-use crate::publish::{now, reject, Publisher, Refusal};
-use crate::store::{Appended, StoreHandle};
+use crate::publish::{now, reject, Link, Publisher, Refusal, Side};
+use crate::store::{Appended, Durable, StoreHandle};
 
 /// How often the retained `<p>/capacity` is refreshed when it changed, at most.
 const CAPACITY_EVERY: Duration = Duration::from_millis(250);
@@ -64,10 +64,14 @@ pub struct DispatcherActor {
     unpublished: VecDeque<Unpublished>,
     /// The [`Pump`] running while `unpublished` is not empty.
     pump: Option<SpawnHandle>,
+    /// What the store's queue had no room for yet, in order: handed over as room appears,
+    /// the mailbox paused meanwhile (asynchronously: the thread is never blocked), so that
+    /// the back-pressure reaches the bridge's bounded inbox.
+    outbox: VecDeque<ToStore>,
     /// The live tail's pipeline.
     tail: UnifiedPipeline<String>,
-    /// Connected to the broker (the bridge said so).
-    online: bool,
+    /// Whether the inbound and the outbound connection are up (as they said).
+    links: (bool, bool),
     /// Since when the broker connection is lost (the bridge said so): ACK deadlines wait,
     /// and every attempt waiting gets its whole window again when the link is back.
     link_lost: Option<Timestamp>,
@@ -108,12 +112,17 @@ struct StoreOutage {
     probe: SpawnHandle,
 }
 
-/// The store's answer to an append.
-type Durable = tokio::sync::oneshot::Receiver<Result<Appended, String>>;
+/// What waits to be handed to the store, in the order it was decided: a step (published
+/// once durable) or rows that gate nothing.
+enum ToStore {
+    Step(Vec<Event>, Unpublished),
+    Record(Vec<Event>),
+}
 
 /// A step whose events are with the store: what it publishes once they are durable.
 struct Unpublished {
-    durable: Durable,
+    /// The store's answer (`None` while the step waits in the outbox).
+    durable: Option<Durable>,
     cancels: Vec<OrderCancel>,
     orders: Vec<Order>,
     outcomes: Vec<DispatchOutcome>,
@@ -211,8 +220,9 @@ impl DispatcherActor {
             ack_record: None,
             unpublished: VecDeque::new(),
             pump: None,
+            outbox: VecDeque::new(),
             tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
-            online: false,
+            links: (false, false),
             link_lost: None,
             stopping: false,
             warmup: Some(Warmup {
@@ -255,7 +265,7 @@ impl DispatcherActor {
             let gone = lost.len();
             if gone > 0 {
                 tracing::info!(gone, "vehicles with power committed sent no state after the restart (they left while the gateway was down): recorded lost, their commitments released");
-                self.store.record(lost);
+                self.record(lost, ctx);
             }
             self.capacity_dirty = true;
             self.publish_capacity();
@@ -334,7 +344,7 @@ impl DispatcherActor {
     ) -> bool {
         let mut published = false;
         while let Some(head) = self.unpublished.front_mut() {
-            let Some(result) = take(&mut head.durable) else { break };
+            let Some(result) = head.durable.as_mut().and_then(&mut take) else { break };
             if let Some(step) = self.unpublished.pop_front() {
                 self.publish_step(step, result, ctx);
                 published = true;
@@ -359,9 +369,14 @@ impl DispatcherActor {
         self.publisher.tail(rows);
     }
 
+    /// Both connections to the broker are up.
+    fn online(&self) -> bool {
+        self.links.0 && self.links.1
+    }
+
     /// Publishes `status` with the pipeline's counters (while online and not stopping).
     fn publish_status(&self) {
-        if self.online && !self.stopping {
+        if self.online() && !self.stopping {
             let (events, store) = (self.tail.counters(), self.store.counters());
             self.publisher.status_with(&serde_json::json!({ "events": events, "store": store }));
         }
@@ -398,12 +413,58 @@ impl DispatcherActor {
         let (queued, rows) = (std::time::Instant::now(), events.len());
         // The dispatches this step is about: if it cannot be recorded, they are closed.
         let touched: BTreeSet<String> = events.iter().filter_map(|e| e.correlation_id.clone()).collect();
-        let durable = self.store.append(events);
-        self.unpublished.push_back(Unpublished { durable, cancels, orders, outcomes, touched, rows, queued });
-        if self.pump.is_none() {
-            self.pump = Some(ctx.spawn(Pump));
-        }
+        let step = Unpublished { durable: None, cancels, orders, outcomes, touched, rows, queued };
+        self.send_to_store(ToStore::Step(events, step), ctx);
         self.arm_timer(ctx);
+    }
+
+    /// Hands `item` to the store after everything before it; what the store's queue has no
+    /// room for waits in the outbox.
+    fn send_to_store(&mut self, item: ToStore, ctx: &mut Context<Self>) {
+        self.outbox.push_back(item);
+        self.hand_over(ctx);
+    }
+
+    /// Hands the outbox to the store, in order, while its queue has room. What is left waits
+    /// for room with the mailbox paused: no message is taken meanwhile (the bridge's inbox,
+    /// bounded, takes the back-pressure), and no thread blocks.
+    fn hand_over(&mut self, ctx: &mut Context<Self>) {
+        while let Some(item) = self.outbox.pop_front() {
+            let left = match item {
+                ToStore::Step(events, mut step) => match self.store.try_append(events) {
+                    Ok(durable) => {
+                        step.durable = Some(durable);
+                        self.unpublished.push_back(step);
+                        if self.pump.is_none() {
+                            self.pump = Some(ctx.spawn(Pump));
+                        }
+                        None
+                    }
+                    Err(events) => Some(ToStore::Step(events, step)),
+                },
+                ToStore::Record(events) => self.store.try_record(events).err().map(ToStore::Record),
+            };
+            if let Some(item) = left {
+                let n = match &item {
+                    ToStore::Step(events, _) | ToStore::Record(events) => events.len(),
+                };
+                self.outbox.push_front(item);
+                tracing::debug!(
+                    waiting = self.outbox.len(),
+                    "the event log's queue is full: the dispatcher waits for room"
+                );
+                let room = self.store.room(n, 0).into_actor(self).map(|_, act, ctx| act.hand_over(ctx));
+                ctx.wait(room);
+                return;
+            }
+        }
+    }
+
+    /// Records `events` (rows that gate nothing) after everything decided before them.
+    fn record(&mut self, events: Vec<Event>, ctx: &mut Context<Self>) {
+        if !events.is_empty() {
+            self.send_to_store(ToStore::Record(events), ctx);
+        }
     }
 
     /// The second half of [`DispatcherActor::carry_out`], once the store has answered.
@@ -462,7 +523,7 @@ impl DispatcherActor {
                 // Its orders never went out: nothing to withdraw on the wire. The events are
                 // kept for the log, which takes them once it works again.
                 step.cancels.clear();
-                self.store.record(step.events);
+                self.record(step.events, ctx);
             }
         }
     }
@@ -473,7 +534,9 @@ impl DispatcherActor {
         let recovered =
             LogRecovered { error: outage.error.clone(), failed_since: outage.since, signals_refused: outage.refused };
         let event = Event::of(now(), "dispatcher", &recovered).region(Some(&self.region()));
-        let probe = self.store.append(vec![event]).into_actor(self).map(|res, act, ctx| {
+        // A full queue is no outage: the next probe tries again.
+        let Ok(durable) = self.store.try_append(vec![event]) else { return };
+        let probe = durable.into_actor(self).map(|res, act, ctx| {
             if matches!(res, Ok(Ok(_))) {
                 act.store_recovered(ctx);
             }
@@ -536,13 +599,14 @@ impl DispatcherActor {
             received_at: msg.at,
             reference: Some(&msg.ack.order_id),
             correlation: ignored.dispatch(),
+            reason: ignored.code().to_owned(),
         };
         reject(&self.store, &self.publisher, &self.region(), refusal);
     }
 
     /// Refuses `signal`, received at `at`, for `why`: answered on `errors`, recorded as
     /// `SignalRejected` with the signal as the gateway read it.
-    fn refuse_signal(&self, signal: &Signal, at: Timestamp, why: &str) {
+    fn refuse_signal(&self, signal: &Signal, at: Timestamp, why: &str, reason: &str) {
         let topic = self.publisher.topics().signals();
         let raw = serde_json::to_vec(signal).unwrap_or_default();
         tracing::info!(%topic, reason = %why, "signal refused");
@@ -555,6 +619,7 @@ impl DispatcherActor {
             received_at: at,
             reference: Some(&signal.id),
             correlation: None,
+            reason: reason.to_owned(),
         };
         reject(&self.store, &self.publisher, &self.region(), refusal);
     }
@@ -604,6 +669,7 @@ impl Supervised for DispatcherActor {
         self.ack_record = None;
         self.pump = None;
         self.unpublished.clear();
+        self.outbox.clear();
         self.capacity_dirty = true;
         if let Some(r) = &self.resync {
             let _ = r.try_send(Resync);
@@ -665,7 +731,7 @@ impl Handler<SignalIn> for DispatcherActor {
                     "signal `{}` was not dispatched: the gateway is starting and still learning its fleet ({WARMUP_HELD} signals already wait); send it again",
                     msg.signal.id
                 );
-                self.refuse_signal(&msg.signal, msg.at, &why);
+                self.refuse_signal(&msg.signal, msg.at, &why, "starting");
             }
             return;
         }
@@ -676,7 +742,7 @@ impl Handler<SignalIn> for DispatcherActor {
                 "signal `{}` was not dispatched: it waited {waited} ms for the planner (at most {SIGNAL_WAIT_MAX_MS} ms): the gateway is behind; send it again later",
                 msg.signal.id
             );
-            return self.refuse_signal(&msg.signal, msg.at, &why);
+            return self.refuse_signal(&msg.signal, msg.at, &why, "waited");
         }
         self.signal_in(msg, ctx);
     }
@@ -716,7 +782,7 @@ impl DispatcherActor {
                 "signal `{}` was not dispatched: the gateway is behind publishing ({queued} messages waiting for the broker); send it again later",
                 msg.signal.id
             );
-            self.refuse_signal(&msg.signal, msg.at, &why);
+            self.refuse_signal(&msg.signal, msg.at, &why, "publisher_busy");
             return;
         }
         if let Some(backlog) = self.store.behind() {
@@ -728,7 +794,7 @@ impl DispatcherActor {
                 backlog.events,
                 backlog.bytes / 1024
             );
-            self.refuse_signal(&msg.signal, msg.at, &why);
+            self.refuse_signal(&msg.signal, msg.at, &why, "log_behind");
             return;
         }
         let started = std::time::Instant::now();
@@ -741,7 +807,7 @@ impl DispatcherActor {
         tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
             Ok(step) => self.carry_out(step, ctx),
-            Err(refused) => self.refuse_signal(&signal, msg.at, &refused.to_string()),
+            Err(refused) => self.refuse_signal(&signal, msg.at, &refused.to_string(), refused.code()),
         }
     }
 }
@@ -805,40 +871,33 @@ impl DispatcherActor {
             return;
         };
         if let Some(e) = event {
-            self.store.record(vec![e]);
+            self.record(vec![e], ctx);
         }
         self.capacity_dirty = true;
     }
 }
 
-/// The broker connection is lost: ACK deadlines wait until it is back.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Disconnected;
-
-impl Handler<Disconnected> for DispatcherActor {
+/// One of the two broker connections went down or came back ([`Link`]). While either is
+/// down no order reaches a vehicle or no answer comes back: ACK deadlines wait, and when both
+/// are back every attempt that waited gets its whole window again and the retained capacity
+/// is published again (a restarted broker may have lost it).
+impl Handler<Link> for DispatcherActor {
     type Result = ();
 
-    fn handle(&mut self, _: Disconnected, ctx: &mut Context<Self>) {
-        self.online = false;
-        self.link_lost.get_or_insert_with(now);
-        self.arm_timer(ctx);
-    }
-}
-
-/// The broker connection came back: ACK windows that waited meanwhile start again, and the
-/// retained capacity is republished.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Reconnected;
-
-impl Handler<Reconnected> for DispatcherActor {
-    type Result = ();
-
-    fn handle(&mut self, _: Reconnected, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Link, ctx: &mut Context<Self>) {
         self.service(ctx);
-        // The bridge has published `online`; the counters follow at the next interval.
-        self.online = true;
+        match msg.side {
+            Side::Inbound => self.links.0 = msg.up,
+            Side::Outbound => self.links.1 = msg.up,
+        }
+        if !msg.up {
+            self.link_lost.get_or_insert_with(now);
+            self.arm_timer(ctx);
+            return;
+        }
+        if !self.online() {
+            return;
+        }
         if let Some(lost_at) = self.link_lost.take() {
             // The orders queued meanwhile reach the broker now, and answers sent meanwhile
             // were lost with it: the time without a broker does not count against a vehicle.
@@ -880,7 +939,7 @@ impl Handler<Shutdown> for DispatcherActor {
         // Signals held back at start-up are answered, not dropped.
         for msg in self.warmup.take().map(|w| w.held).unwrap_or_default() {
             let why = format!("signal `{}` was not dispatched: the gateway stopped while starting", msg.signal.id);
-            self.refuse_signal(&msg.signal, msg.at, &why);
+            self.refuse_signal(&msg.signal, msg.at, &why, "stopped");
         }
         self.stopping = true;
         let engine = &mut self.engine;

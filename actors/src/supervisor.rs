@@ -92,6 +92,7 @@ impl Handler<VehicleStateIn> for Supervisor {
                     received_at: msg.at,
                     reference: None,
                     correlation: None,
+                    reason: "fleet_full".into(),
                 };
                 reject(&self.store, &self.publisher, &self.region, refusal);
             }

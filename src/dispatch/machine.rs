@@ -116,6 +116,17 @@ pub enum AckIgnored {
 }
 
 impl AckIgnored {
+    /// A short code for the reason (what a flood's refusals are grouped by in the log).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AckIgnored::UnknownOrder(_) => "ack_unknown_order",
+            AckIgnored::WrongVehicle { .. } => "ack_other_vehicle",
+            AckIgnored::Late(_) => "ack_late",
+            AckIgnored::Settled(_) => "ack_settled",
+            AckIgnored::AlreadyAnswered(_) => "ack_answered",
+        }
+    }
+
     /// The dispatch the ignored ACK is about, when it is one the gateway knows (the order
     /// is late, answered twice, or of a dispatch that has settled): its `InputRejected` is
     /// correlated with that dispatch in the log, so the dispatch's rows show it with the

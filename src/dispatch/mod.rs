@@ -198,6 +198,22 @@ pub enum SignalRefused {
     UnknownReplacement(String),
 }
 
+impl SignalRefused {
+    /// A short code for the reason (what a flood's refusals are grouped by in the log).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SignalRefused::Duplicate(_) => "duplicate",
+            SignalRefused::OtherRegion { .. } => "other_region",
+            SignalRefused::StaleTerm { .. } => "stale_term",
+            SignalRefused::WindowOver { .. } => "window_over",
+            SignalRefused::TooFarAhead { .. } => "too_far_ahead",
+            SignalRefused::TooLong { .. } => "too_long",
+            SignalRefused::Busy(_) => "busy",
+            SignalRefused::UnknownReplacement(_) => "unknown_replacement",
+        }
+    }
+}
+
 /// The dispatch core: the one owner of the fleet view, the dispatches in flight and the
 /// commitment ledger. Every input (a signal, a vehicle state, an ACK, a deadline, a
 /// fallback's answer, shutdown) goes through it, so that what is committed is always what

@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod payload;
 pub mod pipeline;
 pub mod projection;
+pub mod refusals;
 
 pub use payload::{decode, Decoded, Payload, PayloadError};
 pub use projection::{DispatchProjection, ProjectedState, ProjectionError};

@@ -87,10 +87,37 @@ pub struct Rejected {
     /// A signal (`SignalRejected`) or other input (`InputRejected`).
     #[serde(skip)]
     pub signal: bool,
+    /// Why, as a short code that refusals of the same reason share (`invalid:power_kw`,
+    /// `duplicate`, `planner_behind`, ...). Absent in version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How many messages this row refuses: more than one when refusals of one reason came
+    /// within a second of the last row of that reason (a flood); `topic`, `error`, `bytes`
+    /// and `message` are then the first's. 1 in version 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u64,
+    /// The refused messages' ids (`id`, `order_id`, `request_id`) where they could be read,
+    /// the first [`crate::events::refusals::MAX_REFS`] of a batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refs: Vec<String>,
+    /// A batch: when its first and last message arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_at: Option<Timestamp>,
+    /// A batch: when its last message arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<Timestamp>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 impl Payload for Rejected {
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     fn kind(&self) -> EventKind {
         if self.signal {
             EventKind::SignalRejected

@@ -442,7 +442,7 @@ impl DispatchProjection {
                 }
                 s.last_signal = Some(e.signal);
             }
-            Decoded::Rejected(_) => s.rejected += 1,
+            Decoded::Rejected(r) => s.rejected += r.count,
             Decoded::PlanCreated(p) => s.planned(ts, p.dispatch_id, p.signal_id, p.strategy),
             Decoded::OrdersSent(mut sent) => {
                 for (vehicle, _) in &mut sent.orders {

@@ -96,6 +96,23 @@ pub enum InputError {
     UnknownTopic,
 }
 
+impl InputError {
+    /// A short code for the reason, the same for every message refused the same way
+    /// (`invalid:power_kw`, `missing:id`, `not_json`, ...): what a flood's refusals are
+    /// grouped by.
+    pub fn code(&self) -> String {
+        match self {
+            InputError::TooLarge(_) => "too_large".into(),
+            InputError::NotJson(_) => "not_json".into(),
+            InputError::NotObject => "not_object".into(),
+            InputError::Missing(field) => format!("missing:{field}"),
+            InputError::Invalid { field, .. } => format!("invalid:{field}"),
+            InputError::BadVehicleId(_) => "bad_vehicle_id".into(),
+            InputError::UnknownTopic => "unknown_topic".into(),
+        }
+    }
+}
+
 pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> InputError {
     InputError::Invalid { field, problem: problem.into() }
 }
@@ -158,19 +175,29 @@ pub fn rejection_event(
     error: &str,
     payload: &[u8],
 ) -> Event {
+    Event::of(now, actor, &rejected(kind, topic, error, payload)).region(Some(region))
+}
+
+/// The payload of [`rejection_event`]: the message as JSON when it parses and is small,
+/// else an excerpt as a string.
+pub fn rejected(kind: EventKind, topic: &str, error: &str, payload: &[u8]) -> crate::events::payload::Rejected {
     const KEEP: usize = 4096;
     let message = match serde_json::from_slice::<Value>(payload) {
         Ok(v) if payload.len() <= KEEP => v,
         _ => Value::String(String::from_utf8_lossy(&payload[..payload.len().min(KEEP / 4)]).into_owned()),
     };
-    let rejected = crate::events::payload::Rejected {
+    crate::events::payload::Rejected {
         topic: topic.to_owned(),
         error: error.to_owned(),
         bytes: payload.len(),
         message,
         signal: kind == EventKind::SignalRejected,
-    };
-    Event::of(now, actor, &rejected).region(Some(region))
+        reason: None,
+        count: 1,
+        refs: Vec::new(),
+        first_at: None,
+        last_at: None,
+    }
 }
 
 impl Rejection {

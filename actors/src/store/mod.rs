@@ -21,6 +21,7 @@ use std::thread;
 use gridweaver_core::events::payload::{decode_str, LogCompacted};
 use gridweaver_core::events::pipeline::{Envelope, PipelineCounters, UnifiedPipeline};
 use gridweaver_core::events::projection::{self, SentHeader};
+use gridweaver_core::events::refusals::{RefusalBook, Refused};
 use gridweaver_core::events::{Decoded, DispatchProjection, Event, EventKind, EventStore, ProjectedState, StoredEvent};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -165,6 +166,9 @@ pub struct Appended {
 
 type Reply = oneshot::Sender<Result<Appended, String>>;
 
+/// The store's answer to an append, once its events are durable (or why they are not).
+pub type Durable = oneshot::Receiver<Result<Appended, String>>;
+
 /// Takes the durable rows of [`StoreHandle::record`]ed events (an append's caller gets
 /// its own back).
 pub type TailSink = Box<dyn Fn(Appended) + Send + Sync>;
@@ -199,16 +203,58 @@ struct Queue {
     producers_gone: bool,
     /// The writer thread has ended (or panicked): nothing is taken any more.
     writer_gone: bool,
+    /// Refusals, batched by reason under a flood (the writer writes the batches when due).
+    refusals: RefusalBook,
+}
+
+impl Queue {
+    /// Whether `events` of `bytes` fit now (a step alone larger than the byte bound goes in
+    /// when nothing else waits).
+    fn room_for(&self, events: usize, bytes: usize) -> bool {
+        self.pipeline.room() >= events && (self.bytes == 0 || self.bytes + bytes <= QUEUE_BYTES)
+    }
+
+    fn push(&mut self, events: Vec<Event>, bytes: usize, reply: Option<Reply>) {
+        let at = crate::publish::now();
+        let n = events.len();
+        for e in events {
+            // Room for all of them was checked; without ids or seqs nothing is a duplicate.
+            if let Err(full) = self.pipeline.submit(at, Envelope::of(e, None)) {
+                tracing::error!(capacity = full.capacity, "the store's queue refused an event it had room for");
+            }
+        }
+        self.bytes += bytes;
+        self.pending.push_back(Pending::Append { events: n, bytes, reply });
+    }
+
+    /// Queues the refusal batches due at `now` (all of them when `all`) while there is room.
+    fn queue_due_refusals(&mut self, now: Timestamp, all: bool) {
+        if self.refusals.next_due().is_none_or(|due| due > now && !all) || !self.room_for(1, 0) {
+            return;
+        }
+        for event in self.refusals.due(now, all) {
+            let bytes = event.payload.len();
+            self.push(vec![event], bytes, None);
+        }
+    }
+}
+
+/// Why the store did not take an append.
+enum Refusal {
+    /// The queue is full now: the events back, to offer again once there is room.
+    Full(Vec<Event>),
+    /// It never will (too large, or the writer has stopped).
+    Never(String, Option<Reply>),
 }
 
 struct Journal {
     queue: Mutex<Queue>,
     /// Where the rows of appends nobody waits for go once durable (the live tail).
     tail: std::sync::OnceLock<TailSink>,
-    /// The writer waits on it for work.
+    /// The writer waits on it for work (or for the next batch of refusals to be due).
     work: Condvar,
-    /// Producers wait on it for room.
-    room: Condvar,
+    /// Producers that found the queue full wait on it, asynchronously, for room.
+    room: tokio::sync::Notify,
 }
 
 impl Journal {
@@ -216,35 +262,43 @@ impl Journal {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues one request; waits while the queue is full (back-pressure onto the caller).
-    fn enqueue(&self, events: Vec<Event>, reply: Option<Reply>) -> Result<(), (String, Option<Reply>)> {
+    /// Queues one request if the queue has room for it; never waits. `Err` gives the
+    /// events back when it is full, or says why it can never take them.
+    fn try_enqueue(&self, events: Vec<Event>, reply: Option<Reply>) -> Result<(), Refusal> {
         if events.len() > QUEUE_EVENTS {
             let why =
                 format!("a step of {} events is more than the store takes at once ({QUEUE_EVENTS})", events.len());
-            return Err((why, reply));
+            return Err(Refusal::Never(why, reply));
         }
         let bytes: usize = events.iter().map(|e| e.payload.len()).sum();
         let mut q = self.lock();
-        while !q.writer_gone && (q.pipeline.room() < events.len() || (q.bytes > 0 && q.bytes + bytes > QUEUE_BYTES)) {
-            q = self.room.wait(q).unwrap_or_else(PoisonError::into_inner);
-        }
         if q.writer_gone {
-            return Err(("the store thread has stopped".into(), reply));
+            return Err(Refusal::Never("the store thread has stopped".into(), reply));
         }
-        let at = crate::publish::now();
-        let n = events.len();
-        for e in events {
-            // Room for all of them was checked above; without ids or seqs nothing is a
-            // duplicate.
-            if let Err(full) = q.pipeline.submit(at, Envelope::of(e, None)) {
-                tracing::error!(capacity = full.capacity, "the store's queue refused an event it had room for");
-            }
+        if !q.room_for(events.len(), bytes) {
+            return Err(Refusal::Full(events));
         }
-        q.bytes += bytes;
-        q.pending.push_back(Pending::Append { events: n, bytes, reply });
+        q.push(events, bytes, reply);
         drop(q);
         self.work.notify_one();
         Ok(())
+    }
+
+    /// Takes a refusal: its row is queued now, or it joins its reason's batch, which the
+    /// writer writes when due. Never waits, never loses a refusal.
+    fn refuse(&self, refused: Refused) {
+        let mut q = self.lock();
+        if q.writer_gone {
+            return;
+        }
+        let room = q.room_for(1, refused.rejected.bytes.min(16 * 1024));
+        if let Some(event) = q.refusals.refuse(crate::publish::now(), refused, room) {
+            let bytes = event.payload.len();
+            q.push(vec![event], bytes, None);
+        }
+        drop(q);
+        // Also when batched: the writer's wait may now end sooner.
+        self.work.notify_one();
     }
 
     fn flush(&self, reply: oneshot::Sender<()>, checkpoint: bool) {
@@ -262,8 +316,25 @@ impl Journal {
     /// least one request); `None` once every handle is gone and nothing waits.
     fn next_batch(&self) -> Option<Vec<Request>> {
         let mut q = self.lock();
-        while q.pending.is_empty() && !q.producers_gone {
-            q = self.work.wait(q).unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = crate::publish::now();
+            let all = q.producers_gone;
+            q.queue_due_refusals(now, all);
+            if !q.pending.is_empty() || q.producers_gone {
+                break;
+            }
+            q = match q.refusals.next_due() {
+                // This is the writer's own thread: it waits here, never an actor.
+                Some(due) => {
+                    let wait =
+                        std::time::Duration::from_millis(u64::try_from(due.as_millis() - now.as_millis()).unwrap_or(0));
+                    self.work
+                        .wait_timeout(q, wait.max(std::time::Duration::from_millis(1)))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self.work.wait(q).unwrap_or_else(PoisonError::into_inner),
+            };
         }
         if q.pending.is_empty() {
             return None;
@@ -290,7 +361,7 @@ impl Journal {
             });
         }
         drop(q);
-        self.room.notify_all();
+        self.room.notify_waiters();
         Some(batch)
     }
 }
@@ -324,7 +395,7 @@ impl Drop for WriterGone {
             }
         }
         drop(q);
-        self.0.room.notify_all();
+        self.0.room.notify_waiters();
     }
 }
 
@@ -370,9 +441,10 @@ impl StoreHandle {
                 bytes: 0,
                 producers_gone: false,
                 writer_gone: false,
+                refusals: RefusalBook::default(),
             }),
             work: Condvar::new(),
-            room: Condvar::new(),
+            room: tokio::sync::Notify::new(),
             tail: std::sync::OnceLock::new(),
         });
         let gone = WriterGone(journal.clone());
@@ -387,26 +459,91 @@ impl StoreHandle {
         &self.producers.0
     }
 
-    /// Queues `events`; the answer comes once they are durable. Waits only while the
-    /// queue is full (back-pressure; [`StoreHandle::behind`] lets a caller refuse new
-    /// work before that).
-    pub fn append(&self, events: Vec<Event>) -> oneshot::Receiver<Result<Appended, String>> {
+    /// Queues `events` if the queue has room for them now; the answer comes once they are
+    /// durable. Never waits: `Err` gives the events back when the queue is full (offer them
+    /// again after [`StoreHandle::room`]); [`StoreHandle::behind`] lets a caller refuse new
+    /// work before that.
+    pub fn try_append(&self, events: Vec<Event>) -> Result<Durable, Vec<Event>> {
         let (reply, rx) = oneshot::channel();
-        if let Err((why, Some(reply))) = self.journal().enqueue(events, Some(reply)) {
-            let _ = reply.send(Err(why));
+        match self.journal().try_enqueue(events, Some(reply)) {
+            Ok(()) => Ok(rx),
+            Err(Refusal::Full(events)) => Err(events),
+            Err(Refusal::Never(why, reply)) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(why));
+                }
+                Ok(rx)
+            }
         }
-        rx
     }
 
-    /// Queues `events` without waiting for them (observations that gate nothing).
-    pub fn record(&self, events: Vec<Event>) {
+    /// Queues `events` without an answer (observations that gate nothing) if the queue has
+    /// room for them now; never waits. `Err` gives them back when it is full.
+    pub fn try_record(&self, events: Vec<Event>) -> Result<(), Vec<Event>> {
         if events.is_empty() {
-            return;
+            return Ok(());
         }
         let n = events.len();
-        if let Err((why, _)) = self.journal().enqueue(events, None) {
-            tracing::error!(events = n, error = %why, "events not recorded");
+        match self.journal().try_enqueue(events, None) {
+            Ok(()) => Ok(()),
+            Err(Refusal::Full(events)) => Err(events),
+            Err(Refusal::Never(why, _)) => {
+                tracing::error!(events = n, error = %why, "events not recorded");
+                Ok(())
+            }
         }
+    }
+
+    /// [`StoreHandle::try_append`], waiting (asynchronously) for room first.
+    pub async fn append(&self, mut events: Vec<Event>) -> Durable {
+        loop {
+            let room = self.room(events.len(), 0);
+            match self.try_append(events) {
+                Ok(durable) => return durable,
+                Err(back) => events = back,
+            }
+            room.await;
+        }
+    }
+
+    /// [`StoreHandle::try_record`], waiting (asynchronously) for room first.
+    pub async fn record(&self, mut events: Vec<Event>) {
+        loop {
+            let room = self.room(events.len(), 0);
+            match self.try_record(events) {
+                Ok(()) => return,
+                Err(back) => events = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Resolves once the queue has room for `events` events (of `bytes`), or the writer has
+    /// stopped. Owns what it needs: an actor can wait on it without borrowing the handle.
+    pub fn room(&self, events: usize, bytes: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let producers = self.producers.clone();
+        async move {
+            let journal = &producers.0;
+            loop {
+                let notified = journal.room.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so that a drain in between is not missed.
+                notified.as_mut().enable();
+                {
+                    let q = journal.lock();
+                    if q.writer_gone || q.room_for(events, bytes) {
+                        return;
+                    }
+                }
+                notified.await;
+            }
+        }
+    }
+
+    /// Records a refused inbound message: its row is queued at once, or, under a flood, it
+    /// joins its reason's batch ([`RefusalBook`]). Never waits.
+    pub fn refuse(&self, refused: Refused) {
+        self.journal().refuse(refused);
     }
 
     /// Resolves once everything queued before it is durable.
@@ -1110,18 +1247,20 @@ mod tests {
         let (store, join) = StoreHandle::start(open_writer(&path, true).unwrap()).unwrap();
         let signal = serde_json::json!({"v": 1, "id": "s1", "type": "afrr", "direction": "up", "power_kw": 5.0,
             "start": "2026-12-01T00:00:00Z", "duration_s": 60});
-        let a = store.append(vec![ev(EventKind::SignalReceived, "d1", signal)]);
-        store.record(vec![ev(EventKind::AckReceived, "d1", serde_json::json!({}))]);
-        let b = store.append(vec![
-            ev(
-                EventKind::DispatchPlanCreated,
-                "d1",
-                serde_json::json!({"v": 2, "dispatch_id": "d1", "signal_id": "s1",
+        let a = store.append(vec![ev(EventKind::SignalReceived, "d1", signal)]).await;
+        store.record(vec![ev(EventKind::AckReceived, "d1", serde_json::json!({}))]).await;
+        let b = store
+            .append(vec![
+                ev(
+                    EventKind::DispatchPlanCreated,
+                    "d1",
+                    serde_json::json!({"v": 2, "dispatch_id": "d1", "signal_id": "s1",
                 "strategy": "equal", "note": null, "solver": null, "weights": null, "predicted_availability": [],
                 "fallback": "noop", "target_kw": 5.0, "allocated_kw": 3.5, "rounds": 1, "limit_loads": []}),
-            ),
-            ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 3.5})),
-        ]);
+                ),
+                ev(EventKind::OrderSent, "d1", serde_json::json!({"power_kw": 3.5})),
+            ])
+            .await;
         let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
         assert_eq!((a.first_seq, b.first_seq), (1, 3));
         let row: serde_json::Value = serde_json::from_str(&tail_json(b.first_seq + 1, &b.events[1])).unwrap();
@@ -1165,10 +1304,10 @@ mod tests {
             };
             Event::of(Timestamp::from_millis(ms), "gateway", &p)
         };
-        store.append(vec![recovered(1_000), recovered(2_000)]).await.unwrap().unwrap();
+        store.append(vec![recovered(1_000), recovered(2_000)]).await.await.unwrap().unwrap();
         let c = compact(&path, Timestamp::from_millis(1_500), Timestamp::from_millis(3_000)).unwrap().unwrap();
         assert_eq!((c.removed, c.snapshot_seq), (1, 3));
-        let next = store.append(vec![recovered(4_000)]).await.unwrap().unwrap();
+        let next = store.append(vec![recovered(4_000)]).await.await.unwrap().unwrap();
         assert_eq!(next.first_seq, 4);
         drop(store);
         join.join().unwrap();
@@ -1176,11 +1315,13 @@ mod tests {
         assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(3));
     }
 
-    /// A writer that cannot keep up (another connection holds the write lock): the queue
-    /// says it is behind once half full, a producer past its bound waits instead of the
-    /// queue growing, and once the writer goes on every row is there, in order.
+    /// A writer that cannot write (another connection holds the write lock): the queue
+    /// says it is behind once half full; past its bound an append is refused at once (the
+    /// events come back, nothing waits), and one that waits for room asynchronously goes in
+    /// once the writer goes on; then every row is there, in order. Refusals meanwhile are
+    /// counted in a batch, never lost, and never wait either.
     #[test]
-    fn a_writer_that_falls_behind_holds_producers_back_and_drops_nothing() {
+    fn a_writer_that_falls_behind_refuses_appends_past_its_bound_without_blocking_and_drops_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
         let (store, join) = StoreHandle::start(open_writer(&path, false).unwrap()).unwrap();
@@ -1188,48 +1329,76 @@ mod tests {
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let row = |i: usize| ev(EventKind::LogRecovered, "probe", serde_json::json!({ "i": i }));
         // The first step is taken by the writer, which then waits for the lock.
-        store.record(vec![row(0)]);
+        store.try_record(vec![row(0)]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let mut sent = 1;
         while store.behind().is_none() {
-            store.record((sent..sent + 64).map(row).collect());
+            store.try_record((sent..sent + 64).map(row).collect()).unwrap();
             sent += 64;
         }
         let backlog = store.behind().unwrap();
         assert!(backlog.events >= QUEUE_EVENTS / 2 && backlog.events <= sent, "{backlog:?}");
-        // Fill it to its bound: the next step waits for room.
+        // Fill it to its bound: the next step is refused at once and given back whole.
         while store.backlog().events + 64 <= QUEUE_EVENTS {
-            store.record((sent..sent + 64).map(row).collect());
+            store.try_record((sent..sent + 64).map(row).collect()).unwrap();
             sent += 64;
         }
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let producer = store.clone();
-        let waiting = std::thread::spawn(move || {
-            producer.record((sent..sent + 64).map(row).collect());
-            done_tx.send(()).unwrap();
-        });
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        assert!(done_rx.try_recv().is_err(), "a producer past the bound waits");
+        let started = std::time::Instant::now();
+        let back = store.try_append((sent..sent + 64).map(row).collect()).unwrap_err();
+        assert_eq!(back.len(), 64);
+        assert!(started.elapsed() < std::time::Duration::from_millis(50), "a full queue answers at once");
+        for i in 0..1_000 {
+            let rejected = gridweaver_core::wire::rejected(EventKind::SignalRejected, "p/signals", "busy", b"{}");
+            store.refuse(Refused {
+                kind: EventKind::SignalRejected,
+                actor: "dispatcher".into(),
+                region: None,
+                correlation: None,
+                reason: "log_behind".into(),
+                reference: Some(format!("s{i}")),
+                rejected,
+                at: crate::publish::now(),
+            });
+        }
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "refusals never wait");
         assert!(store.backlog().events <= QUEUE_EVENTS);
-        blocker.execute_batch("ROLLBACK").unwrap();
-        done_rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        // A producer that waits for room (asynchronously) goes in once the writer goes on.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let waiting = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            blocker.execute_batch("ROLLBACK").unwrap();
+        });
+        let durable = rt.block_on(store.append(back));
+        rt.block_on(durable).unwrap().unwrap();
         waiting.join().unwrap();
         sent += 64;
         let flushed = store.flush();
         flushed.blocking_recv().unwrap();
-        let c = store.counters();
-        assert_eq!((c.submitted, c.refused, c.delivered, c.waiting), (sent as u64, 0, sent as u64, 0));
         drop(store);
         join.join().unwrap();
         let conn = Connection::open(&path).unwrap();
         let (rows, last): (i64, String) = conn
-            .query_row("SELECT COUNT(*), (SELECT payload FROM events ORDER BY seq DESC LIMIT 1) FROM events", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT COUNT(*), (SELECT payload FROM events WHERE kind = 'LogRecovered' ORDER BY seq DESC LIMIT 1)
+                 FROM events WHERE kind = 'LogRecovered'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
         assert_eq!(rows as usize, sent);
         assert_eq!(last, format!("{{\"i\":{}}}", sent - 1));
-        assert_eq!(schema::verify_chain(&conn).unwrap(), Ok(sent as u64));
+        let refused: i64 = conn
+            .query_row(
+                "SELECT SUM(COALESCE(json_extract(payload, '$.count'), 1)) FROM events WHERE kind = 'SignalRejected'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(refused, 1_000, "every refusal is counted");
+        let refusal_rows: i64 =
+            conn.query_row("SELECT COUNT(*) FROM events WHERE kind = 'SignalRejected'", [], |r| r.get(0)).unwrap();
+        assert!(refusal_rows <= 2, "{refusal_rows} rows for 1,000 refusals of one reason");
+        assert!(schema::verify_chain(&conn).unwrap().is_ok());
     }
 
     #[test]
