@@ -26,13 +26,14 @@ use std::collections::BTreeMap;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use gridweaver_core::allocation::filter::SimpleVehicleFilter;
 use gridweaver_core::allocation::limits::LimitSet;
+use gridweaver_core::allocation::limits::Limits;
 use gridweaver_core::allocation::lp::{Formulation, LpDispatcher, LpSettings};
 use gridweaver_core::allocation::policy::Strategies;
 use gridweaver_core::allocation::segments::SegmentedSmartDispatcher;
 use gridweaver_core::allocation::{
     objective, AllocationRequest, Candidate, Dispatcher, EqualDispatcher, SmartDispatcher, Weights,
 };
-use gridweaver_core::config::{Limits, Segment};
+use gridweaver_core::config::Segment;
 use gridweaver_core::dispatch::{Engine, EngineConfig, Planner};
 use gridweaver_core::model::{Ack, AckStatus, Direction, Phase, Signal, SignalType, StrategyKind, Vehicle, Wiring};
 use gridweaver_core::time::Timestamp;

@@ -26,5 +26,6 @@ pub mod dispatch;
 pub mod events;
 pub mod learning;
 pub mod model;
+pub mod replay;
 pub mod time;
 pub mod wire;

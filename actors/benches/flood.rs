@@ -33,6 +33,22 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Bytes the process has caused to be written to storage (`/proc/<pid>/io` `write_bytes`).
+fn write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("write_bytes:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|b| b.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The log's size as SQLite counts it (pages in use, the WAL's committed pages included).
+fn log_bytes(g: &Gateway) -> u64 {
+    let pages = g.query("PRAGMA page_count")[0]["page_count"].as_u64().unwrap_or(0);
+    let size = g.query("PRAGMA page_size")[0]["page_size"].as_u64().unwrap_or(0);
+    pages * size
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -81,6 +97,7 @@ fn main() {
     // Ten times what it dispatched one at a time, and at least the 4,000/s of the flood that
     // once took the gateway to 8 GiB.
     let per_s = ((rate * factor as f64).ceil() as u64).max(arg("--min-rate", 4_000));
+    let (written_before, log_before) = (write_bytes(pid), log_bytes(&g));
     let flood_start = Instant::now();
     let (mut sent, mut peak_kb, mut next_sample) = (0u64, 0u64, Instant::now());
     while flood_start.elapsed() < Duration::from_secs(seconds) {
@@ -105,18 +122,29 @@ fn main() {
     // 3. A fresh signal after the flood, sent again (same id) while the gateway answers it is
     //    busy, as an operator would; timed from its first publish. A new client, so that the
     //    flood's answers queued for the first one are not in the way.
-    let subs = ["dispatches/+", "errors"].map(|t| format!("{}/{t}", g.prefix));
+    let subs = ["dispatches/+", "errors", "vehicles/+/order"].map(|t| format!("{}/{t}", g.prefix));
     let mut watch = Operator::connect(&broker, "flood-watch", &subs);
     std::thread::sleep(Duration::from_millis(200));
     let fresh = Instant::now();
     watch.publish(&topic, signal("fresh", kw));
     let mut after_kb = peak_kb;
     let (mut retries, mut last_try) = (0, Instant::now());
+    // When each dispatch's first order reached this client (the fresh one's is found by the
+    // dispatch id its outcome names).
+    let mut first_order: std::collections::BTreeMap<String, Duration> = std::collections::BTreeMap::new();
+    let mut fresh_dispatch = String::new();
     let fresh_latency = loop {
         after_kb = after_kb.max(rss_kb(pid));
         let answer = watch.wait_for(Duration::from_millis(100), |t, p| {
             let v: Value = serde_json::from_slice(p).ok()?;
+            if t.ends_with("/order") {
+                if let Some(d) = v["dispatch_id"].as_str() {
+                    first_order.entry(d.to_owned()).or_insert_with(|| fresh.elapsed());
+                }
+                return None;
+            }
             if t.contains("/dispatches/") && v["signal_id"] == "fresh" {
+                fresh_dispatch = v["dispatch_id"].as_str().unwrap_or_default().to_owned();
                 return Some(true);
             }
             (t.ends_with("/errors") && v["error"].as_str()?.contains("signal `fresh` was not dispatched"))
@@ -138,12 +166,31 @@ fn main() {
         }
     };
     peak_kb = peak_kb.max(after_kb);
+    let orders_after = first_order.get(&fresh_dispatch).copied();
+    // Drained: the log has not grown for 1.5 s (refusals batched per second are written by then).
+    let (mut rows_seen, mut stable_since) = (u64::MAX, Instant::now());
+    while stable_since.elapsed() < Duration::from_millis(1_500) {
+        let rows = g.query("SELECT max(seq) AS n FROM events")[0]["n"].as_u64().unwrap_or(0);
+        if rows != rows_seen {
+            (rows_seen, stable_since) = (rows, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let drained_after = flood_start.elapsed();
+    let (written, grown) = (write_bytes(pid) - written_before, log_bytes(&g).saturating_sub(log_before));
     let final_kb = rss_kb(pid);
     let dispatched = g.events(Some("DispatchPlanCreated")).len();
     let refusals = g.events(Some("SignalRejected"));
+    // A row may count many refusals of one reason (under a flood, one row a second).
+    let count = |e: &Value| e["payload"]["count"].as_u64().unwrap_or(1) as usize;
     let refused = |why: &str| {
-        refusals.iter().filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains(why)).count()
+        refusals
+            .iter()
+            .filter(|e| e["payload"]["error"].as_str().unwrap_or_default().contains(why))
+            .map(count)
+            .sum::<usize>()
     };
+    let state_rows = g.events(Some("VehicleStateChanged")).len();
     let (busy, late, behind) = (refused("max_in_flight"), refused("for the planner"), refused("is behind"));
     assert!(g.terminate().success(), "the gateway did not stop cleanly:\n{}", g.log());
     sim.stop();
@@ -169,7 +216,25 @@ fn main() {
     println!("| refused as busy (dispatch.max_in_flight), recorded | {busy} |");
     println!("| refused as late (waited over 1 s for the planner), recorded | {late} |");
     println!("| refused as behind (log or publishing), recorded, besides the late | {} |", behind - late);
-    println!("| SignalRejected rows, all reasons | {} |", refusals.len());
+    println!(
+        "| SignalRejected rows, all reasons (refusals they count) | {} ({}) |",
+        refusals.len(),
+        refusals.iter().map(count).sum::<usize>()
+    );
+    println!("| VehicleStateChanged rows, the whole run | {state_rows} |");
+    println!(
+        "| written to storage from the flood's start until drained ({:.1} s), /proc io write_bytes | {:.1} MB (target <= 64 MB) |",
+        drained_after.as_secs_f64(),
+        written as f64 / 1e6
+    );
+    println!("| the log's growth over the same time (SQLite pages) | {:.1} MB (target <= 16 MB) |", grown as f64 / 1e6);
+    match orders_after {
+        Some(t) => println!(
+            "| fresh signal after the flood -> its first order at a vehicle | {:.0} ms (target: within 1 s) |",
+            t.as_secs_f64() * 1000.0
+        ),
+        None => println!("| fresh signal after the flood -> its first order | none seen (nothing ordered?) |"),
+    }
     println!(
         "| VmRSS idle / peak / after | {:.1} / {:.1} / {:.1} MB (target: peak < 64 MB) |",
         idle_kb as f64 / 1024.0,

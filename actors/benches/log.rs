@@ -18,11 +18,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use gridweaver_actors::store::{self, Query, Reader, StoreHandle};
 use gridweaver_core::config::Config;
-use gridweaver_core::dispatch::build;
-use gridweaver_core::events::audit::Auditor;
 use gridweaver_core::events::payload::{ConfigRecorded, LogRecovered};
 use gridweaver_core::events::{Event, ProjectedState};
 use gridweaver_core::model::{Ack, AckStatus, Direction, Signal, SignalType, Vehicle};
+use gridweaver_core::replay::audit::Auditor;
+use gridweaver_core::replay::build;
 use gridweaver_core::time::Timestamp;
 use rusqlite::params;
 

@@ -32,8 +32,9 @@ use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{decode, Inbound, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
 
+use crate::clock::now;
 use crate::dispatcher::{AckIn, DispatcherActor, Intake, SignalIn, Subscribed, SIGNALS_WAITING_MAX};
-use crate::publish::{now, Link, Publisher, Refusal, Side, DISCONNECT_WAIT};
+use crate::publish::{Link, Publisher, Refusal, Side, DISCONNECT_WAIT};
 use crate::store::StoreHandle;
 use crate::supervisor::{Supervisor, VehicleStateIn};
 

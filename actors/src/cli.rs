@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gridweaver_core::config::Config;
-use gridweaver_core::events::audit::Auditor;
 use gridweaver_core::events::{decode, Decoded, EventKind, StoredEvent};
+use gridweaver_core::replay::audit::Auditor;
 use gridweaver_core::time::Timestamp;
 
 use crate::store::{LogLock, Query, Reader};
@@ -330,7 +330,7 @@ fn audit(db: &Path, from: Option<Timestamp>, to: Option<Timestamp>, json: bool) 
 
 /// `gridweaver compact`.
 fn compact(db: &Path, before: Timestamp, vacuum: bool) -> anyhow::Result<()> {
-    match crate::store::compact(db, before, crate::publish::now())? {
+    match crate::store::compact(db, before, crate::clock::now())? {
         None => println!("{}: no event before {before}; nothing removed", db.display()),
         Some(c) => println!(
             "{}: removed {} events (through seq {}); their state is event {} ({} bytes)",
@@ -351,13 +351,13 @@ fn compact(db: &Path, before: Timestamp, vacuum: bool) -> anyhow::Result<()> {
 
 /// `gridweaver migrate`.
 fn migrate(snapshot: &Path, db: &Path) -> Result<(), Failure> {
-    use gridweaver_core::events::migrate::{events, Snapshot};
+    use gridweaver_core::replay::migrate::{events, Snapshot};
     let text = std::fs::read_to_string(snapshot)
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", snapshot.display())))?;
     let parsed: Snapshot =
         serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("{}: snapshot: {e}", snapshot.display())))?;
     let rows =
-        events(&parsed, crate::publish::now()).map_err(|e| Failure::Usage(format!("{}: {e}", snapshot.display())))?;
+        events(&parsed, crate::clock::now()).map_err(|e| Failure::Usage(format!("{}: {e}", snapshot.display())))?;
     // Not beside a gateway (or another migrate) writing the same log.
     let _lock = LogLock::acquire(db).map_err(|e| Failure::Runtime(e.into()))?;
     let mut conn = crate::store::open_writer(db, true).map_err(|e| Failure::Runtime(e.into()))?;

@@ -9,17 +9,19 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use gridweaver_core::config::Config;
-use gridweaver_core::dispatch::{build, Engine, Step};
+use gridweaver_core::dispatch::{Engine, Step};
 use gridweaver_core::events::payload::ConfigRecorded;
 use gridweaver_core::events::{Event, ProjectedState};
+use gridweaver_core::replay::build;
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::Topics;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 
 use crate::bridge::{Disconnect, MqttBridge, Routes};
+use crate::clock::now;
 use crate::dispatcher::{Connect, DispatcherActor, EngineFactory, Intake, Shutdown};
 use crate::environment::EnvironmentError;
-use crate::publish::{now, Publisher};
+use crate::publish::Publisher;
 use crate::store::{self, StoreError, StoreHandle};
 use crate::supervisor::Supervisor;
 

@@ -26,8 +26,9 @@ use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
 use gridweaver_core::time::Timestamp;
 
+use crate::clock::now;
 use crate::guard::guarded;
-use crate::publish::{now, reject, Link, Publisher, Refusal, Side};
+use crate::publish::{reject, Link, Publisher, Refusal, Side};
 use crate::store::{Appended, Durable, StoreHandle};
 
 /// How often the retained `<p>/capacity` is refreshed when it changed, at most.

@@ -12,7 +12,8 @@
 //! - [`vehicle`]: `VehicleActor`, one per vehicle: its latest state, forwarded on change.
 //! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers;
 //!   `LogLock`, the lock that keeps one gateway per log.
-//! - [`publish`]: the outbound MQTT handle and the wall clock.
+//! - [`publish`]: the outbound MQTT connection and its two lanes.
+//! - [`clock`]: `now()`, the controller's only clock read.
 //! - [`cli`]: the `gridweaver` commands; [`demo`]: `gridweaver demo`.
 //! - [`environment`]: what a config names on this machine (password file, the log's
 //!   directory), checked before `check-config` says ok and before `run` starts anything.
@@ -23,6 +24,7 @@ pub mod bridge;
 #[cfg(feature = "demo")]
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod controller;
 #[cfg(feature = "demo")]
 pub mod demo;

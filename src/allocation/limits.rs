@@ -7,11 +7,32 @@
 //! phase for a single-phase one. Every strategy respects the same rows: the LP as
 //! constraints, the heuristics through [`Room`], which clips each allocation step.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::Candidate;
-use crate::config::Limits;
 use crate::model::{Direction, Phase, Wiring};
+
+/// The site's limits, kW (`None` = unlimited): the config's `dispatch.limits`, validated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Export (up) limit.
+    pub export_kw: Option<f64>,
+    /// Import (down) limit.
+    pub import_kw: Option<f64>,
+    /// Group limits.
+    pub groups: BTreeMap<String, f64>,
+    /// Per-phase limit.
+    pub phase_kw: Option<f64>,
+}
+
+impl Limits {
+    /// Whether any limit is set.
+    pub fn is_empty(&self) -> bool {
+        self.export_kw.is_none() && self.import_kw.is_none() && self.groups.is_empty() && self.phase_kw.is_none()
+    }
+}
 
 /// One shared limit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -649,6 +649,41 @@ impl Dispatcher for LpDispatcher {
     }
 }
 
+/// What the repair did, for the plan's record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Repaired {
+    /// What the strategy placed, kW.
+    pub before_kw: f64,
+    /// What is placed after the repair, kW.
+    pub after_kw: f64,
+}
+
+/// Makes `power` deliver min(`target`, the most `caps` and `limits` allow): if it falls
+/// short under shared rows, the LP over `scores` is solved and taken when it places more.
+/// Returns what changed, if anything. A solver failure leaves `power` as it is.
+pub fn fill_to_max(
+    lp: &mut LpDispatcher,
+    power: &mut Vec<f64>,
+    caps: &[f64],
+    target: f64,
+    limits: &LimitSet,
+    scores: &[f64],
+) -> Option<Repaired> {
+    crate::allocation::repair::polish(power, caps, target, limits, scores);
+    let before_kw: f64 = power.iter().sum();
+    let ceiling = crate::allocation::repair::upper_bound(caps, target, limits);
+    if before_kw >= ceiling - crate::allocation::EPS_KW.max(1e-9 * ceiling) || limits.is_empty() {
+        return None;
+    }
+    let (lp_power, _) = lp.solve_for(target, caps, limits, scores).ok()?;
+    let after_kw: f64 = lp_power.iter().sum();
+    if after_kw <= before_kw + crate::allocation::EPS_KW {
+        return None;
+    }
+    *power = lp_power;
+    Some(Repaired { before_kw, after_kw })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -656,8 +691,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::allocation::limits::Limits;
     use crate::allocation::{greedy_fill, Candidate, EqualDispatcher};
-    use crate::config::Limits;
     use crate::model::{Direction, Phase, Signal, SignalType, Vehicle, Wiring};
     use crate::time::Timestamp;
 

@@ -1,8 +1,8 @@
 //! Which strategy runs for a signal: the configured one, or the LP first for the signal
 //! types listed in `dispatch.lp_first`, falling back to Smart when the LP fails.
 
+use crate::allocation::lp::fill_to_max;
 use crate::allocation::lp::LpDispatcher;
-use crate::allocation::repair::fill_to_max;
 use crate::allocation::{Allocation, AllocationRequest, Dispatcher, EqualDispatcher, SmartDispatcher};
 use crate::model::StrategyKind;
 

@@ -2,7 +2,7 @@
 //! free capacities and limits allow). Strategies choose which vehicles carry the power;
 //! this module makes sure they never decide how much.
 //!
-//! - [`fill_to_max`]: when a heuristic's fill falls short of the target under shared rows
+//! - [`crate::allocation::lp::fill_to_max`] (beside the LP it solves): when a heuristic's fill falls short of the target under shared rows
 //!   (greedy and proportional fills can block a row with the wrong vehicles, e.g. a phase
 //!   filled by single-phase vehicles that three-phase ones could have shared), the LP is
 //!   solved with the heuristic's own scores and its answer replaces the heuristic's when it
@@ -17,43 +17,7 @@
 use std::cmp::Ordering;
 
 use crate::allocation::limits::{LimitSet, Room};
-use crate::allocation::lp::LpDispatcher;
-use crate::allocation::{EPS_KW, MIN_ORDER_KW};
-
-/// What the repair did, for the plan's record.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Repaired {
-    /// What the strategy placed, kW.
-    pub before_kw: f64,
-    /// What is placed after the repair, kW.
-    pub after_kw: f64,
-}
-
-/// Makes `power` deliver min(`target`, the most `caps` and `limits` allow): if it falls
-/// short under shared rows, the LP over `scores` is solved and taken when it places more.
-/// Returns what changed, if anything. A solver failure leaves `power` as it is.
-pub fn fill_to_max(
-    lp: &mut LpDispatcher,
-    power: &mut Vec<f64>,
-    caps: &[f64],
-    target: f64,
-    limits: &LimitSet,
-    scores: &[f64],
-) -> Option<Repaired> {
-    polish(power, caps, target, limits, scores);
-    let before_kw: f64 = power.iter().sum();
-    let ceiling = upper_bound(caps, target, limits);
-    if before_kw >= ceiling - EPS_KW.max(1e-9 * ceiling) || limits.is_empty() {
-        return None;
-    }
-    let (lp_power, _) = lp.solve_for(target, caps, limits, scores).ok()?;
-    let after_kw: f64 = lp_power.iter().sum();
-    if after_kw <= before_kw + EPS_KW {
-        return None;
-    }
-    *power = lp_power;
-    Some(Repaired { before_kw, after_kw })
-}
+use crate::allocation::MIN_ORDER_KW;
 
 /// A cheap upper bound on the most `caps` can place within `limits` and `target`: the
 /// least of the target, the capacities, each row on its own (a fractional knapsack over the
@@ -213,8 +177,9 @@ pub fn to_watts(power: &mut [f64], caps: &[f64], limits: &LimitSet) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocation::limits::Limits;
+    use crate::allocation::lp::LpDispatcher;
     use crate::allocation::{Candidate, SmartDispatcher};
-    use crate::config::Limits;
     use crate::model::{Direction, Phase, Vehicle, Wiring};
 
     fn rows(fleet: &[Vehicle], limits: &Limits) -> (Vec<f64>, LimitSet) {
@@ -314,7 +279,7 @@ mod tests {
         let mut p = crate::allocation::greedy_fill(&scores, &caps, 60.0, &set);
         assert!(p.iter().sum::<f64>() < 21.0);
         let mut lp = LpDispatcher::new(SmartDispatcher::default(), Default::default());
-        let r = fill_to_max(&mut lp, &mut p, &caps, 60.0, &set, &scores).expect("a repair");
+        let r = crate::allocation::lp::fill_to_max(&mut lp, &mut p, &caps, 60.0, &set, &scores).expect("a repair");
         assert!((r.after_kw - 60.0).abs() < 1e-6, "{r:?}");
         assert!(set.violations(&p, 1e-9).is_empty());
     }

@@ -175,8 +175,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::allocation::limits::Limits;
     use crate::allocation::Weights;
-    use crate::config::Limits;
     use crate::model::{Direction, Signal, SignalType, Vehicle};
     use crate::time::Timestamp;
 

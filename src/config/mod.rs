@@ -6,6 +6,7 @@
 //! (`dispatch.segments.commuter.weights.soc: must be within 0..=1, got 1.5`). Reading the
 //! file is the runtime's business; this module only sees its text.
 
+use crate::allocation::limits::Limits;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -24,6 +25,7 @@ pub struct ConfigError {
 }
 
 mod raw;
+pub mod tuner;
 
 pub use raw::*;
 
@@ -45,7 +47,7 @@ pub struct Config {
     /// Demand-response programs.
     pub programs: BTreeMap<String, Program>,
     /// The tuner's settings, `None` when disabled.
-    pub tuner: Option<crate::learning::tuning::TunerConfig>,
+    pub tuner: Option<tuner::TunerConfig>,
     /// The prediction's settings, `None` when disabled.
     pub prediction: Option<crate::learning::prediction::PredictionConfig>,
 }
@@ -122,26 +124,6 @@ pub struct Segment {
     pub fallback: bool,
     /// Its weights.
     pub weights: Weights,
-}
-
-/// Validated site limits, kW (`None` = unlimited).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Limits {
-    /// Export (up) limit.
-    pub export_kw: Option<f64>,
-    /// Import (down) limit.
-    pub import_kw: Option<f64>,
-    /// Group limits.
-    pub groups: BTreeMap<String, f64>,
-    /// Per-phase limit.
-    pub phase_kw: Option<f64>,
-}
-
-impl Limits {
-    /// Whether any limit is set.
-    pub fn is_empty(&self) -> bool {
-        self.export_kw.is_none() && self.import_kw.is_none() && self.groups.is_empty() && self.phase_kw.is_none()
-    }
 }
 
 /// A validated demand-response program.

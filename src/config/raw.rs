@@ -1,6 +1,7 @@
 //! The file as written: `deny_unknown_fields` structs, one per section, each with the
 //! `validate` that turns it into its typed section of [`super::Config`].
 
+use crate::allocation::limits::Limits;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -438,11 +439,11 @@ fn validate_programs(raw: BTreeMap<String, RawProgram>) -> Result<BTreeMap<Strin
 
 impl RawTuner {
     /// `tuner:` (`None` when disabled).
-    fn validate(self) -> Result<Option<crate::learning::tuning::TunerConfig>, ConfigError> {
+    fn validate(self) -> Result<Option<super::tuner::TunerConfig>, ConfigError> {
         let t = self;
         Ok(if t.enabled.unwrap_or(true) {
-            let d = crate::learning::tuning::TunerConfig::default();
-            let cfg = crate::learning::tuning::TunerConfig {
+            let d = super::tuner::TunerConfig::default();
+            let cfg = super::tuner::TunerConfig {
                 low_ack_rate: t.low_ack_rate.unwrap_or(d.low_ack_rate),
                 high_ack_rate: t.high_ack_rate.unwrap_or(d.high_ack_rate),
                 step_up: t.step_up.unwrap_or(d.step_up),

@@ -147,7 +147,7 @@ pub fn by_kind(kind: FallbackKind) -> Box<dyn Fallback> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Limits;
+    use crate::allocation::limits::Limits;
     use proptest::prelude::*;
 
     fn cands(fleet: &[(Vehicle, f64)]) -> Vec<FallbackCandidate<'_>> {

@@ -280,8 +280,8 @@ fn uncount(per_dispatch: &mut BTreeMap<DispatchId, usize>, dispatch_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocation::limits::Limits;
     use crate::allocation::Candidate;
-    use crate::config::Limits;
 
     const T0: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 

@@ -43,7 +43,7 @@ impl FallbackRequest {
     }
 
     /// Runs `fallback` on this request, then makes sure it places min(residual, the most
-    /// the candidates and limits allow) ([`crate::allocation::repair::fill_to_max`]; vehicles the
+    /// the candidates and limits allow) ([`crate::allocation::lp::fill_to_max`]; vehicles the
     /// fallback skipped are used only when the others cannot carry it). Noop places nothing:
     /// it is the choice not to reallocate.
     pub fn reallocate(&self, fallback: &dyn Fallback, lp: &mut crate::allocation::lp::LpDispatcher) -> Reallocation {
@@ -55,7 +55,7 @@ impl FallbackRequest {
         r.power_kw.resize(n, 0.0);
         let caps: Vec<f64> = self.candidates.iter().map(|(_, c)| *c).collect();
         let scores: Vec<f64> = (0..n).map(|i| if r.skipped.contains(&i) { 0.0 } else { 1.0 }).collect();
-        crate::allocation::repair::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
+        crate::allocation::lp::fill_to_max(lp, &mut r.power_kw, &caps, self.residual_kw, &self.limits, &scores);
         crate::allocation::repair::to_watts(&mut r.power_kw, &caps, &self.limits);
         r
     }

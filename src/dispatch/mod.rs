@@ -19,7 +19,6 @@
 //! ```
 
 mod book;
-pub mod build;
 pub mod fallback;
 pub mod ledger;
 mod machine;
@@ -28,14 +27,14 @@ mod planner;
 pub use book::DispatchBook;
 pub(crate) use machine::FallbackRequest;
 pub use machine::{AckIgnored, Dispatch};
-pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S};
+pub use planner::{Capacity, FleetChange, Planner, CAPACITY_HORIZON_S, PARTICIPATION_DISPATCHES};
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::allocation::limits::LimitSet;
+use crate::allocation::limits::Limits;
 use crate::allocation::lp::LpDispatcher;
 use crate::allocation::{Candidate, MIN_ORDER_KW};
-use crate::config::Limits;
 use crate::events::payload::{BrokerReconnected, DispatchInterrupted, VehicleLost};
 use crate::events::Event;
 use crate::learning::tuning::LearningTuner;

@@ -13,7 +13,6 @@ use crate::bounded::BoundedSet;
 use crate::events::payload::{
     fleet_fingerprint, ConstraintApplied, FleetRef, LoadRow, PlanCreated, SignalReceived, VehicleLost, VehicleState,
 };
-use crate::events::projection::PARTICIPATION_DISPATCHES;
 use crate::events::Event;
 use crate::learning::prediction::PredictionEngine;
 use crate::model::{Attempt, Direction, DispatchId, Signal, Vehicle, VehicleCounts, VehicleId};
@@ -22,6 +21,10 @@ use crate::time::Timestamp;
 use super::ledger::Ledger;
 use super::machine::{Dispatch, Slot, State};
 use super::{EngineConfig, SignalRefused, Step};
+
+/// Dispatches whose first-attempt vehicles are kept for the fairness scores: after this
+/// many, a score has decayed below what the planner keeps (0.9^100 < 1e-3).
+pub const PARTICIPATION_DISPATCHES: usize = 100;
 
 /// What happened to a vehicle's state update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,7 +295,7 @@ impl Planner {
             let ones = vec![1.0; caps.len()];
             let mut power = crate::allocation::greedy_fill(&ones, &caps, total, &limits);
             let mut lp = crate::allocation::lp::LpDispatcher::default();
-            crate::allocation::repair::fill_to_max(&mut lp, &mut power, &caps, total, &limits, &ones);
+            crate::allocation::lp::fill_to_max(&mut lp, &mut power, &caps, total, &limits, &ones);
             // To the watt: a prediction that drifts by micro-watts is not a new capacity
             // (and never `-0`).
             let free = (power.iter().sum::<f64>() * 1000.0).round() / 1000.0 + 0.0;

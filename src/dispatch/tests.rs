@@ -285,7 +285,7 @@ fn the_tuner_does_not_learn_from_dispatches_cut_short() {
 /// and the rebuilt ones agree (the auditor re-runs plans with the rebuilt ones).
 #[test]
 fn fairness_scores_are_the_ones_the_log_rebuilds_after_many_dispatches() {
-    use crate::events::projection::PARTICIPATION_DISPATCHES;
+    use crate::dispatch::PARTICIPATION_DISPATCHES;
     let mut e = with_fleet(planner(FallbackKind::Noop), &fleet(6));
     let mut firsts: Vec<Vec<VehicleId>> = Vec::new();
     for k in 0..(PARTICIPATION_DISPATCHES + 37) {
@@ -916,7 +916,8 @@ fn check_commitments(e: &Engine, fleet: &[Vehicle], limits: &Limits, now: Timest
 /// flight, commitments, fairness, signals seen, numbering), checked after every input.
 #[test]
 fn replaying_the_log_gives_the_live_state() {
-    use crate::events::{DispatchProjection, EventStore, MemoryStore};
+    use crate::events::{EventStore, MemoryStore};
+    use crate::replay::{build, DispatchProjection};
     for seed in 1..=12u64 {
         let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
         let fleet: Vec<Vehicle> = (0..16)
@@ -1010,7 +1011,7 @@ fn replaying_the_log_gives_the_live_state() {
         }
         // The audit re-runs every decision of the run from the log alone, and agrees.
         let rows = log.read_from(1, usize::MAX).unwrap();
-        let mut auditor = crate::events::audit::Auditor::new(None, None);
+        let mut auditor = crate::replay::audit::Auditor::new(None, None);
         rows.iter().for_each(|r| auditor.apply(r).unwrap());
         let report = auditor.finish();
         assert!(report.findings.is_empty(), "seed {seed}: {:?}", report.findings);

@@ -11,15 +11,12 @@ use serde_json::Value;
 
 use crate::time::Timestamp;
 
-pub mod audit;
-pub mod migrate;
 pub mod payload;
 pub mod pipeline;
-pub mod projection;
 pub mod refusals;
 
+pub use payload::ProjectedState;
 pub use payload::{decode, Decoded, Payload, PayloadError};
-pub use projection::{DispatchProjection, ProjectedState, ProjectionError};
 
 macro_rules! event_kinds {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {

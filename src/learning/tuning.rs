@@ -8,38 +8,12 @@
 //! always within `min_weight..=max_weight`. Every change is a [`WeightsChange`], recorded
 //! as a `WeightsTuned` event; replaying those events restores the weights after a restart.
 
-use serde::{Deserialize, Serialize};
-
 use crate::allocation::Weights;
-use crate::events::Event;
 use crate::model::{DispatchOutcome, SignalType};
-use crate::time::Timestamp;
 
-/// A change of one signal type's weights.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WeightsChange {
-    /// The signal type whose weights changed.
-    pub signal_type: SignalType,
-    /// The dispatch that caused it.
-    pub dispatch_id: crate::model::DispatchId,
-    /// Its ACK rate.
-    pub ack_rate: f64,
-    /// Weights before.
-    pub before: Weights,
-    /// Weights after.
-    pub after: Weights,
-    /// Why, in words.
-    pub reason: String,
-}
-
-impl WeightsChange {
-    /// The `WeightsTuned` event recording this change.
-    pub fn event(&self, now: Timestamp, region: &str) -> Event {
-        Event::of(now, "tuner", &crate::events::payload::WeightsTuned { change: self.clone() })
-            .correlation(&self.dispatch_id)
-            .region(Some(region))
-    }
-}
+/// A change of one signal type's weights (the `WeightsTuned` event's content, in the log's
+/// vocabulary).
+pub use crate::events::payload::WeightsChange;
 
 /// Something that learns weights from completed dispatches.
 pub trait LearningTuner: Send {
@@ -51,84 +25,8 @@ pub trait LearningTuner: Send {
     fn restore(&mut self, kind: SignalType, weights: Weights);
 }
 
-/// Settings of [`AckBasedTuner`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TunerConfig {
-    /// Below this ACK rate the availability weight rises.
-    pub low_ack_rate: f64,
-    /// Above this ACK rate it falls.
-    pub high_ack_rate: f64,
-    /// Rise per dispatch.
-    pub step_up: f64,
-    /// Fall per dispatch.
-    pub step_down: f64,
-    /// Lowest availability weight.
-    pub min_weight: f64,
-    /// Highest availability weight.
-    pub max_weight: f64,
-    /// Dispatches with fewer orders teach nothing.
-    pub min_orders: u32,
-}
-
-impl Default for TunerConfig {
-    fn default() -> Self {
-        Self {
-            low_ack_rate: 0.8,
-            high_ack_rate: 0.95,
-            step_up: 0.05,
-            step_down: 0.02,
-            min_weight: 0.1,
-            max_weight: 1.0,
-            min_orders: 3,
-        }
-    }
-}
-
-/// An invalid tuner setting; the message names it.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("{field}: {problem}")]
-pub struct TunerError {
-    /// The setting (`low_ack_rate`, ...).
-    pub field: &'static str,
-    /// What is wrong.
-    pub problem: String,
-}
-
-impl TunerConfig {
-    /// Checks ranges and order.
-    pub fn validate(&self) -> Result<(), TunerError> {
-        let bad = |field, problem: String| Err(TunerError { field, problem });
-        for (field, x) in [("low_ack_rate", self.low_ack_rate), ("high_ack_rate", self.high_ack_rate)] {
-            if !(0.0..=1.0).contains(&x) {
-                return bad(field, format!("must be within 0..=1, got {x}"));
-            }
-        }
-        if self.low_ack_rate > self.high_ack_rate {
-            return bad(
-                "low_ack_rate",
-                format!("must not exceed high_ack_rate ({}), got {}", self.high_ack_rate, self.low_ack_rate),
-            );
-        }
-        for (field, x) in [("step_up", self.step_up), ("step_down", self.step_down)] {
-            if !(x.is_finite() && x > 0.0 && x <= 1.0) {
-                return bad(field, format!("must be > 0 and at most 1, got {x}"));
-            }
-        }
-        for (field, x) in [("min_weight", self.min_weight), ("max_weight", self.max_weight)] {
-            if !(0.0..=1.0).contains(&x) {
-                return bad(field, format!("must be within 0..=1, got {x}"));
-            }
-        }
-        if self.min_weight > self.max_weight {
-            return bad(
-                "min_weight",
-                format!("must not exceed max_weight ({}), got {}", self.max_weight, self.min_weight),
-            );
-        }
-        Ok(())
-    }
-}
+/// Settings of [`AckBasedTuner`] (the config's `tuner` section) and their error.
+pub use crate::config::tuner::{TunerConfig, TunerError};
 
 /// Tunes the availability weight per signal type from ACK rates.
 #[derive(Clone, Debug)]
@@ -202,6 +100,7 @@ mod tests {
     use super::*;
     use crate::events::EventKind;
     use crate::model::{Direction, FallbackKind, StrategyKind, VehicleCounts};
+    use crate::time::Timestamp;
 
     fn outcome(kind: SignalType, accepted: u32, rejected: u32, timed_out: u32) -> DispatchOutcome {
         DispatchOutcome {

@@ -20,9 +20,10 @@ use std::thread;
 
 use gridweaver_core::events::payload::{decode_str, LogCompacted};
 use gridweaver_core::events::pipeline::{Envelope, PipelineCounters, UnifiedPipeline};
-use gridweaver_core::events::projection::{self, SentHeader};
 use gridweaver_core::events::refusals::{RefusalBook, Refused};
-use gridweaver_core::events::{Decoded, DispatchProjection, Event, EventKind, EventStore, ProjectedState, StoredEvent};
+use gridweaver_core::events::{Decoded, Event, EventKind, EventStore, ProjectedState, StoredEvent};
+use gridweaver_core::replay::projection::{self, SentHeader};
+use gridweaver_core::replay::{DispatchProjection, ProjectionError};
 use gridweaver_core::time::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
@@ -65,7 +66,7 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// Which row, and why.
-        error: gridweaver_core::events::ProjectionError,
+        error: ProjectionError,
     },
     /// A log written by a newer build.
     #[error("the event log has schema version {found}; this build knows up to {known}: use a newer gridweaver")]
@@ -215,7 +216,7 @@ impl Queue {
     }
 
     fn push(&mut self, events: Vec<Event>, bytes: usize, reply: Option<Reply>) {
-        let at = crate::publish::now();
+        let at = crate::clock::now();
         let n = events.len();
         for e in events {
             // Room for all of them was checked; without ids or seqs nothing is a duplicate.
@@ -292,7 +293,7 @@ impl Journal {
             return;
         }
         let room = q.room_for(1, refused.rejected.bytes.min(16 * 1024));
-        if let Some(event) = q.refusals.refuse(crate::publish::now(), refused, room) {
+        if let Some(event) = q.refusals.refuse(crate::clock::now(), refused, room) {
             let bytes = event.payload.len();
             q.push(vec![event], bytes, None);
         }
@@ -317,7 +318,7 @@ impl Journal {
     fn next_batch(&self) -> Option<Vec<Request>> {
         let mut q = self.lock();
         loop {
-            let now = crate::publish::now();
+            let now = crate::clock::now();
             let all = q.producers_gone;
             q.queue_due_refusals(now, all);
             if !q.pending.is_empty() || q.producers_gone {
@@ -349,7 +350,7 @@ impl Journal {
             events += n;
             taken.extend(q.pending.pop_front());
         }
-        let mut drained = q.pipeline.drain_up_to(crate::publish::now(), events).into_iter().map(|e| e.item);
+        let mut drained = q.pipeline.drain_up_to(crate::clock::now(), events).into_iter().map(|e| e.item);
         let mut batch = Vec::with_capacity(taken.len());
         for p in taken {
             batch.push(match p {
@@ -1357,7 +1358,7 @@ mod tests {
                 reason: "log_behind".into(),
                 reference: Some(format!("s{i}")),
                 rejected,
-                at: crate::publish::now(),
+                at: crate::clock::now(),
             });
         }
         assert!(started.elapsed() < std::time::Duration::from_millis(500), "refusals never wait");
@@ -1693,9 +1694,9 @@ mod replay_tests {
     #[test]
     fn replay_folds_a_run_as_its_rows_fold_one_by_one() {
         use gridweaver_core::config::Config;
-        use gridweaver_core::dispatch::build;
         use gridweaver_core::events::payload::ConfigRecorded;
         use gridweaver_core::model::{Ack, AckStatus, Direction, Signal, SignalType, Vehicle};
+        use gridweaver_core::replay::build;
 
         let cfg = Config::from_yaml("site: t\nstore: { path: x.db }\ndispatch: { ack_timeout_seconds: 1 }\n").unwrap();
         let mut engine = build::engine(&cfg, &ProjectedState::default()).unwrap();

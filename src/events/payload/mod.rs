@@ -20,7 +20,6 @@ use crate::allocation::filter::Exclusion;
 use crate::allocation::limits::LimitRow;
 use crate::allocation::lp::SolverReport;
 use crate::allocation::Weights;
-use crate::learning::tuning::WeightsChange;
 use crate::model::{
     Attempt, DispatchId, DispatchOutcome, FallbackKind, Order, OrderDirection, OrderId, Signal, StrategyKind, Vehicle,
     VehicleId,
@@ -28,6 +27,17 @@ use crate::model::{
 use crate::time::Timestamp;
 
 use super::EventKind;
+
+mod decode;
+mod hash;
+mod state;
+
+pub use decode::{decode, decode_str, Decoded, PayloadError};
+pub use hash::{fleet_fingerprint, hex, sha256_hex};
+pub use state::{
+    CommittedOrders, LogCompacted, OrderAnswer, ProjectedCommitments, ProjectedDispatch, ProjectedOrder,
+    ProjectedState, ANSWER_DAYS, REMEMBERED_ANSWERS, REMEMBERED_OUTCOMES, REMEMBERED_SIGNALS,
+};
 
 /// A typed event payload: its kind and the version it is written in.
 pub trait Payload: Serialize + DeserializeOwned {
@@ -370,6 +380,64 @@ impl From<CompletedFields> for DispatchCompleted {
     }
 }
 
+/// A change of one signal type's weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightsChange {
+    /// The signal type whose weights changed.
+    pub signal_type: crate::model::SignalType,
+    /// The dispatch that caused it.
+    pub dispatch_id: crate::model::DispatchId,
+    /// Its ACK rate.
+    pub ack_rate: f64,
+    /// Weights before.
+    pub before: Weights,
+    /// Weights after.
+    pub after: Weights,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl WeightsChange {
+    /// The `WeightsTuned` event recording this change.
+    pub fn event(&self, now: Timestamp, region: &str) -> super::Event {
+        super::Event::of(now, "tuner", &WeightsTuned { change: self.clone() })
+            .correlation(&self.dispatch_id)
+            .region(Some(region))
+    }
+}
+
+/// A program as the snapshot gives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotProgram {
+    /// MW needed.
+    pub required_mw: f64,
+    /// Window start.
+    pub window_start: Timestamp,
+    /// Window end.
+    pub window_end: Timestamp,
+}
+
+/// `SnapshotImported`: what a migration brought in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotImported {
+    /// When the state was taken.
+    pub taken_at: Timestamp,
+    /// Vehicles imported.
+    pub vehicles: usize,
+    /// Signal types whose weights were imported.
+    pub weights: Vec<crate::model::SignalType>,
+    /// Programs imported.
+    pub programs: std::collections::BTreeMap<String, SnapshotProgram>,
+}
+
+impl Payload for SnapshotImported {
+    const VERSION: u32 = 1;
+    fn kind(&self) -> EventKind {
+        EventKind::SnapshotImported
+    }
+}
+
 /// `WeightsTuned`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(from = "WeightsChange")]
@@ -489,353 +557,11 @@ impl ConfigRecorded {
     }
 }
 
-/// `LogCompacted`: `gridweaver compact` removed the rows up to `through_seq` in one
-/// retention step; `state` is what they folded to. Replay, audit and start-up begin from
-/// it and fold the rows after `through_seq`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LogCompacted {
-    /// The time given to `--before`: every row removed was before the first row stamped at
-    /// or after it.
-    pub before: Timestamp,
-    /// The last row removed.
-    pub through_seq: u64,
-    /// Rows removed (every row from the log's first up to `through_seq`).
-    pub removed: u64,
-    /// The chain hash of row `through_seq`: the first row kept chains to it.
-    pub anchor: String,
-    /// The projected state as of `through_seq`.
-    pub state: crate::events::ProjectedState,
-}
-payload!(LogCompacted, LogCompacted, 1);
-
-/// SHA-256 of `bytes`, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex(&sha2::Sha256::digest(bytes))
-}
-
-/// `bytes` as lower-case hex (a table lookup per nibble: the log's writer hashes every row).
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
-}
-
-/// A payload read back, in its current shape.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decoded {
-    /// `SignalReceived`.
-    SignalReceived(SignalReceived),
-    /// `SignalRejected`, `InputRejected`.
-    Rejected(Rejected),
-    /// `ConstraintApplied`.
-    ConstraintApplied(ConstraintApplied),
-    /// `DispatchPlanCreated`.
-    PlanCreated(PlanCreated),
-    /// `OrderSent`.
-    OrdersSent(OrdersSent),
-    /// `AckReceived`.
-    AcksReceived(AcksReceived),
-    /// `AckTimedOut`.
-    AcksTimedOut(AcksTimedOut),
-    /// `OrderCancelled`.
-    OrdersCancelled(OrdersCancelled),
-    /// `FallbackApplied`.
-    FallbackApplied(FallbackApplied),
-    /// `DispatchCompleted`.
-    DispatchCompleted(DispatchCompleted),
-    /// `WeightsTuned`.
-    WeightsTuned(WeightsTuned),
-    /// `VehicleDiscovered`, `VehicleStateChanged`.
-    VehicleState(VehicleState),
-    /// `VehicleLost`.
-    VehicleLost(VehicleLost),
-    /// `DispatchInterrupted`.
-    DispatchInterrupted(DispatchInterrupted),
-    /// `LogRecovered`.
-    LogRecovered(LogRecovered),
-    /// `BrokerReconnected`.
-    BrokerReconnected(BrokerReconnected),
-    /// `ConfigRecorded`.
-    ConfigRecorded(ConfigRecorded),
-    /// `SnapshotImported`.
-    SnapshotImported(super::migrate::SnapshotImported),
-    /// `LogCompacted`.
-    LogCompacted(Box<LogCompacted>),
-    /// A kind with no typed payload yet (bids, transfers, programs, leadership).
-    Untyped(EventKind),
-}
-
-/// A payload that cannot be read.
-#[derive(Debug, thiserror::Error)]
-pub enum PayloadError {
-    /// No such kind.
-    #[error("unknown event kind `{0}`")]
-    UnknownKind(String),
-    /// A version newer than this build knows.
-    #[error("{kind} payload version {got} is newer than this build reads (at most {max})")]
-    TooNew {
-        /// The kind.
-        kind: EventKind,
-        /// Its version.
-        got: u64,
-        /// The newest known.
-        max: u32,
-    },
-    /// The fields do not match the kind and version.
-    #[error("{kind} payload (version {v}): {error}")]
-    Shape {
-        /// The kind.
-        kind: EventKind,
-        /// Its version.
-        v: u64,
-        /// serde's answer.
-        error: serde_json::Error,
-    },
-}
-
-/// Reads a stored payload of `kind`, upcasting older versions to the current shape.
-pub fn decode(kind: &str, payload: &Value) -> Result<Decoded, PayloadError> {
-    let v = payload.get("v").and_then(Value::as_u64).unwrap_or(1);
-    decode_from(kind, v, payload)
-}
-
-/// [`decode`] straight from the stored text, without building a JSON tree first (the fast
-/// path of replay: every payload this build writes starts with its version).
-pub fn decode_str(kind: &str, payload: &str) -> Result<Decoded, PayloadError> {
-    match written_version(payload) {
-        Some(v) => decode_from(kind, v, &Text(payload)),
-        None => {
-            let k = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
-            let value: Value =
-                serde_json::from_str(payload).map_err(|error| PayloadError::Shape { kind: k, v: 1, error })?;
-            decode(kind, &value)
-        }
-    }
-}
-
-/// The version of a payload written by [`super::Event::of`] (`{"v":N,...`).
-fn written_version(payload: &str) -> Option<u64> {
-    let rest = payload.strip_prefix("{\"v\":")?;
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
-}
-
-/// Where a payload is read from: a JSON tree or the stored text.
-trait Source {
-    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error>;
-}
-
-impl Source for Value {
-    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error> {
-        P::deserialize(self)
-    }
-}
-
-struct Text<'a>(&'a str);
-
-impl Source for Text<'_> {
-    fn read<P: DeserializeOwned>(&self) -> Result<P, serde_json::Error> {
-        serde_json::from_str(self.0)
-    }
-}
-
-fn decode_from<S: Source>(kind: &str, v: u64, payload: &S) -> Result<Decoded, PayloadError> {
-    let kind = EventKind::parse(kind).ok_or_else(|| PayloadError::UnknownKind(kind.to_owned()))?;
-    let shape = |error| PayloadError::Shape { kind, v, error };
-    fn read<P: Payload, S: Source>(kind: EventKind, v: u64, payload: &S) -> Result<P, PayloadError> {
-        if v > u64::from(P::VERSION) {
-            return Err(PayloadError::TooNew { kind, got: v, max: P::VERSION });
-        }
-        payload.read::<P>().map_err(|error| PayloadError::Shape { kind, v, error })
-    }
-    use EventKind as K;
-    Ok(match kind {
-        K::SignalReceived => Decoded::SignalReceived(read(kind, v, payload)?),
-        K::SignalRejected | K::InputRejected => {
-            let mut r: Rejected = read(kind, v, payload)?;
-            r.signal = kind == K::SignalRejected;
-            Decoded::Rejected(r)
-        }
-        K::ConstraintApplied if v == 1 => {
-            let c = payload.read::<v1::Constraint>().map_err(shape)?;
-            Decoded::ConstraintApplied(ConstraintApplied {
-                eligible: c.eligible,
-                excluded: ConstraintApplied::by_reason(c.excluded.into_iter().map(|e| (e.vehicle_id, e.reason))),
-                capacity_kw: c.capacity_kw,
-                target_kw: c.target_kw,
-                target_capped_to_capacity: c.target_capped_to_capacity,
-                limits: c.limits,
-            })
-        }
-        K::ConstraintApplied => Decoded::ConstraintApplied(read(kind, v, payload)?),
-        K::DispatchPlanCreated => Decoded::PlanCreated(read(kind, v, payload)?),
-        K::OrderSent if v == 1 => {
-            let o = payload.read::<Order>().map_err(shape)?;
-            let mut sent = OrdersSent::of(std::slice::from_ref(&o)).unwrap_or_else(|| unreachable!());
-            sent.first = o.order_id.number().map_or(1, |(_, n)| n);
-            Decoded::OrdersSent(sent)
-        }
-        K::OrderSent => Decoded::OrdersSent(read(kind, v, payload)?),
-        K::AckReceived if v == 1 => {
-            let a = payload.read::<v1::Ack>().map_err(shape)?;
-            let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
-            let mut acks = AcksReceived { attempt: a.attempt, ..AcksReceived::default() };
-            match a.status.as_str() {
-                "accepted" => acks.accepted.push(n),
-                _ => acks.rejected.push((n, a.reason)),
-            }
-            Decoded::AcksReceived(acks)
-        }
-        K::AckReceived => Decoded::AcksReceived(read(kind, v, payload)?),
-        K::AckTimedOut if v == 1 => {
-            let a = payload.read::<v1::Timeout>().map_err(shape)?;
-            let n = v1::number(&a.order_id, a.attempt).map_err(shape)?;
-            Decoded::AcksTimedOut(AcksTimedOut { attempt: a.attempt, orders: vec![n] })
-        }
-        K::AckTimedOut => Decoded::AcksTimedOut(read(kind, v, payload)?),
-        K::OrderCancelled if v == 1 => {
-            let c = payload.read::<crate::model::OrderCancel>().map_err(shape)?;
-            let number = c
-                .order_id
-                .number()
-                .ok_or_else(|| shape(serde::de::Error::custom(format!("order id `{}` has no number", c.order_id))))?;
-            Decoded::OrdersCancelled(OrdersCancelled { reason: c.reason, at: c.at, orders: vec![number] })
-        }
-        K::OrderCancelled => Decoded::OrdersCancelled(read(kind, v, payload)?),
-        K::FallbackApplied if v == 1 => {
-            let f = payload.read::<v1::Fallback>().map_err(shape)?;
-            let skipped = f.candidates.iter().enumerate().filter(|(_, c)| c.skipped).map(|(i, _)| i).collect();
-            Decoded::FallbackApplied(FallbackApplied {
-                fallback: f.fallback,
-                attempt: f.attempt,
-                residual_kw: f.residual_kw,
-                reallocated_kw: f.reallocated_kw,
-                candidates: f.candidates.into_iter().map(|c| (c.vehicle_id, c.remaining_kw, c.power_kw)).collect(),
-                skipped,
-            })
-        }
-        K::FallbackApplied => Decoded::FallbackApplied(read(kind, v, payload)?),
-        K::DispatchCompleted => Decoded::DispatchCompleted(read(kind, v, payload)?),
-        K::WeightsTuned => Decoded::WeightsTuned(read(kind, v, payload)?),
-        K::VehicleDiscovered | K::VehicleStateChanged => {
-            let mut s: VehicleState = read(kind, v, payload)?;
-            s.discovered = kind == K::VehicleDiscovered;
-            Decoded::VehicleState(s)
-        }
-        K::VehicleLost => Decoded::VehicleLost(read(kind, v, payload)?),
-        K::DispatchInterrupted => Decoded::DispatchInterrupted(read(kind, v, payload)?),
-        K::LogRecovered => Decoded::LogRecovered(read(kind, v, payload)?),
-        K::BrokerReconnected => Decoded::BrokerReconnected(read(kind, v, payload)?),
-        K::ConfigRecorded => Decoded::ConfigRecorded(read(kind, v, payload)?),
-        K::SnapshotImported => Decoded::SnapshotImported(read(kind, v, payload)?),
-        K::LogCompacted => Decoded::LogCompacted(Box::new(read(kind, v, payload)?)),
-        K::DemandResponseActivated
-        | K::CurtailmentRecorded
-        | K::BidSubmitted
-        | K::BidAccepted
-        | K::BidRejected
-        | K::BidExpired
-        | K::TransferOrdered
-        | K::LeaderElected => Decoded::Untyped(kind),
-    })
-}
-
-/// Version 1 shapes (one row per order, ACK, timeout and cancel) that differ from today's.
-mod v1 {
-    use serde::Deserialize;
-
-    use crate::model::{FallbackKind, VehicleId};
-
-    #[derive(Deserialize)]
-    pub(super) struct Ack {
-        pub(super) order_id: String,
-        pub(super) status: String,
-        pub(super) reason: Option<String>,
-        pub(super) attempt: u32,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Timeout {
-        pub(super) order_id: String,
-        pub(super) attempt: u32,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Excluded {
-        pub(super) vehicle_id: VehicleId,
-        pub(super) reason: crate::allocation::filter::Exclusion,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Constraint {
-        pub(super) eligible: usize,
-        pub(super) excluded: Vec<Excluded>,
-        pub(super) capacity_kw: f64,
-        pub(super) target_kw: f64,
-        pub(super) target_capped_to_capacity: bool,
-        pub(super) limits: Vec<crate::allocation::limits::LimitRow>,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct FallbackRow {
-        pub(super) vehicle_id: VehicleId,
-        pub(super) remaining_kw: f64,
-        pub(super) power_kw: f64,
-        pub(super) skipped: bool,
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct Fallback {
-        pub(super) fallback: FallbackKind,
-        pub(super) attempt: u32,
-        pub(super) residual_kw: f64,
-        pub(super) reallocated_kw: f64,
-        pub(super) candidates: Vec<FallbackRow>,
-    }
-
-    /// The number of an order of `attempt`.
-    pub(super) fn number(order_id: &str, attempt: u32) -> Result<u32, serde_json::Error> {
-        match crate::model::order_number(order_id) {
-            Some((a, n)) if a == attempt => Ok(n),
-            _ => Err(serde::de::Error::custom(format!("order id `{order_id}` is not an order of attempt {attempt}"))),
-        }
-    }
-}
-
-/// A fingerprint of a fleet's states (FNV-1a over their JSON, in id order): equal for
-/// equal fleets on every machine.
-pub fn fleet_fingerprint<'a>(fleet: impl IntoIterator<Item = &'a Vehicle>) -> String {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    for v in fleet {
-        // Serializing a vehicle cannot fail (no maps with non-string keys).
-        if let Ok(bytes) = serde_json::to_vec(v) {
-            h.write(&bytes);
-        }
-        h.write(b"\n");
-    }
-    format!("{:016x}", h.0)
-}
-
-struct Fnv(u64);
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{DispatchProjection, Event, StoredEvent};
+    use crate::events::{Event, StoredEvent};
+    use crate::replay::DispatchProjection;
 
     #[test]
     fn hashes_are_lower_case_hex_of_sha256() {
@@ -846,7 +572,7 @@ mod tests {
 
     /// Rows as the gateway wrote them before payloads had versions (from a demo run, plus
     /// the kinds a demo does not produce), one per line.
-    const V1_ROWS: &str = include_str!("../../tests/fixtures/events-v1.jsonl");
+    const V1_ROWS: &str = include_str!("../../../tests/fixtures/events-v1.jsonl");
 
     fn v1_rows() -> Vec<StoredEvent> {
         V1_ROWS.lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -12,7 +12,7 @@ use crate::learning::prediction::PredictionEngine;
 use crate::learning::tuning::{AckBasedTuner, LearningTuner, TunerError};
 use crate::model::{StrategyKind, VehicleId};
 
-use super::{Engine, EngineConfig, Planner};
+use crate::dispatch::{Engine, EngineConfig, Planner};
 
 /// The engine settings of `cfg`.
 pub fn engine_config(cfg: &Config) -> EngineConfig {

@@ -26,15 +26,16 @@ use crate::allocation::MIN_ORDER_KW;
 use crate::config::Config;
 use crate::dispatch::fallback::by_kind;
 use crate::dispatch::ledger::{Commitment, Ledger};
-use crate::dispatch::{build, fallback_room, Engine, FallbackRequest};
+use crate::dispatch::{fallback_room, Engine, FallbackRequest};
 use crate::learning::prediction::PredictionEngine;
 use crate::learning::tuning::{AckBasedTuner, LearningTuner, WeightsChange};
 use crate::model::{DispatchId, Signal, VehicleId};
 use crate::time::Timestamp;
 
-use super::payload::{FallbackApplied, OrdersSent, PlanCreated};
-use super::projection::ProjectedState;
-use super::{decode, Decoded, DispatchProjection, ProjectionError, StoredEvent};
+use super::build;
+use super::projection::{DispatchProjection, ProjectionError};
+use crate::events::payload::{FallbackApplied, OrderAnswer, OrdersSent, PlanCreated};
+use crate::events::{decode, Decoded, ProjectedState, StoredEvent};
 
 /// Two powers agree when they differ by at most 1e-6 relative (of the larger; absolute
 /// below 1 W).
@@ -219,7 +220,7 @@ impl Auditor {
                         let answers: Vec<(VehicleId, Timestamp, bool)> = d
                             .orders
                             .values()
-                            .map(|o| (o.vehicle_id.clone(), ts, o.answer == super::projection::OrderAnswer::Accepted))
+                            .map(|o| (o.vehicle_id.clone(), ts, o.answer == OrderAnswer::Accepted))
                             .collect();
                         p.observe_answers(&answers);
                     }
@@ -300,7 +301,7 @@ impl Auditor {
         let mut plan = None;
         let mut orders = None;
         for e in &step.events {
-            match super::payload::decode_str(e.kind.as_str(), &e.payload) {
+            match crate::events::payload::decode_str(e.kind.as_str(), &e.payload) {
                 Ok(Decoded::PlanCreated(p)) => plan = Some(p),
                 Ok(Decoded::OrdersSent(o)) => orders = Some(o),
                 _ => {}

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::allocation::Weights;
@@ -28,20 +28,8 @@ use crate::model::{SignalType, VehicleId};
 use crate::time::Timestamp;
 use crate::wire::{decode, Inbound, Topics};
 
-use super::payload::{VehicleState, WeightsTuned};
-use super::{Event, EventKind, Payload};
-
-/// A program as the snapshot gives it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SnapshotProgram {
-    /// MW needed.
-    pub required_mw: f64,
-    /// Window start.
-    pub window_start: Timestamp,
-    /// Window end.
-    pub window_end: Timestamp,
-}
+use crate::events::payload::{SnapshotImported, SnapshotProgram, VehicleState, WeightsTuned};
+use crate::events::Event;
 
 /// The snapshot file.
 #[derive(Clone, Debug, Deserialize)]
@@ -61,26 +49,6 @@ pub struct Snapshot {
     /// Demand-response programs by id.
     #[serde(default)]
     pub programs: BTreeMap<String, SnapshotProgram>,
-}
-
-/// `SnapshotImported`: what a migration brought in.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SnapshotImported {
-    /// When the state was taken.
-    pub taken_at: Timestamp,
-    /// Vehicles imported.
-    pub vehicles: usize,
-    /// Signal types whose weights were imported.
-    pub weights: Vec<SignalType>,
-    /// Programs imported.
-    pub programs: BTreeMap<String, SnapshotProgram>,
-}
-
-impl Payload for SnapshotImported {
-    const VERSION: u32 = 1;
-    fn kind(&self) -> EventKind {
-        EventKind::SnapshotImported
-    }
 }
 
 /// A snapshot that cannot be imported; names the entry and field.
@@ -187,7 +155,8 @@ pub fn events(snapshot: &Snapshot, now: Timestamp) -> Result<Vec<Event>, Migrate
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{DispatchProjection, EventStore, MemoryStore};
+    use crate::events::{EventStore, MemoryStore};
+    use crate::replay::DispatchProjection;
 
     const NOW: Timestamp = Timestamp::from_millis(1_795_000_000_000);
 
@@ -211,8 +180,8 @@ mod tests {
     #[test]
     fn a_snapshot_becomes_events_the_projection_folds() {
         let events = snapshot(GOOD).unwrap();
-        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
-        use EventKind as K;
+        let kinds: Vec<crate::events::EventKind> = events.iter().map(|e| e.kind).collect();
+        use crate::events::EventKind as K;
         assert_eq!(kinds, [K::VehicleDiscovered, K::VehicleDiscovered, K::WeightsTuned, K::SnapshotImported]);
         let mut log = MemoryStore::default();
         log.append(&events).unwrap();
