@@ -153,6 +153,12 @@ pub const QUEUE_EVENTS: usize = 16_384;
 /// when nothing else waits).
 pub const QUEUE_BYTES: usize = 8 << 20;
 
+/// How long rows that nobody waits for (fleet changes, refusals) may wait for company
+/// before the writer commits them: under a stream of them the log is written in few large
+/// commits, not one small one each (on an SD card each commit rewrites the table's last page
+/// and syncs). A decision, a flush or a quarter-full queue takes them along at once.
+pub const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Most events written in one transaction.
 const MAX_BATCH_EVENTS: usize = 20_000;
 
@@ -206,6 +212,10 @@ struct Queue {
     writer_gone: bool,
     /// Refusals, batched by reason under a flood (the writer writes the batches when due).
     refusals: RefusalBook,
+    /// Since when rows that nobody waits for (observations: fleet changes, refusals) have
+    /// waited, while nothing else does: the writer commits them together after
+    /// [`RECORD_LINGER`].
+    records_since: Option<std::time::Instant>,
 }
 
 impl Queue {
@@ -216,6 +226,9 @@ impl Queue {
     }
 
     fn push(&mut self, events: Vec<Event>, bytes: usize, reply: Option<Reply>) {
+        if self.pending.is_empty() {
+            self.records_since = Some(std::time::Instant::now());
+        }
         let at = crate::clock::now();
         let n = events.len();
         for e in events {
@@ -321,14 +334,29 @@ impl Journal {
             let now = crate::clock::now();
             let all = q.producers_gone;
             q.queue_due_refusals(now, all);
-            if !q.pending.is_empty() || q.producers_gone {
+            if q.producers_gone {
                 break;
             }
-            q = match q.refusals.next_due() {
+            // Rows nobody waits for linger a moment, so that a stream of them is one commit
+            // (one rewrite of the last page, one fsync) instead of one each; a decision, a
+            // flush or a full queue takes them along at once.
+            let lingering = q.pending.iter().all(|p| matches!(p, Pending::Append { reply: None, .. }))
+                && q.pipeline.waiting() * 4 < QUEUE_EVENTS
+                && q.records_since.is_some_and(|t| t.elapsed() < RECORD_LINGER);
+            if !q.pending.is_empty() && !lingering {
+                break;
+            }
+            let linger = q.records_since.filter(|_| lingering).map(|t| RECORD_LINGER.saturating_sub(t.elapsed()));
+            let due = q.refusals.next_due().map(|due| {
+                std::time::Duration::from_millis(u64::try_from(due.as_millis() - now.as_millis()).unwrap_or(0))
+            });
+            let wake = match (linger, due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            q = match wake {
                 // This is the writer's own thread: it waits here, never an actor.
-                Some(due) => {
-                    let wait =
-                        std::time::Duration::from_millis(u64::try_from(due.as_millis() - now.as_millis()).unwrap_or(0));
+                Some(wait) => {
                     self.work
                         .wait_timeout(q, wait.max(std::time::Duration::from_millis(1)))
                         .unwrap_or_else(PoisonError::into_inner)
@@ -443,6 +471,7 @@ impl StoreHandle {
                 producers_gone: false,
                 writer_gone: false,
                 refusals: RefusalBook::default(),
+                records_since: None,
             }),
             work: Condvar::new(),
             room: tokio::sync::Notify::new(),
