@@ -119,8 +119,9 @@ pub struct Controller {
     publisher: Publisher,
     store: StoreHandle,
     store_thread: Option<std::thread::JoinHandle<()>>,
-    /// The inbound connection's thread and the outbound one's.
-    arbiters: [Arbiter; 2],
+    /// The MQTT thread: both connections' event loops and the outbound drain task, off the
+    /// actors' thread (none of them ever blocks).
+    mqtt: Arbiter,
 }
 
 impl Controller {
@@ -141,9 +142,8 @@ impl Controller {
         net.set_connection_timeout(5);
         eventloop.set_network_options(net.clone());
         let reconnect_max = Duration::from_secs(cfg.mqtt.reconnect_max_s);
-        let publish_arbiter = Arbiter::new();
-        let publisher =
-            Publisher::connect(outbound_options(cfg)?, net, topics.clone(), reconnect_max, &publish_arbiter.handle());
+        let mqtt = Arbiter::new();
+        let publisher = Publisher::connect(outbound_options(cfg)?, net, topics.clone(), reconnect_max, &mqtt.handle());
 
         let first = std::cell::Cell::new(Some(recovery));
         let engine_cfg = cfg.clone();
@@ -175,18 +175,10 @@ impl Controller {
             intake,
         };
         publisher.on_link(dispatcher.clone().recipient());
-        let bridge_arbiter = Arbiter::new();
-        let bridge = MqttBridge::start_in_arbiter(&bridge_arbiter.handle(), move |_| {
+        let bridge = MqttBridge::start_in_arbiter(&mqtt.handle(), move |_| {
             MqttBridge::new(client, eventloop, routes, topics, reconnect_max)
         });
-        Ok(Controller {
-            dispatcher,
-            bridge,
-            publisher,
-            store,
-            store_thread: Some(store_thread),
-            arbiters: [bridge_arbiter, publish_arbiter],
-        })
+        Ok(Controller { dispatcher, bridge, publisher, store, store_thread: Some(store_thread), mqtt })
     }
 
     /// The dispatcher, for tests and the demo.
@@ -213,9 +205,7 @@ impl Controller {
             }
         })
         .await;
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
+        self.mqtt.stop();
         let _ = self.store.checkpoint().await;
         drop(self.store);
         if let Some(join) = self.store_thread.take() {

@@ -6,7 +6,8 @@
 //! other connection) can neither hold back nor drop its PUBACKs, and rumqttc, which takes
 //! new requests only while its in-flight window has room and frees a slot only on a PUBACK,
 //! never stops publishing for that reason. Its event loop and the task that drains the
-//! queues run on a thread of their own, off the actors' thread.
+//! queues run on the MQTT thread (the inbound bridge's), off the actors' thread: nothing
+//! there ever blocks.
 //!
 //! Every actor that publishes holds a [`Publisher`]: a cheap, cloneable handle to two
 //! bounded, first-in-first-out lanes that a single task drains into the rumqttc client,
@@ -189,7 +190,8 @@ impl Publisher {
 
     /// A publisher with a connection of its own (`opts`: no subscriptions, so the broker
     /// queues nothing for it but acknowledgements, and an inbound flood can never hold back
-    /// or drop them), polled with the drain task on `arbiter`'s thread, off the actors'.
+    /// or drop them), polled with the drain task on `arbiter`'s thread, off the actors'
+    /// (the controller gives it the bridge's: nothing there blocks).
     pub fn connect(
         opts: MqttOptions,
         net: NetworkOptions,
