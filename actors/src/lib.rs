@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - [`controller`]: builds and wires the actors from a config; graceful shutdown.
-//! - [`bridge`]: `MqttBridge`, the one MQTT connection: decode once, route, reconnect.
+//! - [`bridge`]: `MqttBridge`, the inbound MQTT connection: decode once into a bounded
+//!   inbox, route, reconnect; it never waits.
 //! - [`dispatcher`]: `DispatcherActor`, owns the core `Engine` (fleet view, dispatches in
 //!   flight, commitment ledger, fallbacks, tuner); carries out each step durable-first.
 //! - [`supervisor`]: `Supervisor`, fleet membership: the vehicle actors.
