@@ -58,8 +58,6 @@ pub struct DispatcherActor {
     completed: u64,
     /// While the store cannot commit: why, since when, and how many signals were refused.
     store_failing: Option<StoreOutage>,
-    /// The pending record of ACKs taken: since when, and its timer.
-    ack_record: Option<(tokio::time::Instant, SpawnHandle)>,
     /// Steps whose events are with the store, oldest first: published in this order once
     /// durable (by [`Pump`], or at the start of the next message: [`DispatcherActor::service`]).
     unpublished: VecDeque<Unpublished>,
@@ -198,10 +196,6 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often a failing store is tried again.
 const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// ACKs are recorded at most this long after they arrive, many to an event (most
-/// dispatches settle sooner and record theirs with the outcome, in one commit).
-const ACK_RECORD_DELAY: Duration = Duration::from_millis(200);
-
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
     pub fn new(rebuild: EngineFactory, store: StoreHandle, publisher: Publisher) -> Self {
@@ -218,7 +212,6 @@ impl DispatcherActor {
             last_capacity: None,
             completed: 0,
             store_failing: None,
-            ack_record: None,
             unpublished: VecDeque::new(),
             pump: None,
             outbox: VecDeque::new(),
@@ -281,26 +274,8 @@ impl DispatcherActor {
         self.engine.planner().config().region.clone()
     }
 
-    /// Records the ACKs taken since the last record within [`ACK_RECORD_DELAY`], in one
-    /// event per attempt (a dispatch that settles records its own at once).
-    fn record_acks_soon(&mut self, ctx: &mut Context<Self>) {
-        if self.ack_record.is_some() || !self.engine.has_unrecorded_acks() {
-            return;
-        }
-        let timer = ctx.run_later(ACK_RECORD_DELAY, |act, ctx| {
-            act.ack_record = None;
-            act.record_acks(ctx);
-        });
-        self.ack_record = Some((tokio::time::Instant::now(), timer));
-    }
-
-    fn record_acks(&mut self, ctx: &mut Context<Self>) {
-        let step = self.engine.record_acks();
-        self.carry_out(step, ctx);
-    }
-
     /// What is due, done before the message at hand: steps now durable are published,
-    /// deadlines past are settled, a due record of ACKs is written. actix runs an actor's
+    /// deadlines past are settled (a due record of ACKs among them). actix runs an actor's
     /// timers and futures only once its mailbox is empty, which under a flood it never is;
     /// without this, decided orders would wait behind the flood (and their replies pile up
     /// in memory) and no ACK deadline would expire.
@@ -325,13 +300,6 @@ impl DispatcherActor {
                 ctx.cancel_future(handle);
                 self.timer = None;
                 self.settle_deadlines(ctx);
-            }
-        }
-        if let Some((since, handle)) = self.ack_record {
-            if since.elapsed() >= ACK_RECORD_DELAY {
-                ctx.cancel_future(handle);
-                self.ack_record = None;
-                self.record_acks(ctx);
             }
         }
     }
@@ -667,7 +635,6 @@ impl Supervised for DispatcherActor {
         self.timer = None;
         // Timers and futures of the old context are gone with it. Steps not yet published
         // are the rebuilt engine's to recover from the log (interrupted, orders cancelled).
-        self.ack_record = None;
         self.pump = None;
         self.unpublished.clear();
         self.outbox.clear();
@@ -832,10 +799,8 @@ impl Handler<AckIn> for DispatcherActor {
         self.service(ctx);
         let engine = &mut self.engine;
         match guarded("taking an ACK", || engine.on_ack(msg.at, &msg.vehicle, &msg.ack)) {
-            Some(Ok(step)) => {
-                self.carry_out(step, ctx);
-                self.record_acks_soon(ctx);
-            }
+            // Its record is an engine deadline (`ACK_RECORD_DELAY_MS`), armed with the others.
+            Some(Ok(step)) => self.carry_out(step, ctx),
             Some(Err(ignored)) => self.refuse_ack(&msg, &ignored),
             None => ctx.stop(),
         }

@@ -228,7 +228,14 @@ pub struct Engine {
     tuner: Option<Box<dyn LearningTuner>>,
     /// Tops up a fallback that places less than the limits allow.
     fallback_lp: LpDispatcher,
+    /// Since when ACKs have been taken that no event records yet: they are recorded at
+    /// [`ACK_RECORD_DELAY_MS`] after that, a deadline like the others.
+    acks_unrecorded_since: Option<Timestamp>,
 }
+
+/// ACKs are recorded at most this long after they arrive, many to an event (most
+/// dispatches settle sooner and record theirs with their outcome, in one commit).
+pub const ACK_RECORD_DELAY_MS: i64 = 200;
 
 impl Engine {
     /// An engine around `planner`, with nothing in flight or committed.
@@ -240,6 +247,7 @@ impl Engine {
             streams: BTreeMap::new(),
             tuner: None,
             fallback_lp: LpDispatcher::default(),
+            acks_unrecorded_since: None,
         }
     }
 
@@ -299,7 +307,16 @@ impl Engine {
 
     /// The earliest ACK deadline in flight.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        self.book.next_deadline()
+        let acks = self.ack_record_due();
+        match (self.book.next_deadline(), acks) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the ACKs taken and not yet recorded are due to be recorded.
+    fn ack_record_due(&self) -> Option<Timestamp> {
+        self.acks_unrecorded_since.filter(|_| self.has_unrecorded_acks()).map(|t| t.plus_millis(ACK_RECORD_DELAY_MS))
     }
 
     /// The flexibility still free now.
@@ -492,6 +509,9 @@ impl Engine {
 
     /// Takes an ACK from `from` (the vehicle whose topic it came on).
     pub fn on_ack(&mut self, now: Timestamp, from: &VehicleId, ack: &Ack) -> Result<Step, AckIgnored> {
+        if !self.has_unrecorded_acks() {
+            self.acks_unrecorded_since = None;
+        }
         let mut step = self.book.on_ack(now, from, ack)?;
         match ack.status {
             AckStatus::Accepted => {
@@ -503,6 +523,9 @@ impl Engine {
         }
         self.reallocate(now, &mut step);
         self.learn(now, &mut step);
+        if self.acks_unrecorded_since.is_none() && self.has_unrecorded_acks() {
+            self.acks_unrecorded_since = Some(now);
+        }
         Ok(step)
     }
 
@@ -512,8 +535,9 @@ impl Engine {
     }
 
     /// The `AckReceived` events of every ACK taken and not yet recorded, one per attempt.
-    /// ACKs are recorded in batches: the runtime calls this shortly after they arrive, and
-    /// a dispatch records its own before anything else it decides, and a plan or a fallback
+    /// ACKs are recorded in batches: [`Engine::on_timeout`] calls this
+    /// [`ACK_RECORD_DELAY_MS`] after the first unrecorded one (a deadline in
+    /// [`Engine::next_deadline`]), a dispatch records its own before anything else it decides, and a plan or a fallback
     /// records every one taken before it reads the ledger. Until then an ACK is
     /// known in memory only; a gateway killed meanwhile treats the order as unanswered at
     /// its next start, and cancels it.
@@ -522,15 +546,25 @@ impl Engine {
         Step { events, ..Step::default() }
     }
 
-    /// Settles every attempt whose deadline is at or before `now`: unanswered orders are
-    /// cancelled (and released) before any fallback runs.
+    /// Records the ACKs taken and not yet recorded when [`ACK_RECORD_DELAY_MS`] has passed
+    /// since the first of them, and settles every attempt whose deadline is at or before
+    /// `now`: unanswered orders are cancelled (and released) before any fallback runs.
     pub fn on_timeout(&mut self, now: Timestamp) -> Vec<Step> {
         self.ledger.expire(now);
+        let due = self.ack_record_due().is_some_and(|due| due <= now);
         let mut steps = self.book.on_timeout(now);
         for step in &mut steps {
             self.release(&step.cancels);
             self.reallocate(now, step);
             self.learn(now, step);
+        }
+        // The dispatches settled above recorded their own; the rest are recorded after them.
+        if due {
+            self.acks_unrecorded_since = None;
+            let recorded = self.record_acks();
+            if !recorded.is_empty() {
+                steps.push(recorded);
+            }
         }
         steps
     }

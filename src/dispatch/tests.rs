@@ -77,8 +77,10 @@ fn silent_vehicles_time_out_and_the_fallback_asks_those_that_accepted() {
         let s = book.on_ack(T0.plus_millis(5), &o.vehicle_id, &ack(o, AckStatus::Accepted)).unwrap();
         assert!(s.outcomes.is_empty() && s.orders.is_empty());
     }
-    assert!(book.on_timeout(T0.plus_millis(1_999)).is_empty());
-    let deadline = book.next_deadline().unwrap();
+    // The ACKs' record is an engine deadline of its own, due before the ACK window ends;
+    // the settlement at the window records them itself (nothing is left to record after).
+    assert_eq!(book.next_deadline(), Some(T0.plus_millis(5 + ACK_RECORD_DELAY_MS)));
+    let deadline = T0.plus_millis(book.planner().config().ack_timeout_ms);
     let mut steps = book.on_timeout(deadline);
     assert_eq!(steps.len(), 1);
     let step2 = steps.remove(0);
@@ -1073,4 +1075,33 @@ fn same_state(e: &Engine, s: &crate::events::ProjectedState, now: Timestamp, see
         v
     };
     assert_eq!(scores(&rebuilt), scores(e.planner()), "seed {seed}: fairness scores");
+}
+
+/// ACKs taken are recorded at a deadline of the engine's own, [`ACK_RECORD_DELAY_MS`] after
+/// the first of them (on virtual time: the runtime only arms a timer for
+/// `next_deadline`), in one event per attempt; a dispatch that settles sooner records its
+/// ACKs itself, and no record is then due.
+#[test]
+fn acks_are_recorded_at_an_engine_deadline_after_the_first_unrecorded_one() {
+    let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(3));
+    let step = p.on_signal(T0, signal("s1", 25.0)).unwrap();
+    p.published(step.orders[0].dispatch_id.as_str(), T0);
+    let window = p.next_deadline().unwrap();
+    assert_eq!(window, T0.plus_millis(p.planner().config().ack_timeout_ms));
+    let at = T0.plus_millis(10);
+    let first = p.on_ack(at, &step.orders[0].vehicle_id, &ack(&step.orders[0], AckStatus::Accepted)).unwrap();
+    assert!(first.events.is_empty(), "an ACK is recorded later, with others");
+    let later = at.plus_millis(50);
+    p.on_ack(later, &step.orders[1].vehicle_id, &ack(&step.orders[1], AckStatus::Accepted)).unwrap();
+    let due = at.plus_millis(ACK_RECORD_DELAY_MS);
+    assert_eq!(p.next_deadline(), Some(due.min(window)), "counted from the first unrecorded ACK");
+    assert!(p.on_timeout(due.plus_millis(-1)).is_empty(), "nothing is due before");
+    let steps = p.on_timeout(due);
+    let recorded: Vec<EventKind> = steps.iter().flat_map(|s| s.events.iter().map(|e| e.kind)).collect();
+    assert_eq!(recorded, [EventKind::AckReceived], "both ACKs in one event");
+    assert_eq!(p.next_deadline(), Some(window), "only the ACK window is left");
+    // The last ACK settles the dispatch, which records its own: no record is due after.
+    let last = p.on_ack(due, &step.orders[2].vehicle_id, &ack(&step.orders[2], AckStatus::Accepted)).unwrap();
+    assert!(last.events.iter().any(|e| e.kind == EventKind::AckReceived) && !last.outcomes.is_empty());
+    assert_eq!(p.next_deadline(), None);
 }
