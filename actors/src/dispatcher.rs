@@ -19,8 +19,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, Step};
-use gridweaver_core::events::payload::LogRecovered;
+use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, SignalRefused, Step};
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
@@ -57,7 +56,6 @@ pub struct DispatcherActor {
     last_capacity: Option<(f64, f64, usize)>,
     completed: u64,
     /// While the store cannot commit: why, since when, and how many signals were refused.
-    store_failing: Option<StoreOutage>,
     /// Steps whose events are with the store, oldest first: published in this order once
     /// durable (by [`Pump`], or at the start of the next message: [`DispatcherActor::service`]).
     unpublished: VecDeque<Unpublished>,
@@ -102,14 +100,6 @@ const WARMUP_HELD: usize = 256;
 const FLEET_SETTLE_MIN: Duration = Duration::from_millis(300);
 const FLEET_QUIET: Duration = Duration::from_millis(200);
 const FLEET_SETTLE_MAX: Duration = Duration::from_secs(3);
-
-/// The store failed a step; signals are refused until a probe write succeeds.
-struct StoreOutage {
-    error: String,
-    since: Timestamp,
-    refused: u64,
-    probe: SpawnHandle,
-}
 
 /// What waits to be handed to the store, in the order it was decided: a step (published
 /// once durable) or rows that gate nothing.
@@ -193,9 +183,6 @@ const TAIL_CAPACITY: usize = 32_768;
 /// How often `status` carries fresh pipeline counters.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
-/// How often a failing store is tried again.
-const STORE_PROBE_EVERY: Duration = Duration::from_secs(1);
-
 impl DispatcherActor {
     /// An actor around an engine made by `rebuild` (which it calls again on restart).
     pub fn new(rebuild: EngineFactory, store: StoreHandle, publisher: Publisher) -> Self {
@@ -211,7 +198,6 @@ impl DispatcherActor {
             capacity_dirty: true,
             last_capacity: None,
             completed: 0,
-            store_failing: None,
             unpublished: VecDeque::new(),
             pump: None,
             outbox: VecDeque::new(),
@@ -443,7 +429,9 @@ impl DispatcherActor {
             Ok(appended) => appended,
             Err(e) => return self.step_failed(e, touched, ctx),
         };
-        self.store_recovered(ctx);
+        if let Some(outage) = self.engine.log_written() {
+            tracing::info!(refused = outage.refused, "the event log is writable again; signals are accepted");
+        }
         tracing::debug!(rows, orders = orders.len(), durable_us = queued.elapsed().as_micros() as u64, "step durable");
         for c in &cancels {
             self.publisher.cancel(c);
@@ -469,14 +457,12 @@ impl DispatcherActor {
     /// runs; the dispatches it was about are closed as failed (recorded once
     /// the store works again), their commitments released and their signals answered on
     /// `errors` (a signal whose plan was not recorded may be sent again); new signals are
-    /// refused until a probe write succeeds.
+    /// refused, and the log tried again, at the engine's deadline until a step is written.
     fn step_failed(&mut self, why: String, dispatches: BTreeSet<String>, ctx: &mut Context<Self>) {
         tracing::error!(error = %why, "a decision was not durable: nothing of it is published");
         let t = now();
-        if self.store_failing.is_none() {
-            let probe = ctx.run_interval(STORE_PROBE_EVERY, |act, ctx| act.probe_store(ctx));
-            self.store_failing = Some(StoreOutage { error: why.clone(), since: t, refused: 0, probe });
-        }
+        // Signals are refused, and the log tried again, at the engine's deadline.
+        self.engine.log_failed(t, &why);
         let topic = self.publisher.topics().signals();
         for d in dispatches {
             let engine = &mut self.engine;
@@ -494,29 +480,6 @@ impl DispatcherActor {
                 step.cancels.clear();
                 self.record(step.events, ctx);
             }
-        }
-    }
-
-    /// Tries to record that the log failed; success ends the outage.
-    fn probe_store(&mut self, ctx: &mut Context<Self>) {
-        let Some(outage) = &self.store_failing else { return };
-        let recovered =
-            LogRecovered { error: outage.error.clone(), failed_since: outage.since, signals_refused: outage.refused };
-        let event = Event::of(now(), "dispatcher", &recovered).region(Some(&self.region()));
-        // A full queue is no outage: the next probe tries again.
-        let Ok(durable) = self.store.try_append(vec![event]) else { return };
-        let probe = durable.into_actor(self).map(|res, act, ctx| {
-            if matches!(res, Ok(Ok(_))) {
-                act.store_recovered(ctx);
-            }
-        });
-        ctx.spawn(probe);
-    }
-
-    fn store_recovered(&mut self, ctx: &mut Context<Self>) {
-        if let Some(outage) = self.store_failing.take() {
-            ctx.cancel_future(outage.probe);
-            tracing::info!(refused = outage.refused, "the event log is writable again; signals are accepted");
         }
     }
 
@@ -609,13 +572,6 @@ impl Actor for DispatcherActor {
         }));
         ctx.run_interval(CAPACITY_EVERY, |act, _| act.publish_capacity());
         ctx.run_interval(STATUS_EVERY, |act, _| act.publish_status());
-        // After a restart, an outage that was being probed is probed again.
-        if self.store_failing.is_some() {
-            let probe = ctx.run_interval(STORE_PROBE_EVERY, |act, ctx| act.probe_store(ctx));
-            if let Some(outage) = self.store_failing.as_mut() {
-                outage.probe = probe;
-            }
-        }
         if let Some(step) = self.recovery.take() {
             self.carry_out(step, ctx);
         }
@@ -630,7 +586,10 @@ impl Supervised for DispatcherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         tracing::warn!("dispatcher restarting: engine rebuilt from the event log, fleet re-reported");
         let (engine, recovery) = (self.rebuild)();
+        // An outage of the log outlives the engine: it is still refused and tried.
+        let outage = self.engine.log_outage().cloned();
         self.engine = engine;
+        self.engine.set_log_outage(outage);
         self.recovery = Some(recovery);
         self.timer = None;
         // Timers and futures of the old context are gone with it. Steps not yet published
@@ -737,13 +696,6 @@ impl Handler<Subscribed> for DispatcherActor {
 impl DispatcherActor {
     /// A signal, once the fleet is known: admitted, planned and carried out, or refused.
     fn signal_in(&mut self, msg: SignalIn, ctx: &mut Context<Self>) {
-        let topic = self.publisher.topics().signals();
-        if let Some(outage) = &mut self.store_failing {
-            outage.refused += 1;
-            let why = format!("the event log cannot be written ({}); signals are refused until it can", outage.error);
-            self.publisher.error(&topic, &why, msg.at, Some(&msg.signal.id));
-            return;
-        }
         if let Some(queued) = self.publisher.busy() {
             // Admission: what is decided must go out; the broker is not keeping up.
             let why = format!(
@@ -775,6 +727,12 @@ impl DispatcherActor {
         tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
             Ok(step) => self.carry_out(step, ctx),
+            // The log cannot take the refusal either: it is answered, and counted in the
+            // `LogRecovered` that ends the outage.
+            Err(refused @ SignalRefused::LogUnwritable { .. }) => {
+                let topic = self.publisher.topics().signals();
+                self.publisher.error(&topic, &refused.to_string(), msg.at, Some(&signal.id));
+            }
             Err(refused) => self.refuse_signal(&signal, msg.at, &refused.to_string(), refused.code()),
         }
     }

@@ -35,7 +35,7 @@ use crate::allocation::limits::LimitSet;
 use crate::allocation::limits::Limits;
 use crate::allocation::lp::LpDispatcher;
 use crate::allocation::{Candidate, MIN_ORDER_KW};
-use crate::events::payload::{BrokerReconnected, DispatchInterrupted, VehicleLost};
+use crate::events::payload::{BrokerReconnected, DispatchInterrupted, LogRecovered, VehicleLost};
 use crate::events::Event;
 use crate::learning::tuning::LearningTuner;
 use crate::model::{
@@ -192,6 +192,14 @@ pub enum SignalRefused {
     /// `dispatch.max_in_flight` dispatches are already waiting for their vehicles.
     #[error("{0} dispatches are already in flight (dispatch.max_in_flight); signal refused, send it again later")]
     Busy(usize),
+    /// The event log cannot be written: nothing new is decided until it can.
+    #[error("signal `{signal}` was not dispatched: the event log cannot be written ({error}); signals are refused until it can")]
+    LogUnwritable {
+        /// The signal's id.
+        signal: String,
+        /// What failed.
+        error: String,
+    },
     /// `replaces` names no dispatch in force.
     #[error("field `replaces` names `{0}`, which is no signal with a dispatch in force (unknown, already replaced, or its window is over)")]
     UnknownReplacement(String),
@@ -209,6 +217,7 @@ impl SignalRefused {
             SignalRefused::TooLong { .. } => "too_long",
             SignalRefused::Busy(_) => "busy",
             SignalRefused::UnknownReplacement(_) => "unknown_replacement",
+            SignalRefused::LogUnwritable { .. } => "log_unwritable",
         }
     }
 }
@@ -231,7 +240,27 @@ pub struct Engine {
     /// Since when ACKs have been taken that no event records yet: they are recorded at
     /// [`ACK_RECORD_DELAY_MS`] after that, a deadline like the others.
     acks_unrecorded_since: Option<Timestamp>,
+    /// While the event log cannot be written: why, since when, signals refused meanwhile, and
+    /// when it is next tried (a deadline).
+    log_outage: Option<LogOutage>,
 }
+
+/// The event log could not be written ([`Engine::log_failed`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogOutage {
+    /// What failed first.
+    pub error: String,
+    /// Since when.
+    pub since: Timestamp,
+    /// Signals refused meanwhile.
+    pub refused: u64,
+    /// When the log is next tried: [`Engine::on_timeout`] returns a step that records
+    /// `LogRecovered`, whose being written ends the outage ([`Engine::log_written`]).
+    pub next_probe: Timestamp,
+}
+
+/// How often a log that could not be written is tried again, ms.
+pub const LOG_PROBE_EVERY_MS: i64 = 1_000;
 
 /// ACKs are recorded at most this long after they arrive, many to an event (most
 /// dispatches settle sooner and record theirs with their outcome, in one commit).
@@ -248,6 +277,7 @@ impl Engine {
             tuner: None,
             fallback_lp: LpDispatcher::default(),
             acks_unrecorded_since: None,
+            log_outage: None,
         }
     }
 
@@ -307,11 +337,33 @@ impl Engine {
 
     /// The earliest ACK deadline in flight.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        let acks = self.ack_record_due();
-        match (self.book.next_deadline(), acks) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let probe = self.log_outage.as_ref().map(|o| o.next_probe);
+        [self.book.next_deadline(), self.ack_record_due(), probe].into_iter().flatten().min()
+    }
+
+    /// A step could not be made durable at `now` (`why`): from now on signals are refused
+    /// and the log is tried again every [`LOG_PROBE_EVERY_MS`] until a step is written.
+    pub fn log_failed(&mut self, now: Timestamp, why: &str) {
+        let next_probe = now.plus_millis(LOG_PROBE_EVERY_MS);
+        match &mut self.log_outage {
+            Some(outage) => outage.next_probe = outage.next_probe.max(next_probe),
+            None => self.log_outage = Some(LogOutage { error: why.to_owned(), since: now, refused: 0, next_probe }),
         }
+    }
+
+    /// A step was written: an outage, if there was one, is over (it is returned).
+    pub fn log_written(&mut self) -> Option<LogOutage> {
+        self.log_outage.take()
+    }
+
+    /// The outage of the event log, while there is one.
+    pub fn log_outage(&self) -> Option<&LogOutage> {
+        self.log_outage.as_ref()
+    }
+
+    /// Carries an outage over to an engine rebuilt after a restart.
+    pub fn set_log_outage(&mut self, outage: Option<LogOutage>) {
+        self.log_outage = outage;
     }
 
     /// When the ACKs taken and not yet recorded are due to be recorded.
@@ -387,6 +439,10 @@ impl Engine {
     /// dispatch it replaces and withdraws that dispatch's orders, in the same step. A
     /// refused signal changes nothing.
     pub fn on_signal(&mut self, now: Timestamp, signal: Signal) -> Result<Step, SignalRefused> {
+        if let Some(outage) = &mut self.log_outage {
+            outage.refused += 1;
+            return Err(SignalRefused::LogUnwritable { signal: signal.id, error: outage.error.clone() });
+        }
         self.ledger.expire(now);
         let (book, ledger) = (&self.book, &self.ledger);
         // A stream goes on while its last signal's window is open, even when that setpoint
@@ -565,6 +621,17 @@ impl Engine {
             if !recorded.is_empty() {
                 steps.push(recorded);
             }
+        }
+        // A log that failed is tried again: the step records that it works again.
+        if let Some(outage) = self.log_outage.as_mut().filter(|o| o.next_probe <= now) {
+            outage.next_probe = now.plus_millis(LOG_PROBE_EVERY_MS);
+            let recovered = LogRecovered {
+                error: outage.error.clone(),
+                failed_since: outage.since,
+                signals_refused: outage.refused,
+            };
+            let event = Event::of(now, "dispatcher", &recovered).region(Some(&self.planner.cfg.region));
+            steps.push(Step { events: vec![event], ..Step::default() });
         }
         steps
     }

@@ -1105,3 +1105,27 @@ fn acks_are_recorded_at_an_engine_deadline_after_the_first_unrecorded_one() {
     assert!(last.events.iter().any(|e| e.kind == EventKind::AckReceived) && !last.outcomes.is_empty());
     assert_eq!(p.next_deadline(), None);
 }
+
+/// A log that cannot be written: signals are refused (and counted), the log is tried again
+/// at an engine deadline every [`LOG_PROBE_EVERY_MS`] with a step that records
+/// `LogRecovered`; the outage ends when a step is written, and signals are taken again.
+#[test]
+fn a_log_outage_refuses_signals_and_is_probed_at_an_engine_deadline() {
+    let mut p = with_fleet(planner(FallbackKind::Noop), &fleet(2));
+    p.log_failed(T0, "disk full");
+    let refused = p.on_signal(T0.plus_millis(10), signal("s1", 5.0)).unwrap_err();
+    assert!(matches!(refused, SignalRefused::LogUnwritable { .. }) && refused.to_string().contains("disk full"));
+    assert_eq!(p.next_deadline(), Some(T0.plus_millis(LOG_PROBE_EVERY_MS)));
+    assert!(p.on_timeout(T0.plus_millis(LOG_PROBE_EVERY_MS - 1)).is_empty());
+    let probe = p.on_timeout(T0.plus_millis(LOG_PROBE_EVERY_MS));
+    let recovered = probe[0].events[0].payload_value();
+    assert_eq!(probe[0].events[0].kind, EventKind::LogRecovered);
+    assert_eq!((recovered["error"].as_str(), recovered["signals_refused"].as_u64()), (Some("disk full"), Some(1)));
+    // That probe failed too: the next is a second later; then one is written.
+    p.log_failed(T0.plus_millis(LOG_PROBE_EVERY_MS), "disk full");
+    assert_eq!(p.next_deadline(), Some(T0.plus_millis(2 * LOG_PROBE_EVERY_MS)));
+    let ended = p.log_written().expect("an outage ended");
+    assert_eq!((ended.since, ended.refused), (T0, 1));
+    assert_eq!(p.next_deadline(), None);
+    assert!(p.on_signal(T0.plus_millis(2_500), signal("s1", 5.0)).is_ok(), "a refused signal's id stays usable");
+}
