@@ -30,11 +30,12 @@ use gridweaver_core::events::EventKind;
 use gridweaver_core::model::{Signal, VehicleId};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{decode, Inbound, Topics};
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeFilter};
 
 use crate::clock::now;
 use crate::dispatcher::{AckIn, DispatcherActor, Intake, SignalIn, Subscribed, SIGNALS_WAITING_MAX};
-use crate::publish::{Link, Publisher, Refusal, Side, DISCONNECT_WAIT};
+use crate::mqtt::{Connection, Polled};
+use crate::publish::{Link, Publisher, Refusal, Side};
 use crate::store::StoreHandle;
 use crate::supervisor::{Supervisor, VehicleStateIn};
 
@@ -309,54 +310,25 @@ impl Actor for MqttBridge {
         let Some(eventloop) = self.eventloop.take() else { return };
         let shared = Shared::default();
         ctx.spawn(router(self.routes.clone(), shared.clone()).into_actor(self));
-        let poll =
-            poll(eventloop, self.client.clone(), self.routes.clone(), shared, self.topics.clone(), self.reconnect_max);
+        let connection = Connection::new(eventloop, "inbound", self.reconnect_max);
+        let poll = poll(connection, self.client.clone(), self.routes.clone(), shared, self.topics.clone());
         ctx.spawn(poll.into_actor(self).map(|_, _, ctx| ctx.stop()));
     }
 }
 
 /// Reads the inbound connection until it is closed after a DISCONNECT: decodes and queues
-/// what arrives, subscribes on every connection, reconnects with backoff.
-async fn poll(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    routes: Routes,
-    shared: Shared,
-    topics: Arc<Topics>,
-    reconnect_max: Duration,
-) {
+/// what arrives, subscribes on every connection ([`Connection`] reconnects with backoff).
+async fn poll(mut connection: Connection, client: AsyncClient, routes: Routes, shared: Shared, topics: Arc<Topics>) {
     let link = |up: bool| {
         shared.inbox.borrow_mut().push(Routed::Link(Link { side: Side::Inbound, up }));
         shared.wake.notify_one();
     };
-    let mut backoff = Duration::from_millis(100);
-    let mut connected = false;
-    // After our DISCONNECT went out: the broker closes the connection, and only then is ours
-    // closed.
-    let mut leaving: Option<tokio::time::Instant> = None;
     loop {
-        let polled = match leaving {
-            None => eventloop.poll().await,
-            Some(since) => {
-                match tokio::time::timeout(DISCONNECT_WAIT.saturating_sub(since.elapsed()), eventloop.poll()).await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(_)) => {
-                        tracing::info!("disconnected from the MQTT broker");
-                        break;
-                    }
-                    Err(_) => {
-                        tracing::warn!("the MQTT broker did not close the connection after our DISCONNECT");
-                        break;
-                    }
-                }
+        match connection.next().await {
+            Polled::Event(Event::Incoming(Packet::Publish(p))) => {
+                route(&routes, &shared, &topics, &p.topic, &p.payload)
             }
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::Publish(p))) => route(&routes, &shared, &topics, &p.topic, &p.payload),
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
-                connected = true;
-                backoff = Duration::from_millis(100);
+            Polled::Link(true) => {
                 let filters = topics.subscriptions().map(|t| SubscribeFilter::new(t, QoS::AtLeastOnce));
                 // Through the request channel; a task, because this loop must keep polling
                 // the event loop for the channel to drain.
@@ -369,24 +341,14 @@ async fn poll(
                 routes.publisher.status(true);
                 link(true);
             }
+            Polled::Link(false) => link(false),
             // The broker sends the retained vehicle states after this.
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
+            Polled::Event(Event::Incoming(Packet::SubAck(_))) => {
                 shared.inbox.borrow_mut().push(Routed::Subscribed);
                 shared.wake.notify_one();
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => leaving = Some(tokio::time::Instant::now()),
-            Ok(_) => {}
-            Err(e) => {
-                if connected {
-                    tracing::warn!(error = %e, "lost the MQTT broker; reconnecting");
-                    link(false);
-                } else {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach the MQTT broker");
-                }
-                connected = false;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(reconnect_max);
-            }
+            Polled::Event(_) | Polled::Unreachable => {}
+            Polled::Closed => break,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`store`]: `StoreActor` (the one SQLite writer thread, group commit) and readers;
 //!   `LogLock`, the lock that keeps one gateway per log.
 //! - [`publish`]: the outbound MQTT connection and its two lanes.
+//! - [`mqtt`]: what both connections' poll loops share (backoff, link state, clean close).
 //! - [`clock`]: `now()`, the controller's only clock read.
 //! - [`cli`]: the `gridweaver` commands; [`demo`]: `gridweaver demo`.
 //! - [`environment`]: what a config names on this machine (password file, the log's
@@ -32,6 +33,7 @@ pub mod demo;
 pub mod dispatcher;
 pub mod environment;
 pub mod guard;
+pub mod mqtt;
 pub mod publish;
 #[cfg(feature = "demo")]
 pub mod sim;

@@ -25,9 +25,12 @@ use std::time::Duration;
 use gridweaver_core::model::{DispatchOutcome, Order, OrderCancel};
 use gridweaver_core::time::Timestamp;
 use gridweaver_core::wire::{ErrorReport, Topics};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+pub use crate::mqtt::DISCONNECT_WAIT;
+use crate::mqtt::{Connection, Polled};
 
 /// An inbound message refused: what its `SignalRejected` / `InputRejected` event and its
 /// answer on `<p>/errors` say.
@@ -208,7 +211,8 @@ impl Publisher {
         let bytes = Arc::new(AtomicUsize::new(0));
         let (unacked, link): (Arc<AtomicUsize>, LinkSink) = (Arc::default(), Arc::default());
         arbiter.spawn(lanes.drain(client.clone(), bytes.clone()));
-        arbiter.spawn(outbound_loop(eventloop, unacked.clone(), link.clone(), reconnect_max, watchdog));
+        let connection = Connection::new(eventloop, "outbound", reconnect_max);
+        arbiter.spawn(outbound_loop(connection, unacked.clone(), link.clone(), watchdog));
         Self { client, topics, decisions, answers, bytes, unacked, link }
     }
 
@@ -430,81 +434,44 @@ impl Lanes {
 /// comes back, drops and remakes a connection whose PUBACKs stopped for `watchdog`
 /// ([`PUBACK_WATCHDOG_KEEP_ALIVES`]), and ends after a DISCONNECT once the broker has closed
 /// the connection.
-async fn outbound_loop(
-    mut eventloop: EventLoop,
-    unacked: Arc<AtomicUsize>,
-    link: LinkSink,
-    reconnect_max: Duration,
-    watchdog: Duration,
-) {
-    let tell = |up: bool| link.tell(up);
-    let mut backoff = Duration::from_millis(100);
-    let mut connected = false;
-    let mut leaving: Option<Instant> = None;
+async fn outbound_loop(mut connection: Connection, unacked: Arc<AtomicUsize>, link: LinkSink, watchdog: Duration) {
     // The last PUBACK, or since when nothing is unacknowledged.
     let mut progress = Instant::now();
     loop {
-        let polled = match leaving {
-            None => eventloop.poll().await,
-            Some(since) => {
-                match tokio::time::timeout(DISCONNECT_WAIT.saturating_sub(since.elapsed()), eventloop.poll()).await {
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(_)) | Err(_) => break,
-                }
-            }
-        };
-        match polled {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
+        match connection.next().await {
+            Polled::Event(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
                 if unacked.fetch_add(1, Ordering::AcqRel) == 0 {
                     progress = Instant::now();
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
+            Polled::Event(Event::Incoming(Packet::PubAck(_))) => {
                 let _ = unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
                 progress = Instant::now();
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("outbound MQTT connection up");
-                // What was unacknowledged is sent again on this connection, and counted again.
-                unacked.store(0, Ordering::Release);
-                progress = Instant::now();
-                connected = true;
-                backoff = Duration::from_millis(100);
-                tell(true);
-            }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => leaving = Some(Instant::now()),
-            Ok(_) => {}
-            Err(e) => {
-                if connected {
-                    tracing::warn!(error = %e, "lost the outbound MQTT connection; reconnecting");
-                    tell(false);
-                } else {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot open the outbound MQTT connection");
+            Polled::Link(up) => {
+                if up {
+                    // What was unacknowledged is sent again on this connection, and counted again.
+                    unacked.store(0, Ordering::Release);
+                    progress = Instant::now();
                 }
-                connected = false;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(reconnect_max);
-                continue;
+                link.tell(up);
             }
+            Polled::Event(_) | Polled::Unreachable => {}
+            Polled::Closed => break,
         }
-        // Keep-alive pings return from `poll` at least every keep-alive period.
+        // Keep-alive pings return from `next` at least every keep-alive period.
         let waiting = unacked.load(Ordering::Acquire);
-        if connected && waiting > 0 && progress.elapsed() >= watchdog {
+        if connection.is_up() && waiting > 0 && progress.elapsed() >= watchdog {
             tracing::warn!(
                 unacknowledged = waiting,
                 silent_s = progress.elapsed().as_secs(),
                 "the broker acknowledged none of the gateway's publishes for too long (it drops acknowledgements when it cannot keep up): reconnecting, the unacknowledged ones are sent again"
             );
-            eventloop.clean();
-            connected = false;
-            tell(false);
+            connection.remake();
+            link.tell(false);
         }
     }
 }
-
-/// How long a clean disconnect waits for the broker: for the PUBACKs of what was published
-/// before it, and then for the broker to close the connection.
-pub const DISCONNECT_WAIT: Duration = Duration::from_secs(3);
 
 #[cfg(test)]
 mod tests {
