@@ -65,6 +65,8 @@ pub struct DispatcherActor {
     /// the mailbox paused meanwhile (asynchronously: the thread is never blocked), so that
     /// the back-pressure reaches the bridge's bounded inbox.
     outbox: VecDeque<ToStore>,
+    /// A wait for the store's room is armed (one at a time).
+    awaiting_room: bool,
     /// The live tail's pipeline.
     tail: UnifiedPipeline<String>,
     /// Whether the inbound and the outbound connection are up (as they said).
@@ -201,6 +203,7 @@ impl DispatcherActor {
             unpublished: VecDeque::new(),
             pump: None,
             outbox: VecDeque::new(),
+            awaiting_room: false,
             tail: UnifiedPipeline::new(TAIL_CAPACITY, TAIL_CAPACITY).sort_by_sequence(),
             links: (false, false),
             link_lost: None,
@@ -377,7 +380,9 @@ impl DispatcherActor {
     /// room for waits in the outbox.
     fn send_to_store(&mut self, item: ToStore, ctx: &mut Context<Self>) {
         self.outbox.push_back(item);
-        self.hand_over(ctx);
+        if !self.awaiting_room {
+            self.hand_over(ctx);
+        }
     }
 
     /// Hands the outbox to the store, in order, while its queue has room. What is left waits
@@ -408,7 +413,11 @@ impl DispatcherActor {
                     waiting = self.outbox.len(),
                     "the event log's queue is full: the dispatcher waits for room"
                 );
-                let room = self.store.room(n, 0).into_actor(self).map(|_, act, ctx| act.hand_over(ctx));
+                self.awaiting_room = true;
+                let room = self.store.room(n, 0).into_actor(self).map(|_, act, ctx| {
+                    act.awaiting_room = false;
+                    act.hand_over(ctx);
+                });
                 ctx.wait(room);
                 return;
             }
@@ -597,6 +606,7 @@ impl Supervised for DispatcherActor {
         self.pump = None;
         self.unpublished.clear();
         self.outbox.clear();
+        self.awaiting_room = false;
         self.capacity_dirty = true;
         if let Some(r) = &self.resync {
             let _ = r.try_send(Resync);
@@ -996,6 +1006,42 @@ mod tests {
             completed[0].ts_ms - flood_ended.as_millis()
         );
         assert_eq!(dispatcher.send(Completed).await.unwrap(), 1, "its outcome was published");
+    }
+
+    /// A store that cannot write while 20,000 vehicles join (more rows than its queue
+    /// holds): the dispatcher never blocks the thread (this test runs on it, and goes on),
+    /// the queue stays within its bound, and once the store writes again every row is there,
+    /// in the order decided.
+    #[actix_rt::test]
+    async fn a_full_store_pauses_the_dispatcher_without_blocking_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, store, dispatcher) = with_a_silent_vehicle(dir.path(), 1_000).await;
+        store.flush().await.unwrap();
+        let blocker = rusqlite::Connection::open(&db).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let n = store::QUEUE_EVENTS + 3_616;
+        for i in 0..n {
+            let v = Vehicle::new(format!("v{i:05}"), 0.5, 60.0, 11.0);
+            dispatcher.do_send(FleetUpdate { id: v.id.clone(), state: Some(v) });
+        }
+        let started = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(started.elapsed() < Duration::from_secs(5), "the thread was held");
+        let backlog = store.backlog();
+        assert!(backlog.events <= store::QUEUE_EVENTS, "{backlog:?}");
+        blocker.execute_batch("ROLLBACK").unwrap();
+        // Everything waiting reaches the store, then is written.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while events(&db, EventKind::VehicleDiscovered).len() < n + 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let joined: Vec<String> = events(&db, EventKind::VehicleDiscovered)
+            .iter()
+            .filter_map(|e| e.actor.strip_prefix("vehicle/v").map(str::to_owned))
+            .collect();
+        assert_eq!(joined.len(), n, "every vehicle's row is in the log");
+        assert!(joined.windows(2).all(|w| w[0] < w[1]), "in the order decided");
+        assert_eq!(dispatcher.send(Completed).await.unwrap(), 0, "the dispatcher answers");
     }
 
     /// On tokio's paused clock: a silent vehicle's order is cancelled when its ACK window,
