@@ -64,6 +64,9 @@ pub const ACKS_WAITING: usize = 32_768;
 /// vehicle beyond it is refused (a vehicle already waiting keeps its place, newest state).
 pub const STATES_WAITING: usize = crate::supervisor::MAX_VEHICLES;
 
+/// Places the inbox keeps allocated when it is empty.
+const INBOX_KEPT: usize = 64;
+
 /// A decoded message on its way to an actor.
 enum Routed {
     Signal(SignalIn),
@@ -129,7 +132,15 @@ impl Inbox {
     }
 
     fn pop(&mut self) -> Option<Routed> {
-        let item = self.queue.pop_front()?;
+        let Some(item) = self.queue.pop_front() else {
+            // Empty after a burst (a dispatch's ACKs, the fleet's retained states at start-up):
+            // what the burst grew is given back, the gateway's memory stays flat.
+            if self.queue.capacity() > INBOX_KEPT {
+                self.queue.shrink_to(INBOX_KEPT);
+                self.states.shrink_to(INBOX_KEPT);
+            }
+            return None;
+        };
         let seq = self.head;
         self.head += 1;
         match &item {
