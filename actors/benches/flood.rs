@@ -33,13 +33,18 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// The number after `key` in `/proc/<pid>/<file>` (0 when it cannot be read).
+fn proc_number(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// Bytes the process has caused to be written to storage (`/proc/<pid>/io` `write_bytes`).
 fn write_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("write_bytes:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|b| b.parse().ok()))
-        .unwrap_or(0)
+    proc_number(pid, "io", "write_bytes:")
 }
 
 /// The log's size as SQLite counts it (pages in use, the WAL's committed pages included).
@@ -50,11 +55,7 @@ fn log_bytes(g: &Gateway) -> u64 {
 }
 
 fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()))
-        .unwrap_or(0)
+    proc_number(pid, "status", "VmRSS:")
 }
 
 /// A 1-second up signal of `kw` (`--power-kw`, default 1 kW: one vehicle; more spreads each

@@ -172,6 +172,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Queues what needs no bound of its own (signals are counted by the intake; links and
+    /// subscriptions come one per connection event).
+    fn push(&self, item: Routed) {
+        self.inbox.borrow_mut().push(item);
+        self.wake.notify_one();
+    }
+
     fn queue(&self, f: impl FnOnce(&mut Inbox) -> Result<(), Refused>) -> Result<(), Refused> {
         let taken = f(&mut self.inbox.borrow_mut());
         if taken.is_ok() {
@@ -261,8 +268,7 @@ fn signal_in(routes: &Routes, shared: &Shared, topic: &str, payload: &[u8], sign
     }
     match routes.intake.enter() {
         Ok(()) => {
-            shared.inbox.borrow_mut().push(Routed::Signal(SignalIn { signal, at }));
-            shared.wake.notify_one();
+            shared.push(Routed::Signal(SignalIn { signal, at }));
         }
         Err(waiting) => {
             // Admission at the door: the planner has enough waiting already.
@@ -330,10 +336,7 @@ impl Actor for MqttBridge {
 /// Reads the inbound connection until it is closed after a DISCONNECT: decodes and queues
 /// what arrives, subscribes on every connection ([`Connection`] reconnects with backoff).
 async fn poll(mut connection: Connection, client: AsyncClient, routes: Routes, shared: Shared, topics: Arc<Topics>) {
-    let link = |up: bool| {
-        shared.inbox.borrow_mut().push(Routed::Link(Link { side: Side::Inbound, up }));
-        shared.wake.notify_one();
-    };
+    let link = |up: bool| shared.push(Routed::Link(Link { side: Side::Inbound, up }));
     loop {
         match connection.next().await {
             Polled::Event(Event::Incoming(Packet::Publish(p))) => {
@@ -354,10 +357,7 @@ async fn poll(mut connection: Connection, client: AsyncClient, routes: Routes, s
             }
             Polled::Link(false) => link(false),
             // The broker sends the retained vehicle states after this.
-            Polled::Event(Event::Incoming(Packet::SubAck(_))) => {
-                shared.inbox.borrow_mut().push(Routed::Subscribed);
-                shared.wake.notify_one();
-            }
+            Polled::Event(Event::Incoming(Packet::SubAck(_))) => shared.push(Routed::Subscribed),
             Polled::Event(_) | Polled::Unreachable => {}
             Polled::Closed => break,
         }

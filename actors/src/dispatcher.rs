@@ -19,7 +19,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use actix::prelude::*;
-use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, SignalRefused, Step};
+use gridweaver_core::dispatch::{AckIgnored, Capacity, Engine, Step};
 use gridweaver_core::events::pipeline::{Envelope, UnifiedPipeline};
 use gridweaver_core::events::{Event, EventKind};
 use gridweaver_core::model::{Ack, DispatchOutcome, Order, OrderCancel, Signal, Vehicle, VehicleId};
@@ -737,9 +737,7 @@ impl DispatcherActor {
         tracing::debug!(signal = %signal.id, plan_us = started.elapsed().as_micros() as u64, "planned");
         match planned {
             Ok(step) => self.carry_out(step, ctx),
-            // The log cannot take the refusal either: it is answered, and counted in the
-            // `LogRecovered` that ends the outage.
-            Err(refused @ SignalRefused::LogUnwritable { .. }) => {
+            Err(refused) if !refused.recorded() => {
                 let topic = self.publisher.topics().signals();
                 self.publisher.error(&topic, &refused.to_string(), msg.at, Some(&signal.id));
             }

@@ -206,6 +206,12 @@ pub enum SignalRefused {
 }
 
 impl SignalRefused {
+    /// Whether the refusal can be recorded: not while the log itself cannot be written
+    /// (such refusals are answered and counted in the `LogRecovered` that ends the outage).
+    pub fn recorded(&self) -> bool {
+        !matches!(self, SignalRefused::LogUnwritable { .. })
+    }
+
     /// A short code for the reason (what a flood's refusals are grouped by in the log).
     pub fn code(&self) -> &'static str {
         match self {
